@@ -1,0 +1,43 @@
+"""The one public entry point: ``fvdiffusion.sample(method=..., denoiser=..., reward=..., ...)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fvdiffusion.denoisers.base import Denoiser
+from fvdiffusion.result import SampleResult
+from fvdiffusion.rewards.base import Reward
+from fvdiffusion.samplers import CommonConfig, get_method, make_config
+
+
+def sample(
+    method: str,
+    denoiser: Denoiser,
+    reward: Reward | None = None,
+    n_particles: int = 64,
+    num_steps: int = 50,
+    seed: int = 0,
+    cond: Any = None,
+    lam: float = 1.0,
+    eta: float = 1.0,
+    batch_size: int | None = None,
+    progress: bool = False,
+    config: CommonConfig | None = None,
+    **method_options: Any,
+) -> SampleResult:
+    """Sample N particles with ``method`` and return a :class:`SampleResult`.
+
+    Either pass a ready ``config`` (its class must match the method) or the common fields
+    plus any method option (e.g. ``rebirth_noise=0.5`` for fvd, ``scheme="systematic"``
+    for smc). Options are validated; an unknown one raises an error naming it.
+    """
+    spec = get_method(method)
+    if config is None:
+        config = make_config(method, n_particles=n_particles, num_steps=num_steps, seed=seed, lam=lam, eta=eta,
+                             batch_size=batch_size, **method_options)
+    elif not isinstance(config, spec.config_class):
+        raise TypeError(f"config for method {method!r} must be a {spec.config_class.__name__}, "
+                        f"got {type(config).__name__}")
+    if reward is None and spec.needs_reward_during_sampling:
+        raise ValueError(f"method {method!r} needs a reward; got reward=None")
+    return spec.run(denoiser, reward, config, cond=cond, progress=progress)

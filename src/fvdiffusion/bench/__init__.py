@@ -1,0 +1,1 @@
+"""Benchmarks: toy problems, experiment runners, JSONL results, tables and plots."""

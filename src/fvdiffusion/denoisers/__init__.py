@@ -1,0 +1,5 @@
+"""Denoisers: anything mapping (x_t, t, cond) to an eps / x0 / v prediction."""
+
+from fvdiffusion.denoisers.base import Denoiser, ModuleDenoiser, CountingDenoiser
+
+__all__ = ["Denoiser", "ModuleDenoiser", "CountingDenoiser"]

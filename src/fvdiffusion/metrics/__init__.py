@@ -1,0 +1,1 @@
+"""Metrics: distances to exact targets, sample quality and diversity, lineage counts."""

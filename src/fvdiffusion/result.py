@@ -1,0 +1,123 @@
+"""The one result type every sampler returns."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class StepTrace:
+    """What happened at one denoising step (index k counts down from K to 1)."""
+
+    step: int                       # k, K … 1
+    t: int                          # training timestep t_k
+    selected: bool                  # did a selection (resampling / birth-death) happen here
+    ess: float                      # effective sample size / N of the weights used (1.0 if none)
+    dead_fraction: float            # fraction of particles replaced at this step (0 if none)
+    lam: float                      # λ in force
+    kappa: float                    # selection strength κ (1 unless a controller moves it)
+    distinct_roots: int             # distinct step-K roots among the live population
+    reward_mean: float
+    reward_max: float
+    nonfinite_rewards: int          # rewards that were NaN/±inf (those particles got −inf potential)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Lineage:
+    """Genealogy: ``parents[j][i]`` is the index (before selection j) of the parent of particle i.
+
+    ``steps[j]`` is the denoising step k at which selection j happened (0 for a final
+    selection on the clean samples). Any final particle's
+    ancestor at any step is recovered by following ``parents`` backwards.
+    """
+
+    n_particles: int
+    num_steps: int
+    parents: list[Tensor] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+
+    def record(self, step: int, parents: Tensor) -> None:
+        self.parents.append(parents.detach().cpu().long())
+        self.steps.append(step)
+
+    def ancestors_at(self, step: int) -> Tensor:
+        """Index of each final particle's ancestor in the population *entering* step ``step``.
+
+        Selections run in the order k = K … 1 and each happens after the denoiser call of its
+        step, so the ancestor entering step k is found by undoing selections at steps 1 … k.
+        """
+        idx = torch.arange(self.n_particles)
+        for k, parents in zip(reversed(self.steps), reversed(self.parents)):
+            if k <= step:
+                idx = parents[idx]
+        return idx
+
+    def genealogy_curve(self) -> list[int]:
+        """Distinct step-k ancestors of the final population, listed for k = K … 1."""
+        by_step = dict(zip(self.steps, self.parents))
+        idx = torch.arange(self.n_particles)
+        if 0 in by_step:  # a final selection on r(x0) happens after step 1
+            idx = by_step[0][idx]
+        counts = []
+        for k in range(1, self.num_steps + 1):
+            if k in by_step:
+                idx = by_step[k][idx]
+            counts.append(int(idx.unique().numel()))
+        return counts[::-1]
+
+    def distinct_lineages(self) -> int:
+        """Distinct ancestors of the final population at the middle step K/2 (the table metric)."""
+        if self.num_steps == 0:
+            return self.n_particles
+        curve = self.genealogy_curve()  # index 0 is k = K
+        mid_k = max(1, self.num_steps // 2)
+        return curve[self.num_steps - mid_k]
+
+
+@dataclass
+class Cost:
+    """Everything the run paid for. Calls count particles (rows), not batches."""
+
+    denoiser_calls: int = 0
+    reward_calls: int = 0
+    wall_seconds: float = 0.0
+    peak_memory_bytes: int | None = None
+    extra: dict[str, int] = field(default_factory=dict)  # adapter counters, e.g. VAE decodes
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SampleResult:
+    samples: Tensor            # [N, ...] final x0
+    rewards: Tensor            # [N] reward of the final samples
+    log_weights: Tensor        # [N] normalised; uniform after a final selection
+    lineage: Lineage
+    trace: list[StepTrace]
+    cost: Cost
+    config: dict[str, Any]
+    extras: dict[str, Any] = field(default_factory=dict)  # method-specific (e.g. DTS anytime curve)
+
+    def distinct_lineages(self) -> int:
+        return self.lineage.distinct_lineages()
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly metrics of the run."""
+        finite = self.rewards[torch.isfinite(self.rewards)]
+        return {
+            "method": self.config.get("method"),
+            "n_particles": int(self.samples.shape[0]),
+            "reward_mean": float(finite.mean()) if finite.numel() else float("nan"),
+            "reward_max": float(finite.max()) if finite.numel() else float("nan"),
+            "distinct_lineages": self.distinct_lineages(),
+            **{f"cost_{k}": v for k, v in self.cost.as_dict().items() if k != "extra"},
+            **{f"cost_{k}": v for k, v in self.cost.extra.items()},
+        }

@@ -1,0 +1,104 @@
+"""Sampler configs: dataclasses that validate on construction and name the bad field."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config field has an invalid value; the message names the field and the value."""
+
+
+def _fail(field_name: str, value: Any, expected: str) -> None:
+    raise ConfigError(f"invalid {field_name}={value!r}: expected {expected}")
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(name, value, f"an integer >= {minimum}")
+
+
+def check_float(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, allow_inf: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        _fail(name, value, "a number")
+    if math.isinf(value) and not allow_inf:
+        _fail(name, value, "a finite number")
+    if not lo <= value <= hi:
+        _fail(name, value, f"a number in [{lo}, {hi}]")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(name, value, f"one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class CommonConfig:
+    """Fields every method shares.
+
+    n_particles: population size N.  num_steps: denoising steps K.  eta: DDIM η (1 = DDPM
+    ancestral, 0 = deterministic DDIM).  lam: reward scale λ ≥ 0 (π* ∝ p·exp(λ r); may be
+    inf for argmax variants that accept it).  seed: the one seed of the run.  batch_size:
+    micro-batch for denoiser and reward calls (None = whole population at once; results do
+    not depend on it).
+    """
+
+    n_particles: int = 64
+    num_steps: int = 50
+    eta: float = 1.0
+    lam: float = 1.0
+    seed: int = 0
+    batch_size: int | None = None
+
+    allow_infinite_lambda = False  # class-level: argmax methods (svdd, dts*) switch it on
+
+    def __post_init__(self) -> None:
+        check_int("n_particles", self.n_particles, 1)
+        check_int("num_steps", self.num_steps, 1)
+        check_float("eta", self.eta, 0.0, 1.0)
+        check_float("lam", self.lam, 0.0, math.inf, allow_inf=self.allow_infinite_lambda)
+        check_int("seed", self.seed, 0)
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size, 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+@dataclass(frozen=True)
+class SelectionScheduleMixin:
+    """When selection may happen: every ``selection_interval``-th step inside a window.
+
+    The window is given as fractions of the trajectory, 0 = the first (noisiest) step and
+    1 = the last: ``selection_start=0.2`` skips the first 20% of steps, where x̂0 is a blur.
+    """
+
+    selection_interval: int = 1
+    selection_start: float = 0.0
+    selection_end: float = 1.0
+
+    def _check_schedule(self) -> None:
+        check_int("selection_interval", self.selection_interval, 1)
+        check_float("selection_start", self.selection_start, 0.0, 1.0)
+        check_float("selection_end", self.selection_end, 0.0, 1.0)
+        if self.selection_start > self.selection_end:
+            _fail("selection_start", self.selection_start, f"<= selection_end ({self.selection_end})")
+
+    def is_selection_step(self, step_index: int, num_steps: int) -> bool:
+        """step_index counts 0 … K−1 from the first step."""
+        pos = step_index / max(num_steps - 1, 1)
+        if not self.selection_start - 1e-9 <= pos <= self.selection_end + 1e-9:
+            return False
+        first = math.ceil(self.selection_start * max(num_steps - 1, 1) - 1e-9)
+        return (step_index - first) % self.selection_interval == 0
+
+
+def in_window(cfg: SelectionScheduleMixin, step_index: int, num_steps: int) -> bool:
+    pos = step_index / max(num_steps - 1, 1)
+    return cfg.selection_start - 1e-9 <= pos <= cfg.selection_end + 1e-9

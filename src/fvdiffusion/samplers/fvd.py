@@ -1,0 +1,139 @@
+"""Fleming–Viot Diffusion (DESIGN.md §4).
+
+At each selection step every particle survives independently with probability
+s_i = min(1, N·W_i); each dead slot is reborn as a copy of a survivor-parent drawn
+∝ (N·W_j − 1)_+ and gets rebirth noise ε = √(1−ν²) ε̂_p + ν ξ, so the clone keeps its
+parent's x̂0 but not its exact path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fvdiffusion import selection
+from fvdiffusion.loop import (
+    RunContext, StepInfo, guard_all_dead, plain_trace, potentials_from, run_particle_loop, run_with_cost,
+)
+from fvdiffusion.population import ParticleState, gather
+from fvdiffusion.result import SampleResult
+from fvdiffusion.samplers.common import make_result
+from fvdiffusion.samplers.config import CommonConfig, SelectionScheduleMixin, check_choice, check_float
+
+POTENTIALS = ("diff", "level")
+PARENT_RULES = ("excess", "weighted")
+
+
+@dataclass(frozen=True)
+class FVDConfig(SelectionScheduleMixin, CommonConfig):
+    """Every switch of FVD.
+
+    potential: "diff" uses ℓ = λ r − λ_prev r_prev (the tilt added since the last
+      selection), "level" uses ℓ = λ r.
+    parent_rule: "excess" — survival min(1, N·W), parents ∝ (N·W − 1)_+ (fewest deaths);
+      "weighted" — survival exp(ℓ − max ℓ), parents ∝ W (the killing rule).
+    rebirth_noise: ν ∈ [0, 1]; 0 = exact clone, 1 = re-noise the parent's x̂0 afresh.
+    target_dead_fraction: α* of the absorption controller (None = off, κ = 1).
+    controller_gain: γ_0 of the Robbins–Monro step γ_j = γ_0 / j^0.6.
+    final_selection: one more birth–death on r(x0) after the last step.
+    """
+
+    potential: str = "diff"
+    parent_rule: str = "excess"
+    rebirth_noise: float = 1.0
+    target_dead_fraction: float | None = None
+    controller_gain: float = 1.0
+    final_selection: bool = True
+
+    def __post_init__(self) -> None:
+        CommonConfig.__post_init__(self)
+        self._check_schedule()
+        check_choice("potential", self.potential, POTENTIALS)
+        check_choice("parent_rule", self.parent_rule, PARENT_RULES)
+        check_float("rebirth_noise", self.rebirth_noise, 0.0, 1.0)
+        if self.target_dead_fraction is not None:
+            check_float("target_dead_fraction", self.target_dead_fraction, 0.0, 1.0)
+        check_float("controller_gain", self.controller_gain, 0.0)
+
+
+class FVDPolicy:
+    """The per-step birth–death move; holds the scalar controller state (λ_prev, log κ)."""
+
+    def __init__(self, config: FVDConfig) -> None:
+        self.config = config
+        self.lam_prev = 0.0
+        self.log_kappa = 0.0
+        self.selections = 0
+
+    def potential(self, reward: torch.Tensor, r_prev: torch.Tensor) -> torch.Tensor:
+        lam = self.config.lam
+        if self.config.potential == "level":
+            return lam * reward
+        # λ_prev = 0 before the first selection, so r_prev's NaN-free zeros never matter there
+        return lam * reward - self.lam_prev * r_prev
+
+    def birth_death(self, ctx: RunContext, state: ParticleState, reward: torch.Tensor, k: int):
+        """Select on the potential of ``reward``; returns the new state and the step statistics."""
+        r_prev = state.aux.get("r_prev", torch.zeros_like(reward))
+        log_potential, nonfinite = potentials_from(self.potential(reward, r_prev))
+        log_potential = math.exp(self.log_kappa) * log_potential
+        log_potential, _ = guard_all_dead(log_potential, k)
+        outcome = selection.fleming_viot(log_potential, ctx.generator, parent_rule=self.config.parent_rule)
+        state = ParticleState(x=state.x, x0_hat=state.x0_hat, eps_hat=state.eps_hat, reward=reward,
+                              log_weight=state.log_weight, root=state.root, aux=state.aux)
+        state = gather(state, outcome.ancestors)
+        state = state.with_aux(r_prev=state.reward.clone())
+        ctx.lineage.record(k, outcome.ancestors)
+        self.lam_prev = self.config.lam
+        dead = float(outcome.reborn.double().mean())
+        self.selections += 1
+        if self.config.target_dead_fraction is not None:
+            gain = self.config.controller_gain / self.selections**0.6
+            self.log_kappa += gain * (self.config.target_dead_fraction - dead)
+        return state, outcome, selection.ess(log_potential), dead, nonfinite
+
+    def __call__(self, ctx: RunContext, info: StepInfo, state: ParticleState):
+        cfg = self.config
+        if not cfg.is_selection_step(info.index, cfg.num_steps):
+            return state, plain_trace(info, state, cfg.lam, kappa=math.exp(self.log_kappa))
+        kappa_used = math.exp(self.log_kappa)
+        reward = ctx.evaluate_reward(state.x0_hat, info.k)
+        state, outcome, ess, dead, nonfinite = self.birth_death(ctx, state, reward, info.k)
+        state = self.rebirth(ctx, state, outcome.reborn, info.alpha_bar)
+        return state, plain_trace(info, state, cfg.lam, selected=True, ess=ess, dead_fraction=dead,
+                                  kappa=kappa_used, nonfinite_rewards=nonfinite)
+
+    def rebirth(self, ctx: RunContext, state: ParticleState, reborn: torch.Tensor, alpha_bar: float) -> ParticleState:
+        """Give every reborn clone fresh noise: ε = √(1−ν²) ε̂_p + ν ξ, x = √ᾱ x̂0_p + √(1−ᾱ) ε."""
+        nu = self.config.rebirth_noise
+        if nu == 0.0:
+            return state
+        xi = ctx.randn(tuple(state.x.shape))  # drawn for all N so the stream does not depend on who died
+        mask = reborn.to(state.x.device).reshape(-1, *([1] * (state.x.ndim - 1)))
+        eps_new = math.sqrt(1 - nu**2) * state.eps_hat + nu * xi
+        eps = torch.where(mask, eps_new, state.eps_hat)
+        x_new = math.sqrt(alpha_bar) * state.x0_hat + math.sqrt(1 - alpha_bar) * eps
+        x = torch.where(mask, x_new, state.x)
+        return ParticleState(x=x, x0_hat=state.x0_hat, eps_hat=eps, reward=state.reward,
+                             log_weight=state.log_weight, root=state.root, aux=state.aux)
+
+
+def sample_fvd(denoiser, reward, config: FVDConfig, cond=None, progress: bool = False) -> SampleResult:
+    ctx = RunContext.create(denoiser, reward, config, cond, progress, desc="fvd")
+    policy = FVDPolicy(config)
+
+    def body() -> SampleResult:
+        state = run_particle_loop(ctx, policy)
+        final_reward = ctx.evaluate_reward(state.x, None)
+        state = ParticleState(x=state.x, x0_hat=state.x, eps_hat=state.eps_hat, reward=final_reward,
+                              log_weight=state.log_weight, root=state.root, aux=state.aux)
+        extras = {"final_kappa": math.exp(policy.log_kappa)}
+        if config.final_selection:
+            # at t = 0 a clone is an exact copy of its parent's sample (ᾱ = 1: no noise to refresh)
+            state, _, ess, dead, _ = policy.birth_death(ctx, state, final_reward, 0)
+            extras.update(final_ess=ess, final_dead_fraction=dead)
+        return make_result(ctx, "fvd", state, state.reward, torch.zeros(config.n_particles, dtype=torch.float64), extras)
+
+    return run_with_cost(ctx, body)

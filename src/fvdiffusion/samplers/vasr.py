@@ -1,0 +1,76 @@
+"""VASR: systematic resampling on the mass m_i ∝ w_i · exp(λ r_i), reweighted by w/m.
+
+Resampling on m instead of w over-selects the currently best particles; the offspring of
+particle i then carry weight w_i / m_i = exp(−λ r_i) (up to a constant), which keeps the
+weighted population targeting p·exp(λ r). Weights follow the difference potential.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fvdiffusion import selection
+from fvdiffusion.loop import (
+    RunContext, StepInfo, guard_all_dead, plain_trace, potentials_from, run_particle_loop, run_with_cost,
+)
+from fvdiffusion.population import ParticleState, gather
+from fvdiffusion.result import SampleResult
+from fvdiffusion.samplers.common import make_result
+from fvdiffusion.samplers.config import CommonConfig, SelectionScheduleMixin
+from fvdiffusion.samplers.smc import resample
+
+
+@dataclass(frozen=True)
+class VASRConfig(SelectionScheduleMixin, CommonConfig):
+    """final_selection: resample once more (systematic) on the final weights."""
+
+    final_selection: bool = True
+
+    def __post_init__(self) -> None:
+        CommonConfig.__post_init__(self)
+        self._check_schedule()
+
+
+class VASRPolicy:
+    def __init__(self, config: VASRConfig) -> None:
+        self.config = config
+
+    def __call__(self, ctx: RunContext, info: StepInfo, state: ParticleState):
+        cfg = self.config
+        if not cfg.is_selection_step(info.index, cfg.num_steps):
+            return state, plain_trace(info, state, cfg.lam, ess=selection.ess(state.log_weight))
+        reward = ctx.evaluate_reward(state.x0_hat, info.k)
+        prev = state.aux.get("r_prev", torch.zeros_like(reward))
+        inc, nonfinite = potentials_from(cfg.lam * (reward - prev))
+        log_w, _ = guard_all_dead(state.log_weight + inc, info.k)
+        log_mass, _ = guard_all_dead(potentials_from(log_w + cfg.lam * reward)[0], info.k)
+        outcome = selection.systematic(selection.normalize(log_mass), ctx.generator)
+        new_log_w = (log_w - log_mass)[outcome.ancestors]
+        state = ParticleState(x=state.x, x0_hat=state.x0_hat, eps_hat=state.eps_hat, reward=reward,
+                              log_weight=log_w, root=state.root, aux=state.aux)
+        state = gather(state, outcome.ancestors)
+        state = ParticleState(x=state.x, x0_hat=state.x0_hat, eps_hat=state.eps_hat, reward=state.reward,
+                              log_weight=torch.nan_to_num(new_log_w, nan=-float("inf")), root=state.root,
+                              aux=state.aux).with_aux(r_prev=state.reward.clone())
+        ctx.lineage.record(info.k, outcome.ancestors)
+        return state, plain_trace(info, state, cfg.lam, selected=True, ess=selection.ess(log_mass),
+                                  dead_fraction=float(outcome.reborn.double().mean()), nonfinite_rewards=nonfinite)
+
+
+def sample_vasr(denoiser, reward, config: VASRConfig, cond=None, progress: bool = False) -> SampleResult:
+    ctx = RunContext.create(denoiser, reward, config, cond, progress, desc="vasr")
+
+    def body() -> SampleResult:
+        state = run_particle_loop(ctx, VASRPolicy(config))
+        final_reward = ctx.evaluate_reward(state.x, None)
+        prev = state.aux.get("r_prev", torch.zeros_like(final_reward))
+        log_w, _ = potentials_from(state.log_weight + config.lam * (final_reward - prev))
+        state = ParticleState(x=state.x, x0_hat=state.x, eps_hat=state.eps_hat, reward=final_reward,
+                              log_weight=log_w, root=state.root, aux=state.aux)
+        if config.final_selection:
+            state, _ = resample(ctx, state, "systematic", 0)
+        return make_result(ctx, "vasr", state, state.reward, state.log_weight)
+
+    return run_with_cost(ctx, body)

@@ -1,0 +1,144 @@
+"""VP noise schedules and the step math shared by every sampler.
+
+Everything is derived from ``alphas_cumprod`` (ᾱ_t): x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε.
+The denoiser may predict ε, x0 or v; :func:`to_x0_eps` turns any of them into the
+(x̂0, ε̂) pair the samplers work with. Steps are DDIM(η): η = 1 is DDPM ancestral
+sampling, η = 0 the deterministic DDIM ODE step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+PREDICTION_TYPES = ("eps", "x0", "v")
+
+
+@dataclass(frozen=True)
+class VPSchedule:
+    """A variance-preserving schedule given by ᾱ_t for t = 0 … T−1 (float64, decreasing)."""
+
+    alphas_cumprod: Tensor
+
+    def __post_init__(self) -> None:
+        ac = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64)
+        if ac.ndim != 1 or ac.numel() < 2:
+            raise ValueError(f"alphas_cumprod must be a 1-D tensor with at least 2 entries, got shape {tuple(ac.shape)}")
+        if not torch.all((ac > 0) & (ac <= 1)):
+            raise ValueError("alphas_cumprod must lie in (0, 1]")
+        if not torch.all(ac[1:] <= ac[:-1]):
+            raise ValueError("alphas_cumprod must be non-increasing in t")
+        object.__setattr__(self, "alphas_cumprod", ac)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.numel()
+
+    @classmethod
+    def linear(cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "VPSchedule":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+        return cls(torch.cumprod(1.0 - betas, dim=0))
+
+    @classmethod
+    def cosine(cls, num_train_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "VPSchedule":
+        # Nichol & Dhariwal: ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2), betas clipped at max_beta.
+        def f(t: float) -> float:
+            return math.cos((t / num_train_timesteps + s) / (1 + s) * math.pi / 2) ** 2
+
+        betas = [min(1 - f(i + 1) / f(i), max_beta) for i in range(num_train_timesteps)]
+        return cls(torch.cumprod(1.0 - torch.tensor(betas, dtype=torch.float64), dim=0))
+
+    @classmethod
+    def from_name(cls, name: str, num_train_timesteps: int = 1000) -> "VPSchedule":
+        if name == "linear":
+            return cls.linear(num_train_timesteps)
+        if name == "cosine":
+            return cls.cosine(num_train_timesteps)
+        raise ValueError(f"schedule: unknown name {name!r}; expected 'linear' or 'cosine'")
+
+    def timesteps(self, num_steps: int) -> Tensor:
+        """Evenly spaced sampling timesteps t_K > … > t_1 (long), ending at t = 0 ("leading" spacing)."""
+        T = self.num_train_timesteps
+        if not 1 <= num_steps <= T:
+            raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+        stride = T // num_steps
+        return torch.arange(0, num_steps * stride, stride, dtype=torch.long).flip(0)
+
+    def alpha_bar(self, t: int | Tensor) -> Tensor:
+        """ᾱ_t; t = −1 means 'clean data' (ᾱ = 1), the target of the last step."""
+        t = torch.as_tensor(t, dtype=torch.long)
+        ones = torch.ones_like(t, dtype=torch.float64)
+        return torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], ones)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The denoiser output in both parametrisations."""
+
+    x0: Tensor
+    eps: Tensor
+
+
+def _bcast(a: Tensor | float, like: Tensor) -> Tensor:
+    a = torch.as_tensor(a, dtype=like.dtype, device=like.device)
+    return a.reshape(a.shape + (1,) * (like.ndim - a.ndim)) if a.ndim else a
+
+
+def to_x0_eps(model_output: Tensor, x_t: Tensor, alpha_bar_t: Tensor | float, prediction_type: str) -> Prediction:
+    """Convert an eps, x0 or v prediction into (x̂0, ε̂) (Tweedie's estimate for eps models)."""
+    a = _bcast(alpha_bar_t, x_t)
+    sa, s1 = a.sqrt(), (1 - a).sqrt()
+    if prediction_type == "eps":
+        eps = model_output
+        x0 = (x_t - s1 * eps) / sa
+    elif prediction_type == "x0":
+        x0 = model_output
+        eps = (x_t - sa * x0) / s1
+    elif prediction_type == "v":
+        # v = √ᾱ ε − √(1−ᾱ) x0
+        x0 = sa * x_t - s1 * model_output
+        eps = s1 * x_t + sa * model_output
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return Prediction(x0=x0, eps=eps)
+
+
+def ddim_sigma(alpha_bar_t: Tensor | float, alpha_bar_prev: Tensor | float, eta: float) -> Tensor:
+    """σ of the DDIM(η) step t -> prev; η = 1 gives the DDPM posterior standard deviation."""
+    a_t = torch.as_tensor(alpha_bar_t, dtype=torch.float64)
+    a_p = torch.as_tensor(alpha_bar_prev, dtype=torch.float64)
+    var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+    return eta * var.clamp(min=0).sqrt()
+
+
+def ddim_step(
+    x0: Tensor,
+    eps: Tensor,
+    alpha_bar_t: Tensor | float,
+    alpha_bar_prev: Tensor | float,
+    eta: float,
+    noise: Tensor | None,
+) -> Tensor:
+    """x_prev = √ᾱ_prev x̂0 + √(1−ᾱ_prev−σ²) ε̂ + σ ξ.
+
+    With η = 1 this is exactly the DDPM ancestral step (posterior q(x_prev | x_t, x̂0));
+    ``noise`` may be None only when σ = 0.
+    """
+    sigma = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
+    a_p = torch.as_tensor(alpha_bar_prev, dtype=torch.float64)
+    dir_coef = (1 - a_p - sigma**2).clamp(min=0).sqrt()
+    out = _bcast(a_p.sqrt(), x0) * x0 + _bcast(dir_coef, eps) * eps
+    if torch.any(sigma > 0):
+        if noise is None:
+            raise ValueError("ddim_step: noise is required when eta > 0")
+        out = out + _bcast(sigma, noise) * noise
+    return out
+
+
+def q_sample(x0: Tensor, eps: Tensor, alpha_bar_t: Tensor | float) -> Tensor:
+    """Forward noising x_t = √ᾱ x0 + √(1−ᾱ) ε."""
+    a = _bcast(alpha_bar_t, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps

@@ -1,0 +1,230 @@
+"""Selection schemes: pure functions from log-weights to ancestor indices.
+
+Every scheme takes unnormalised log-weights ℓ [N] (float32 or float64; −inf means zero
+weight) and a ``torch.Generator``, and returns a :class:`Selection`: slot i of the next
+population takes the state of particle ``ancestors[i]``. Every scheme is unbiased: the
+expected number of offspring of particle i is N·W_i with W = softmax(ℓ).
+
+Leading dimensions are independent populations: ℓ [..., N] gives ancestors [..., N],
+each row indexing into its own row. This lets several populations (one per prompt, or
+many repetitions in a test) be selected in one call.
+
+Work is done in float64 on the generator's device, so a result depends only on the
+weights and the generator state, not on where the particles live.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+PARENT_RULES = ("excess", "weighted")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of one selection step.
+
+    ``ancestors[..., i]`` is the particle whose state slot i takes; ``reborn[..., i]`` is
+    True iff slot i was overwritten by a copy of another particle (``ancestors != i``).
+    """
+
+    ancestors: Tensor  # long [..., N]
+    reborn: Tensor  # bool [..., N]
+
+
+def normalize(log_w: Tensor) -> Tensor:
+    """Log-softmax over the last dimension (computed in float64, returned in the input dtype)."""
+    ell = _validated(log_w, log_w.device)
+    return (ell - torch.logsumexp(ell, dim=-1, keepdim=True)).to(log_w.dtype)
+
+
+def ess(log_w: Tensor) -> float:
+    """Effective sample size of one population [N] as a fraction of N: (Σw)² / Σw² / N, in (0, 1]."""
+    if isinstance(log_w, Tensor) and log_w.ndim != 1:
+        raise ValueError(f"log_w: ess takes one population [N], got shape {tuple(log_w.shape)}")
+    w = _relative_weights(log_w, log_w.device)
+    return float(w.sum() ** 2 / (w * w).sum() / w.numel())
+
+
+def offspring_to_ancestors(counts: Tensor) -> Tensor:
+    """Ancestor indices [..., N] for offspring counts [..., N], in the stable arrangement.
+
+    Every particle with at least one offspring keeps its own slot for one copy; its extra
+    copies fill, in index order, the slots of particles with no offspring. Slots change
+    only where they must, so ``ancestors != arange(N)`` marks exactly the replaced ones.
+    """
+    if counts.ndim < 1 or counts.dtype != torch.long:
+        raise ValueError(f"counts: expected a long tensor [..., N], got shape {tuple(counts.shape)} and dtype {counts.dtype}")
+    size = counts.shape[-1]
+    if bool((counts < 0).any()) or bool((counts.sum(-1) != size).any()):
+        raise ValueError(f"counts: expected non-negative counts summing to N = {size} in every row")
+    ancestors = torch.arange(size, device=counts.device).expand(counts.shape).contiguous()
+    extra_copies = (counts - 1).clamp(min=0)
+    # Per row Σ extra_copies = N − #(counts ≥ 1) = #(counts == 0), and both flatten in
+    # row-major order, so donors and empty slots pair up row by row.
+    donors = torch.repeat_interleave(ancestors.reshape(-1), extra_copies.reshape(-1))
+    ancestors[counts == 0] = donors
+    return ancestors
+
+
+def multinomial(log_w: Tensor, generator: torch.Generator) -> Selection:
+    """N independent draws from W."""
+    n = _expected_offspring(log_w, generator)
+    size = n.shape[-1]
+    positions = _uniform(n.shape, generator) * size
+    return _from_counts(_counts_at(n, positions), log_w.device)
+
+
+def systematic(log_w: Tensor, generator: torch.Generator) -> Selection:
+    """One uniform offset shared by N evenly spaced points: each count is ⌊N·W_i⌋ or ⌈N·W_i⌉."""
+    n = _expected_offspring(log_w, generator)
+    offset = _uniform((*n.shape[:-1], 1), generator)
+    return _from_counts(_counts_at(n, _grid_like(n) + offset), log_w.device)
+
+
+def stratified(log_w: Tensor, generator: torch.Generator) -> Selection:
+    """One independent uniform point in each of N equal strata."""
+    n = _expected_offspring(log_w, generator)
+    return _from_counts(_counts_at(n, _grid_like(n) + _uniform(n.shape, generator)), log_w.device)
+
+
+def residual(log_w: Tensor, generator: torch.Generator) -> Selection:
+    """⌊N·W_i⌋ copies of each particle, the remaining slots by multinomial draws on the fractions."""
+    n = _expected_offspring(log_w, generator)
+    whole = torch.floor(n)
+    counts = whole.long()
+    remaining = n.shape[-1] - counts.sum(-1, keepdim=True)
+    fractions = n - whole
+    # Draw N per row (a fixed amount of randomness) and use the first `remaining`.
+    positions = _uniform(n.shape, generator) * fractions.sum(-1, keepdim=True)
+    used = _grid_like(n) < remaining
+    return _from_counts(counts + _counts_at(fractions, positions, used), log_w.device)
+
+
+def fleming_viot(log_w: Tensor, generator: torch.Generator, parent_rule: str = "excess") -> Selection:
+    """Independent survival, then rebirth of every dead slot as a copy of a drawn parent.
+
+    With n = N·W: parent rule "excess" (default) keeps particle i with probability
+    min(1, n_i) and draws parents ∝ (n_j − 1)_+, which gives E[offspring_j] = n_j with the
+    fewest deaths of any unbiased scheme (expected deaths N·TV(W, uniform)). Parent rule
+    "weighted" keeps i with probability exp(ℓ_i − max ℓ) and draws parents ∝ W: also
+    unbiased, but kills more. Surviving particles keep their own slot.
+    """
+    if parent_rule not in PARENT_RULES:
+        raise ValueError(f"parent_rule: unknown value {parent_rule!r}; expected one of {', '.join(PARENT_RULES)}")
+    relative = _relative_weights(log_w, _device_of(generator))
+    size = relative.shape[-1]
+    n = size * relative / relative.sum(-1, keepdim=True)
+    survival = n.clamp(max=1.0) if parent_rule == "excess" else relative
+    alive = _uniform(n.shape, generator) < survival
+    counts = alive.long()
+    num_dead = size - counts.sum(-1, keepdim=True)
+    mass = _birth_mass(n, parent_rule)
+    # Draw N parents per row (a fixed amount of randomness) and use one per dead slot.
+    positions = _uniform(n.shape, generator) * mass.sum(-1, keepdim=True)
+    used = _grid_like(n) < num_dead
+    return _from_counts(counts + _counts_at(mass, positions, used), log_w.device)
+
+
+def killing(log_w: Tensor, generator: torch.Generator) -> Selection:
+    """Fleming–Viot with the "weighted" parent rule: survival exp(ℓ_i − max ℓ), parents ∝ W."""
+    return fleming_viot(log_w, generator, parent_rule="weighted")
+
+
+SCHEMES: dict[str, Callable[[Tensor, torch.Generator], Selection]] = {
+    "multinomial": multinomial,
+    "systematic": systematic,
+    "stratified": stratified,
+    "residual": residual,
+    "fleming_viot": fleming_viot,
+    "killing": killing,
+}
+
+
+def get_scheme(name: str) -> Callable[[Tensor, torch.Generator], Selection]:
+    """The selection function registered under ``name``."""
+    if name not in SCHEMES:
+        raise ValueError(f"scheme: unknown value {name!r}; expected one of {', '.join(SCHEMES)}")
+    return SCHEMES[name]
+
+
+def _birth_mass(n: Tensor, parent_rule: str) -> Tensor:
+    """Unnormalised parent probabilities for dead slots, given expected offspring n [..., N]."""
+    if parent_rule == "weighted":
+        return n
+    excess = (n - 1.0).clamp(min=0.0)
+    # A row whose every n_j ≤ 1 can still lose a particle: exactly, Σn = N would force
+    # every n_j = 1 and no deaths, so this happens only when rounding puts some n_j a hair
+    # below 1. Both that deficit and the excess that should pay for it are rounding error;
+    # drawing ∝ W there keeps the step well defined (no 0/0, no NaN) at a bias of rounding size.
+    return torch.where(excess.sum(-1, keepdim=True) > 0, excess, n)
+
+
+def _validated(log_w: Tensor, device: torch.device) -> Tensor:
+    """``log_w`` as float64 on ``device`` after checking it is a usable weight tensor."""
+    if not isinstance(log_w, Tensor) or log_w.ndim == 0 or log_w.numel() == 0:
+        shape = tuple(log_w.shape) if isinstance(log_w, Tensor) else type(log_w).__name__
+        raise ValueError(f"log_w: expected a non-empty tensor [..., N], got {shape}")
+    if not log_w.is_floating_point():
+        raise ValueError(f"log_w: expected a floating-point tensor, got dtype {log_w.dtype}")
+    ell = log_w.detach().to(device=device, dtype=torch.float64)
+    if bool(torch.isnan(ell).any()):
+        raise ValueError("log_w: contains NaN; map invalid rewards to -inf before selection")
+    if bool((ell == float("inf")).any()):
+        raise ValueError("log_w: contains +inf; log-weights must be finite or -inf")
+    if bool((ell == float("-inf")).all(-1).any()):
+        raise ValueError("log_w: every entry of a population is -inf (all weights zero); nothing to select from")
+    return ell
+
+
+def _relative_weights(log_w: Tensor, device: torch.device) -> Tensor:
+    """exp(ℓ − max ℓ) per row in float64: the largest weight is exactly 1, −inf gives exactly 0."""
+    ell = _validated(log_w, device)
+    return torch.exp(ell - ell.amax(-1, keepdim=True))
+
+
+def _expected_offspring(log_w: Tensor, generator: torch.Generator) -> Tensor:
+    """n = N·W per row, in float64 on the generator's device."""
+    relative = _relative_weights(log_w, _device_of(generator))
+    # N·w/Σw rather than N·softmax: equal weights then give exactly n_i = 1.
+    return relative.shape[-1] * relative / relative.sum(-1, keepdim=True)
+
+
+def _counts_at(mass: Tensor, positions: Tensor, used: Tensor | None = None) -> Tensor:
+    """Offspring counts from inverse-CDF lookups: position u selects j with C_{j−1} ≤ u < C_j.
+
+    A particle with zero mass owns an empty interval and is never selected; a position at
+    or past the row total (reachable only through rounding) goes to the last particle with
+    mass. Positions where ``used`` is False are not counted.
+    """
+    cdf = torch.cumsum(mass, dim=-1)
+    index = torch.searchsorted(cdf, positions.contiguous(), right=True)
+    grid = torch.arange(mass.shape[-1], device=mass.device)
+    last_with_mass = torch.where(mass > 0, grid, 0).amax(-1, keepdim=True)
+    index = torch.minimum(index, last_with_mass)
+    weight = torch.ones_like(index) if used is None else used.long()
+    return torch.zeros(mass.shape, dtype=torch.long, device=mass.device).scatter_add_(-1, index, weight)
+
+
+def _from_counts(counts: Tensor, device: torch.device) -> Selection:
+    ancestors = offspring_to_ancestors(counts).to(device)
+    return Selection(ancestors=ancestors, reborn=ancestors != torch.arange(ancestors.shape[-1], device=device))
+
+
+def _grid_like(n: Tensor) -> Tensor:
+    """0, 1, …, N−1 as float64 on n's device, broadcastable against n."""
+    return torch.arange(n.shape[-1], dtype=torch.float64, device=n.device)
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    return torch.rand(tuple(shape), generator=generator, dtype=torch.float64, device=_device_of(generator))
+
+
+def _device_of(generator: torch.Generator) -> torch.device:
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    return generator.device

@@ -1,0 +1,108 @@
+"""Training checkpoints: one safetensors file plus a readable JSON mirror, no pickle.
+
+``checkpoint.safetensors`` holds every tensor (model, EMA, optimizer moments, RNG state)
+under a prefix and the run metadata as JSON in its header; ``checkpoint.json`` repeats the
+metadata for people. Only the latest checkpoint is kept (a run directory stays small), and
+it is replaced atomically so an interrupted save never leaves a broken file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+META_FILE = "checkpoint.json"
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    step: int
+    meta: dict[str, Any]
+    model: dict[str, Tensor]
+    ema: dict[str, Tensor] | None
+    optimizer_state: dict[int, dict[str, Tensor]]
+    rng_state: Tensor
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    meta: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    ema: nn.Module | None = None,
+) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    tensors.update(_prefixed("model.", model.state_dict()))
+    if ema is not None:
+        tensors.update(_prefixed("ema.", ema.state_dict()))
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
+    tensors["rng.state"] = generator.get_state()
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+    full_meta = {**meta, "step": step}
+    path = run_dir / CHECKPOINT_FILE
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(full_meta)})
+    os.replace(tmp, path)
+    meta_tmp = run_dir / (META_FILE + ".tmp")
+    meta_tmp.write_text(json.dumps(full_meta, indent=2) + "\n")
+    os.replace(meta_tmp, run_dir / META_FILE)
+    return path
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / CHECKPOINT_FILE).is_file()
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint:
+    path = run_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    if "step" not in meta:
+        raise ValueError(f"{path}: checkpoint header has no step (not written by fvd train?)")
+    optimizer_state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            optimizer_state.setdefault(int(index), {})[name] = value
+    ema = _unprefixed("ema.", tensors)
+    return Checkpoint(
+        step=int(meta["step"]),
+        meta=meta,
+        model=_unprefixed("model.", tensors),
+        ema=ema or None,
+        optimizer_state=optimizer_state,
+        rng_state=tensors["rng.state"],
+    )
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[int, dict[str, Tensor]]) -> None:
+    """Load saved moments; hyper-parameters stay those of the (re-built) optimizer."""
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def _prefixed(prefix: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def _unprefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -1,0 +1,172 @@
+"""The ``fvd train`` command group: ddpm, classifier, export, quality.
+
+Heavy imports happen inside each command so that ``fvd --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+class ClassifierKind(str, Enum):
+    reward = "reward"
+    eval = "eval"
+
+
+class ExportKind(str, Enum):
+    ddpm = "ddpm"
+    reward = "reward"
+    eval = "eval"
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``train`` command group to the ``fvd`` app."""
+    train_app = typer.Typer(help="Train the MNIST model zoo and export its shipped weights.", no_args_is_help=True)
+    train_app.command("ddpm")(train_ddpm_command)
+    train_app.command("classifier")(train_classifier_command)
+    train_app.command("export")(export_command)
+    train_app.command("quality")(quality_command)
+    app.add_typer(train_app, name="train")
+
+
+def train_ddpm_command(
+    steps: int = typer.Option(30_000, help="Total optimisation steps (a resumed run continues up to this)."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(4e-4, help="AdamW learning rate (after a 200-step linear warm-up)."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    out: Path = typer.Option(Path("runs/ddpm"), help="Run directory (checkpoint + log)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop and checkpoint after this wall time."),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 on a shared machine)."),
+) -> None:
+    """Train the unconditional MNIST DDPM (eps-prediction, linear VP schedule, EMA)."""
+    from fvdiffusion.train.ddpm import DDPMTrainConfig, train_ddpm
+
+    _setup(device, threads)
+    config = _build(DDPMTrainConfig, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                    max_minutes=max_minutes, checkpoint_every=checkpoint_every)
+    command = _command_line("ddpm", steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                            max_minutes=max_minutes)
+    summary = _run(lambda: train_ddpm(config, out, device=device, resume=resume, command=command))
+    typer.echo(f"ddpm: step {summary.step}, loss {summary.loss}, {summary.elapsed_s:.0f} s; checkpoint {summary.checkpoint}")
+
+
+def train_classifier_command(
+    kind: ClassifierKind = typer.Option(..., help="reward: the reward classifier; eval: the evaluation network."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default: the recipe's)."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(2e-3, help="AdamW peak learning rate (warm-up, then cosine decay)."),
+    seed: Optional[int] = typer.Option(None, help="Default: 1 for reward, 2 for eval (they must differ)."),
+    device: str = typer.Option("cpu"),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<kind>_classifier)."),
+    resume: bool = typer.Option(False, "--resume"),
+    threads: Optional[int] = typer.Option(None),
+) -> None:
+    """Train the reward classifier or the evaluation network on clean MNIST digits."""
+    from fvdiffusion.train.classifier import ClassifierTrainConfig, train_classifier
+
+    _setup(device, threads)
+    defaults = ClassifierTrainConfig.for_kind(kind.value)
+    config = _build(ClassifierTrainConfig, kind=kind.value, steps=steps or defaults.steps, batch_size=batch_size,
+                    lr=lr, seed=defaults.seed if seed is None else seed)
+    out = out or Path(f"runs/{kind.value}_classifier")
+    command = _command_line("classifier", kind=kind.value, steps=config.steps, batch_size=batch_size, lr=lr,
+                            seed=config.seed, device=device)
+    summary = _run(lambda: train_classifier(config, out, device=device, resume=resume, command=command))
+    typer.echo(f"{kind.value} classifier: step {summary.step}, reference accuracy {summary.reference_accuracy:.4f}, "
+               f"{summary.elapsed_s:.0f} s; checkpoint {summary.checkpoint}")
+
+
+def export_command(
+    kind: ExportKind = typer.Option(..., help="Which network the run trained."),
+    run: Path = typer.Option(..., help="Run directory holding checkpoint.safetensors."),
+    out: Optional[Path] = typer.Option(None, help="Weights directory (default: the package's zoo/weights)."),
+    fp16: bool = typer.Option(False, "--fp16", help="Store weights as float16 (half the size)."),
+    quality_samples: int = typer.Option(0, "--quality-samples", help="DDPM only: also measure sample quality "
+                                        "with this many samples (uses the shipped eval net) and put it in the card."),
+    threads: Optional[int] = typer.Option(None),
+) -> None:
+    """Write shipped weights (EMA for the DDPM) and a model card from a training run."""
+    from fvdiffusion.train.export import export_run
+
+    _setup("cpu", threads)
+    result = _run(lambda: export_run(kind.value, run, out_dir=out, fp16=fp16, quality_samples=quality_samples))
+    typer.echo(f"wrote {result.weights} ({result.weights.stat().st_size / 1e6:.2f} MB) and {result.card}")
+
+
+def quality_command(
+    n: int = typer.Option(1000, help="Number of samples."),
+    steps: int = typer.Option(50, help="DDPM ancestral sampling steps."),
+    seed: int = typer.Option(0),
+    ddpm: Optional[Path] = typer.Option(None, help="DDPM weights (default: shipped)."),
+    device: str = typer.Option("cpu"),
+    out: Optional[Path] = typer.Option(None, help="Also write the report as JSON here."),
+    threads: Optional[int] = typer.Option(None),
+) -> None:
+    """Measure unconditional DDPM sample quality with the evaluation network."""
+    from fvdiffusion.train.quality import ddpm_quality
+    from fvdiffusion.zoo.loaders import load_ddpm, load_eval_net
+
+    _setup(device, threads)
+    report = _run(lambda: ddpm_quality(load_ddpm(ddpm, device=device), load_eval_net(device=device),
+                                       n=n, steps=steps, seed=seed))
+    text = json.dumps(report.to_dict(), indent=2)
+    typer.echo(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
+def _setup(device: str, threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            _fail(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        _fail(f"--device: unknown device {device!r} (use cpu, cuda or cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device {device}: CUDA is not available in this torch build / machine")
+    # so that `kill PID` (SIGTERM) still writes a final checkpoint
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def _build(cls, **kwargs):
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        _fail(str(err))
+
+
+def _run(fn):
+    from fvdiffusion.zoo.loaders import WeightsError
+    from fvdiffusion.zoo.mnist_data import DataCorruptError
+
+    try:
+        return fn()
+    except (FileNotFoundError, WeightsError, DataCorruptError, ValueError) as err:
+        _fail(str(err))
+
+
+def _command_line(sub: str, **options) -> str:
+    parts = ["fvd", "train", sub]
+    for name, value in options.items():
+        if value is not None:
+            parts += [f"--{name.replace('_', '-')}", str(value)]
+    return " ".join(parts)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
