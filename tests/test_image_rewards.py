@@ -148,8 +148,7 @@ class _FakeBlip(torch.nn.Module):
         return self.patch(pixels).flatten(2).transpose(1, 2)  # [B, 16, 8]
 
     def tokenizer(self, prompt, padding, truncation, max_length, return_tensors):
-        ids = torch.tensor([[(ord(c) % 100) for c in prompt[:max_length].ljust(max_length)]])
-        return types.SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids), to=lambda device: _self_ns(ids))
+        return _Tokens(_ids(prompt, max_length))
 
     def text_encoder(self, input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, return_dict):
         assert input_ids.shape[0] == encoder_hidden_states.shape[0] == encoder_attention_mask.shape[0]
@@ -157,8 +156,16 @@ class _FakeBlip(torch.nn.Module):
         return types.SimpleNamespace(last_hidden_state=hidden)
 
 
-def _self_ns(ids):
-    return types.SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+class _Tokens:
+    def __init__(self, ids):
+        self.input_ids, self.attention_mask = ids, torch.ones_like(ids)
+
+    def to(self, device):
+        return self
+
+
+def _ids(prompt, max_length=35):
+    return torch.tensor([[ord(c) % 100 for c in prompt[:max_length].ljust(max_length)]])
 
 
 def _fake_imagereward_package(load):
@@ -179,10 +186,6 @@ def test_imagereward_forward_on_batches(monkeypatch):
         pixels = preprocess(images(1, size=32), 224)
         raw = model.mlp((model.blip.embed(_ids(PROMPT)) + model.blip.visual_encoder(pixels).mean(1, keepdim=True))[:, 0])
     torch.testing.assert_close(reward(images(1, size=32), PROMPT), ((raw - 0.2) / 1.5).squeeze(-1))
-
-
-def _ids(prompt):
-    return torch.tensor([[(ord(c) % 100) for c in prompt[:35].ljust(35)]])
 
 
 def test_imagereward_download_failure_is_missing_weights(monkeypatch):

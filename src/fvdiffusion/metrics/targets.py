@@ -53,13 +53,14 @@ def _sliced_w2_sorted(px: Tensor, py: Tensor) -> float:
     the merged breakpoints i/n and j/m gives W2² exactly (for n = m: the sorted matching).
     """
     n, m = px.shape[1], py.shape[1]
-    levels = torch.cat([torch.arange(1, n + 1, dtype=torch.float64) / n, torch.arange(1, m + 1, dtype=torch.float64) / m])
-    levels = levels.sort().values
+    steps_x = torch.arange(1, n + 1, dtype=torch.float64) / n
+    steps_y = torch.arange(1, m + 1, dtype=torch.float64) / m
+    levels = torch.cat([steps_x, steps_y]).sort().values
     widths = torch.diff(levels, prepend=levels.new_zeros(1))
     mids = levels - widths / 2
     ix = (mids * n).floor().long().clamp(max=n - 1)
     iy = (mids * m).floor().long().clamp(max=m - 1)
-    w2_squared = ((px[:, ix] - py[:, iy]) ** 2 @ widths)  # [P]
+    w2_squared = (px[:, ix] - py[:, iy]) ** 2 @ widths  # [P]
     return float(w2_squared.mean().sqrt())
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 META_FILE = "checkpoint.json"
+LOG_FILE = "train_log.jsonl"
 
 
 @dataclass
@@ -98,6 +99,13 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[int, dict[str, Tensor]]) -> None:
     """Load saved moments; hyper-parameters stay those of the (re-built) optimizer."""
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def append_log(run_dir: Path, record: dict[str, Any]) -> None:
+    """One JSON line per logging window (step, loss, ...) in ``train_log.jsonl``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOG_FILE, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
 
 
 def _prefixed(prefix: str, state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -9,7 +9,6 @@ one on the same device. The same code runs on CPU and CUDA (``device``).
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,11 +19,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from fvdiffusion.schedule import VPSchedule
-from fvdiffusion.train.checkpoint import has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
+from fvdiffusion.train.checkpoint import append_log, has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
 from fvdiffusion.zoo.unet import UNet, UNetConfig
 
 NUM_TRAIN_TIMESTEPS = 1000
-LOG_FILE = "train_log.jsonl"
 
 
 @dataclass(frozen=True)
@@ -159,8 +157,8 @@ def train_ddpm(
                 loss_sum.zero_()
                 loss_count = 0
                 bar.set_postfix(loss=f"{last_loss:.4f}")
-                _append_log(run_dir, {"step": step, "loss": round(last_loss, 6),
-                                      "elapsed_s": round(elapsed_before + time.monotonic() - start, 1)})
+                append_log(run_dir, {"step": step, "loss": round(last_loss, 6),
+                                     "elapsed_s": round(elapsed_before + time.monotonic() - start, 1)})
             if step % config.checkpoint_every == 0:
                 checkpoint()
     except KeyboardInterrupt:
@@ -189,12 +187,6 @@ def _check_resumable(meta: dict, config: DDPMTrainConfig, run_dir: Path) -> None
         raise ValueError(f"resume: model config differs from the checkpoint in {run_dir}: {saved.get('model')}")
     if saved.get("seed") != config.seed:
         raise ValueError(f"resume: seed {config.seed} differs from the checkpoint's seed {saved.get('seed')}")
-
-
-def _append_log(run_dir: Path, record: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOG_FILE, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
 
 
 def _device_name(dev: torch.device) -> str:

@@ -74,7 +74,7 @@ class EvalNetConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         if len(self.widths) != 3:
-            raise ValueError(f"EvalNetConfig.widths must have 3 entries (28, 14, 7 px stages), got {self.widths!r}")
+            raise ValueError(f"EvalNetConfig.widths must have 3 entries (14, 7, 4 px stages), got {self.widths!r}")
         _check_positive("EvalNetConfig", blocks_per_stage=self.blocks_per_stage, num_groups=self.num_groups)
         for w in self.widths:
             if w < 1 or w % self.num_groups:
@@ -103,7 +103,11 @@ class _PreActBlock(nn.Module):
 
 
 class EvalNet(nn.Module):
-    """A pre-activation ResNet (GroupNorm, GELU, global average pooling) used only for judging."""
+    """A pre-activation ResNet (GroupNorm, GELU, global average pooling) used only for judging.
+
+    The stem works at 28×28 and each of the three stages starts with a stride-2 block, so
+    the costly convolutions run at 14×14 and below (fast enough to judge thousands of samples).
+    """
 
     def __init__(self, config: EvalNetConfig | None = None) -> None:
         super().__init__()
@@ -112,7 +116,7 @@ class EvalNet(nn.Module):
         blocks, c_in = [], c.widths[0]
         for stage, width in enumerate(c.widths):
             for i in range(c.blocks_per_stage):
-                stride = 2 if stage > 0 and i == 0 else 1
+                stride = 2 if i == 0 else 1  # every stage halves: 28 -> 14 -> 7 -> 4
                 blocks.append(_PreActBlock(c_in, width, stride, c.num_groups))
                 c_in = width
         self.blocks = nn.Sequential(*blocks)

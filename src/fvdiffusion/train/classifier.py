@@ -1,0 +1,212 @@
+"""The classifier recipe: the reward classifier and the evaluation network on clean digits.
+
+Light geometric augmentation (small rotation, scale and shift; never flips) makes both
+robust to the slightly off-centre digits a diffusion model produces. AdamW with warm-up
+and cosine decay over ``steps``. The two kinds use different default seeds, so the judge
+and the reward differ in initialisation and batch order as well as architecture. The
+reference split is only scored at the end, never used for choices during training.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from fvdiffusion.train.checkpoint import append_log, has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
+from fvdiffusion.zoo.classifiers import EvalNet, RewardClassifier
+
+KINDS = ("reward", "eval")
+_DEFAULT_SEED = {"reward": 1, "eval": 2}
+ZOO_KIND = {"reward": "reward_classifier", "eval": "eval_net"}
+
+
+@dataclass(frozen=True)
+class ClassifierTrainConfig:
+    kind: str
+    steps: int = 1200
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    seed: int = 1
+    augment: bool = True
+    max_rotation_deg: float = 10.0
+    max_shift_px: float = 2.0
+    max_scale: float = 0.1
+    checkpoint_every: int = 300
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"ClassifierTrainConfig.kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ClassifierTrainConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"ClassifierTrainConfig.warmup_steps must be an int in [0, steps), got {self.warmup_steps!r}")
+        if not self.lr > 0:
+            raise ValueError(f"ClassifierTrainConfig.lr must be > 0, got {self.lr!r}")
+        for name in ("weight_decay", "max_rotation_deg", "max_shift_px", "max_scale"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"ClassifierTrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    @classmethod
+    def for_kind(cls, kind: str, **overrides) -> "ClassifierTrainConfig":
+        """The recipe defaults for ``kind`` (its own seed)."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        return cls(**{"kind": kind, "seed": _DEFAULT_SEED[kind], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClassifierSummary:
+    run_dir: Path
+    step: int
+    elapsed_s: float
+    loss: float | None
+    reference_accuracy: float | None  # None when no reference images were given
+    checkpoint: Path
+
+
+def build_classifier(kind: str) -> nn.Module:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return RewardClassifier() if kind == "reward" else EvalNet()
+
+
+def augment(x: Tensor, config: ClassifierTrainConfig, generator: torch.Generator) -> Tensor:
+    """Random small rotation / scale / shift per image; the background stays at −1."""
+    b = x.shape[0]
+    u = torch.rand((b, 4), generator=generator, device=x.device) * 2 - 1
+    angle = u[:, 0] * math.radians(config.max_rotation_deg)
+    scale = 1 + u[:, 1] * config.max_scale
+    shift = u[:, 2:] * (2 * config.max_shift_px / x.shape[-1])  # affine_grid uses [-1, 1] coordinates
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    correct = 0
+    for i in range(0, images.shape[0], batch_size):
+        logits = model(images[i:i + batch_size].to(dev))
+        correct += (logits.argmax(1).cpu() == labels[i:i + batch_size]).sum().item()
+    model.train(was_training)
+    return correct / images.shape[0]
+
+
+def train_classifier(
+    config: ClassifierTrainConfig,
+    run_dir: Path,
+    train: tuple[Tensor, Tensor] | None = None,
+    reference: tuple[Tensor, Tensor] | None = None,
+    device: str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> ClassifierSummary:
+    """Train (or continue) a classifier; ``train``/``reference`` default to the MNIST splits.
+
+    Pass ``reference=None`` together with an explicit ``train`` to skip the final scoring.
+    """
+    run_dir = Path(run_dir)
+    dev = torch.device(device)
+    if train is None:
+        from fvdiffusion.zoo.mnist_data import load_mnist
+
+        split = load_mnist("train")
+        train = (split.images, split.labels)
+        ref = load_mnist("reference")
+        reference = (ref.images, ref.labels)
+    images, labels = train[0].to(dev, torch.float32), train[1].to(dev)
+
+    torch.manual_seed(config.seed)
+    model = build_classifier(config.kind).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator(device=dev).manual_seed(config.seed)
+    meta = {"kind": f"classifier/{config.kind}", "config": config.to_dict(),
+            "model": model.config.to_dict(), "num_train_images": int(images.shape[0])}
+
+    step, elapsed_before = 0, 0.0
+    if resume and has_checkpoint(run_dir):
+        ckpt = load_checkpoint(run_dir)
+        if ckpt.meta.get("kind") != meta["kind"] or ckpt.meta.get("config", {}).get("seed") != config.seed:
+            raise ValueError(f"resume: {run_dir} holds a {ckpt.meta.get('kind')!r} run with another kind or seed")
+        model.load_state_dict(ckpt.model)
+        restore_optimizer(optimizer, ckpt.optimizer_state)
+        generator.set_state(ckpt.rng_state)
+        step, elapsed_before = ckpt.step, float(ckpt.meta.get("elapsed_s", 0.0))
+        meta["command"] = ckpt.meta.get("command")
+    if command:
+        meta["command"] = command
+
+    start = time.monotonic()
+    loss_sum, loss_count, last_loss = torch.zeros((), device=dev), 0, None
+    bar = tqdm(total=config.steps, initial=step, desc=f"{config.kind} classifier", disable=not progress,
+               dynamic_ncols=True)
+
+    def checkpoint(extra: dict | None = None) -> Path:
+        info = {**meta, "elapsed_s": round(elapsed_before + time.monotonic() - start, 1), "loss": last_loss,
+                **(extra or {})}
+        return save_checkpoint(run_dir, step, info, model, optimizer, generator)
+
+    model.train()
+    try:
+        while step < config.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(config, step)
+            idx = torch.randint(images.shape[0], (config.batch_size,), generator=generator, device=dev)
+            x = images[idx]
+            if config.augment:
+                x = augment(x, config, generator)
+            # dropout draws from the global RNG: seed it per step so a resumed run matches
+            torch.manual_seed(config.seed * 1_000_003 + step)
+            loss = F.cross_entropy(model(x), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            loss_sum += loss.detach()
+            loss_count += 1
+            if step % config.log_every == 0 or step == config.steps:
+                last_loss = loss_sum.item() / loss_count
+                loss_sum.zero_()
+                loss_count = 0
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+                append_log(run_dir, {"step": step, "loss": round(last_loss, 6),
+                                     "elapsed_s": round(elapsed_before + time.monotonic() - start, 1)})
+            if step % config.checkpoint_every == 0:
+                checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()
+        raise
+    finally:
+        bar.close()
+
+    ref_acc = accuracy(model, reference[0], reference[1]) if reference is not None else None
+    path = checkpoint({"reference_accuracy": ref_acc})
+    return ClassifierSummary(run_dir, step, elapsed_before + time.monotonic() - start, last_loss, ref_acc, path)
+
+
+def _lr(config: ClassifierTrainConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
