@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fvdiffusion as fv
+from fvdiffusion.bench.toy_problems import toy_problem
 from fvdiffusion.denoisers.base import CountingDenoiser
 from fvdiffusion.loop import AllParticlesDeadWarning, RewardError
 from fvdiffusion.samplers import ConfigError
@@ -209,8 +210,8 @@ def test_final_selection_gives_uniform_weights(gmm2d):
     for method in ("smc", "vasr", "fvd"):
         res = fv.sample(method, den, problem.reward, n_particles=16, num_steps=6)
         assert torch.allclose(res.log_weights, torch.full((16,), -math.log(16), dtype=torch.float64))
-    res = fv.sample("smc", den, problem.reward, n_particles=16, num_steps=6, final_selection=False,
-                    selection_interval=4)
+    linear = toy_problem("gmm2d-linear").reward  # spread-out rewards keep the weights unequal
+    res = fv.sample("smc", den, linear, n_particles=16, num_steps=6, final_selection=False, selection_interval=4)
     assert not torch.allclose(res.log_weights, torch.full((16,), -math.log(16), dtype=torch.float64))
 
 
