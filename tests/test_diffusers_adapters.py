@@ -117,6 +117,17 @@ def test_latent_reward_decodes_with_the_scaling_factor_and_counts(sd):
     assert rew.decodes == 6
 
 
+def test_fp16_vae_with_force_upcast_decodes_in_fp32_and_stays_fp16():
+    pipe = tiny_diffusers.sd_pipeline()
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    reference = LatentImageReward(pipe, Brightness()).decode(z)
+    pipe.vae.to(torch.float16)
+    assert pipe.vae.config.force_upcast
+    images = LatentImageReward(pipe, Brightness()).decode(z)
+    assert images.dtype == torch.float32 and pipe.vae.dtype == torch.float16
+    torch.testing.assert_close(images, reference, rtol=0, atol=2e-3)  # only the fp16 rounding of the weights
+
+
 def test_latent_reward_batched_and_one_by_one_agree_in_order(sd):
     z = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     batched = LatentImageReward(sd, Brightness(), batch_size=2)

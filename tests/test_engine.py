@@ -108,8 +108,10 @@ def test_absorption_controller_tracks_target_fraction(gmm2d):
     problem, den = gmm2d
     res = fv.sample("fvd", den, problem.reward, n_particles=512, num_steps=60, target_dead_fraction=0.3,
                     controller_gain=2.0, seed=0)
-    late = [t.dead_fraction for t in res.trace[30:]]
-    assert abs(sum(late) / len(late) - 0.3) < 0.1
+    # in the last steps every particle sits in the target component and r ≈ 0 for all, so no
+    # κ can make deaths; the controller is judged where selection is possible
+    middle = [t.dead_fraction for t in res.trace[5:45]]
+    assert abs(sum(middle) / len(middle) - 0.3) < 0.06
     assert res.trace[-1].kappa != 1.0
 
 

@@ -95,8 +95,8 @@ def _without_timing(rows: list[dict]) -> list[dict]:
 
 def test_drawbench_csv_prompts(tmp_path):
     path = tmp_path / "drawbench.csv"
-    path.write_text('Prompts,Category\n"A red colored car.",Colors\n"A cat, on a mat",Misc\n')
-    assert read_prompts(path) == ["A red colored car.", "A cat, on a mat"]
+    path.write_text('Prompts,Category\n"A red colored car.",Colors\n"A cat, on a mat",Misc\n"two\nlines",Misc\n')
+    assert read_prompts(path) == ["A red colored car.", "A cat, on a mat", "two\nlines"]
 
 
 def one_line_error(result, needle: str) -> None:
@@ -116,6 +116,7 @@ def test_bad_inputs_give_one_line_errors(app, model_dir, prompts_txt, tmp_path):
     one_line_error(invoke(app, model_dir, prompts_txt, tmp_path / "o5", "--method", "fvdd"), "method")
     one_line_error(invoke(app, model_dir, prompts_txt, tmp_path / "o6", "--option", "rebirth_noise=2"), "rebirth_noise")
     one_line_error(invoke(app, tmp_path / "no-model", prompts_txt, tmp_path / "o7"), "could not load pipeline")
+    assert not (tmp_path / "o7" / "run.json").exists()  # a failed start does not lock the directory
 
 
 def test_refuses_to_mix_runs_with_different_settings(app, model_dir, prompts_txt, tmp_path):

@@ -11,6 +11,7 @@ refused rather than mixing two runs in one file.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ def read_prompts(path: Path) -> list[str]:
         raise RunnerError(f"prompts file not found: {path}")
     text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted prompts may hold newlines
         if "Prompts" not in (reader.fieldnames or []):
             raise RunnerError(f"{path.name}: CSV has no 'Prompts' column (columns: {', '.join(reader.fieldnames or [])})")
         prompts = [row["Prompts"].strip() for row in reader if (row["Prompts"] or "").strip()]
@@ -103,19 +104,29 @@ class T2ISettings:
 
 
 def check_settings(out: Path, settings: T2ISettings) -> None:
-    """Write run.json, or refuse to continue a run made with other settings."""
+    """Refuse to continue a run that was made with other settings."""
     path = out / SETTINGS_FILE
-    current = json.loads(json.dumps(asdict(settings)))  # normalise tuples etc. as JSON would
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        changed = [k for k in current if stored.get(k) != current[k]]
-        if changed:
-            k = changed[0]
-            raise RunnerError(
-                f"{out} holds a run with {k}={stored.get(k)!r}, not {current[k]!r}; use another --out to start a new run"
-            )
-    else:
-        path.write_text(json.dumps(current, indent=2) + "\n")
+    if not path.is_file():
+        return
+    current = _settings_json(settings)
+    stored = json.loads(path.read_text())
+    changed = [k for k in current if stored.get(k) != current[k]]
+    if changed:
+        k = changed[0]
+        raise RunnerError(
+            f"{out} holds a run with {k}={stored.get(k)!r}, not {current[k]!r}; use another --out to start a new run"
+        )
+
+
+def save_settings(out: Path, settings: T2ISettings) -> None:
+    """Record the settings once the model and reward have loaded (a failed start leaves no claim on OUT)."""
+    path = out / SETTINGS_FILE
+    if not path.is_file():
+        path.write_text(json.dumps(_settings_json(settings), indent=2) + "\n")
+
+
+def _settings_json(settings: T2ISettings) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(settings)))  # normalised as it reads back from the file
 
 
 def load_done(metrics: Path) -> set[tuple[int, str]]:
@@ -148,8 +159,10 @@ def resolve_device(device: str) -> str:
 
 def load_pipeline(model: str, dtype: str, device: str) -> Any:
     diffusers = require("diffusers", "diffusers")
+    # float32 is the default; `torch_dtype` is the name every diffusers version accepts
+    kwargs = {} if dtype == "float32" else {"torch_dtype": getattr(torch, dtype)}
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
+        pipe = diffusers.DiffusionPipeline.from_pretrained(model, **kwargs)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunnerError(f"could not load pipeline {model!r}: {first_line}") from exc
@@ -184,6 +197,7 @@ def run_t2i(
     device = resolve_device(device)
     reward = REWARDS[settings.reward](settings.reward_model, device)
     pipe = load_pipeline(settings.model, settings.dtype, device)
+    save_settings(out, settings)
     with metrics.open("a", encoding="utf-8") as sink:
         for index, prompt in tqdm(todo, desc="prompts", initial=len(prompts) - len(todo), total=len(prompts),
                                   disable=not show_progress):
@@ -197,7 +211,7 @@ def run_t2i(
             for rank, image in enumerate(aligned.images):
                 image.save(image_dir / f"{rank:02d}.png")
                 paths.append(str((image_dir / f"{rank:02d}.png").relative_to(out)))
-            record = {"index": index, "prompt": prompt, "seed": seed, **aligned.result.summary(),
+            record = {"index": index, "prompt": prompt, "seed": seed, "device": device, **aligned.result.summary(),
                       "rewards": aligned.rewards.tolist(), "images": paths}
             sink.write(json.dumps(record) + "\n")
             sink.flush()

@@ -222,11 +222,20 @@ class LatentImageReward:
         device, dtype = _module_device_dtype(self.vae)
         scaling = self.vae.config.scaling_factor
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        images = []
-        for s in _chunks(latents.shape[0], self.batch_size):
-            z = latents[s].to(device, dtype) / scaling + shift
-            images.append(self.vae.decode(z).sample.float().add(1).div(2).clamp(0, 1))
-            self.decodes += z.shape[0]
+        # VAEs flagged force_upcast (SDXL's) overflow in fp16; decode in fp32 as the pipelines do.
+        # Plain nn.Module.to: diffusers' override logs a warning on every dtype cast, i.e. every step.
+        upcast = dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
+        if upcast:
+            torch.nn.Module.to(self.vae, torch.float32)
+        try:
+            images = []
+            for s in _chunks(latents.shape[0], self.batch_size):
+                z = latents[s].to(device, torch.float32 if upcast else dtype) / scaling + shift
+                images.append(self.vae.decode(z).sample.float().add(1).div(2).clamp(0, 1))
+                self.decodes += z.shape[0]
+        finally:
+            if upcast:
+                torch.nn.Module.to(self.vae, dtype)
         return torch.cat(images).to(latents.device)
 
     @torch.no_grad()

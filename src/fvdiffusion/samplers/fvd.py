@@ -24,6 +24,8 @@ from fvdiffusion.samplers.config import CommonConfig, SelectionScheduleMixin, ch
 
 POTENTIALS = ("diff", "level")
 PARENT_RULES = ("excess", "weighted")
+DEFAULT_NU_STOCHASTIC = 0.0
+DEFAULT_NU_DDIM = 0.25
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class FVDConfig(SelectionScheduleMixin, CommonConfig):
     parent_rule: "excess" — survival min(1, N·W), parents ∝ (N·W − 1)_+ (fewest deaths);
       "weighted" — survival exp(ℓ − max ℓ), parents ∝ W (the killing rule).
     rebirth_noise: ν ∈ [0, 1]; 0 = exact clone, 1 = re-noise the parent's x̂0 afresh.
+      None (default) picks by the sampler, as measured on the toy's tuning seed
+      (benchmarks/toy): ν = 0 with stochastic steps (η > 0), whose own noise already
+      separates clones and where ν > 0 biased the linear tilt; ν = 0.25 with deterministic
+      DDIM (η = 0), where plain clones never separate.
     target_dead_fraction: α* of the absorption controller (None = off, κ = 1).
     controller_gain: γ_0 of the Robbins–Monro step γ_j = γ_0 / j^0.6.
     final_selection: one more birth–death on r(x0) after the last step.
@@ -42,7 +48,7 @@ class FVDConfig(SelectionScheduleMixin, CommonConfig):
 
     potential: str = "diff"
     parent_rule: str = "excess"
-    rebirth_noise: float = 1.0
+    rebirth_noise: float | None = None
     target_dead_fraction: float | None = None
     controller_gain: float = 1.0
     final_selection: bool = True
@@ -52,6 +58,8 @@ class FVDConfig(SelectionScheduleMixin, CommonConfig):
         self._check_schedule()
         check_choice("potential", self.potential, POTENTIALS)
         check_choice("parent_rule", self.parent_rule, PARENT_RULES)
+        if self.rebirth_noise is None:
+            object.__setattr__(self, "rebirth_noise", DEFAULT_NU_STOCHASTIC if self.eta > 0 else DEFAULT_NU_DDIM)
         check_float("rebirth_noise", self.rebirth_noise, 0.0, 1.0)
         if self.target_dead_fraction is not None:
             check_float("target_dead_fraction", self.target_dead_fraction, 0.0, 1.0)

@@ -1,0 +1,382 @@
+"""Diffusion Tree Sampling (DTS) and its greedy variant dts* (DESIGN.md §5).
+
+A search tree over denoising states. The node at depth d holds x_{t_d} (d = 0 … K−1, one
+root x_T ~ N(0, I)) through its denoiser prediction (x̂0, ε̂) — x_t = √ᾱ x̂0 + √(1−ᾱ) ε̂ —
+so every node costs exactly one denoiser call, made when it is created. Nodes at depth K−1
+(timestep t_1 = 0) are the leaves: the last step to x0 is deterministic (σ = 0 because
+ᾱ_prev = 1), so a leaf's sample is its x̂0 and its reward is evaluated once, at creation.
+
+A rollout descends from the root. At a node it *expands* a new child, drawn from the base
+DDIM(η) kernel, while the node has fewer children than allowed (``max_children``, or
+min(max_children, ⌈C·visits^α⌉) with progressive widening) and the node budget has room for
+the whole new chain down to a leaf; otherwise it *selects* an existing child with probability
+softmax(λ V(child)) (argmax for dts*). After an expansion every deeper node is new, so the
+rollout keeps expanding to a leaf. The leaf's value is its reward and every node on the path
+backs up V(s) = (1/λ) log mean_c exp(λ V(c)) over its children (max when λ = inf, mean
+when λ = 0). Children are draws from the base kernel, so the plain mean estimates the soft
+value (1/λ) log E_p[exp(λ V)] and descending by softmax(λ V) targets p·exp(λ r).
+
+Rollouts run in batches of ``rollouts_per_batch`` that move level by level, so all the new
+nodes of a level cost one micro-batched denoiser call. Inside a level the decisions are made
+one rollout at a time (rollouts already on a new chain first), so ``max_children`` and the
+node budget hold exactly. A rollout at a node whose only children are being created at
+this level (their values are not known yet) joins one of them uniformly at random.
+
+Every stored node at depth < K−1 has at least one child, so the N final descents (the same
+rule, without expansion) always end at a leaf: denoiser calls = nodes in the tree, reward
+calls = leaves in the tree, nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fvdiffusion.loop import RunContext, potentials_from, run_with_cost
+from fvdiffusion.population import ParticleState
+from fvdiffusion.result import SampleResult, StepTrace
+from fvdiffusion.samplers import Method, register_method
+from fvdiffusion.samplers.common import make_result
+from fvdiffusion.samplers.config import CommonConfig, ConfigError, check_float, check_int
+from fvdiffusion.samplers.svdd import choice_probabilities, draw_from, ess_fraction, require_stochastic_kernel
+from fvdiffusion.schedule import Prediction, ddim_step
+
+_INDEX_BYTES = 8  # long / float64 per-node fields and Python list slots
+
+
+@dataclass(frozen=True)
+class DTSConfig(CommonConfig):
+    """n_rollouts: search budget in rollouts.  max_children: a node expands a new child while
+    it has fewer (fixed branching; the hard cap under widening too).  widening_alpha /
+    widening_c: progressive widening, children ≤ min(max_children, ⌈C·visits^α⌉) (None = off).
+    node_budget: most nodes the tree may hold; when reached, rollouts only descend.
+    rollouts_per_batch: rollouts advanced together (None = n_particles).  greedy: dts*,
+    argmax descent in rollouts and final samples.  lam: softmax(λ V); inf = argmax.  eta > 0.
+    """
+
+    n_rollouts: int = 256
+    max_children: int = 4
+    widening_alpha: float | None = None
+    widening_c: float = 1.0
+    node_budget: int = 100_000
+    rollouts_per_batch: int | None = None
+    greedy: bool = False
+
+    allow_infinite_lambda = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("n_rollouts", self.n_rollouts, 1)
+        check_int("max_children", self.max_children, 2)
+        if self.widening_alpha is not None:
+            check_float("widening_alpha", self.widening_alpha, 0.0, 1.0)
+        check_float("widening_c", self.widening_c, 0.0)
+        if self.widening_c <= 0:
+            raise ConfigError(f"invalid widening_c={self.widening_c!r}: expected a number > 0")
+        # one root-to-leaf chain is K nodes: less and not even one rollout fits
+        check_int("node_budget", self.node_budget, self.num_steps)
+        if self.rollouts_per_batch is not None:
+            check_int("rollouts_per_batch", self.rollouts_per_batch, 1)
+        if not isinstance(self.greedy, bool):
+            raise ConfigError(f"invalid greedy={self.greedy!r}: expected True or False")
+        require_stochastic_kernel(self.eta, "dts")
+
+
+@dataclass(frozen=True)
+class DTSStarConfig(DTSConfig):
+    """dts*: DTS with argmax descent (reward maximisation rather than sampling π*)."""
+
+    greedy: bool = True
+
+
+class SearchTree:
+    """Node storage, grown by doubling up to the node budget (never beyond it)."""
+
+    def __init__(self, sample_shape: tuple[int, ...], max_children: int, node_budget: int) -> None:
+        self.sample_shape = sample_shape
+        self.max_children = max_children
+        self.node_budget = node_budget
+        self.n_nodes = 0
+        self.x0_hat = torch.empty(0)
+        self.eps_hat = torch.empty(0)
+        self.children = torch.empty(0, max_children, dtype=torch.long)  # −1 = no child
+        self.value = torch.empty(0, dtype=torch.float64)   # soft value V (leaf: reward, −inf if not finite)
+        self.reward = torch.empty(0, dtype=torch.float64)  # leaf reward (NaN for inner nodes)
+        self.depth = torch.empty(0, dtype=torch.long)
+        self.n_children: list[int] = []
+        self.visits: list[int] = []
+
+    @property
+    def capacity(self) -> int:
+        return self.value.numel()
+
+    def bytes_per_node(self) -> int:
+        """x̂0 and ε̂, the children row, value, reward, depth, and two list slots (children count, visits)."""
+        numel = math.prod(self.sample_shape)
+        return 2 * numel * self.x0_hat.element_size() + (self.max_children + 5) * _INDEX_BYTES
+
+    def add(self, parents: list[int], pred: Prediction, depth: int) -> Tensor:
+        """Store new nodes (one per row of ``pred``) as children of ``parents`` (−1: the root)."""
+        count = pred.x0.shape[0]
+        self._reserve(self.n_nodes + count, pred.x0)
+        ids = torch.arange(self.n_nodes, self.n_nodes + count)
+        dev_ids = ids.to(self.x0_hat.device)
+        self.x0_hat[dev_ids] = pred.x0
+        self.eps_hat[dev_ids] = pred.eps
+        self.value[ids] = math.nan
+        self.reward[ids] = math.nan
+        self.depth[ids] = depth
+        linked = [(p, i) for p, i in zip(parents, ids.tolist()) if p >= 0]
+        for p, i in linked:
+            self.children[p, self.n_children[p]] = i
+            self.n_children[p] += 1
+        self.n_children.extend([0] * count)
+        self.visits.extend([0] * count)
+        self.n_nodes += count
+        return ids
+
+    def _reserve(self, needed: int, like: Tensor) -> None:
+        if needed <= self.capacity:
+            return
+        if needed > self.node_budget:
+            raise RuntimeError(f"tree would hold {needed} nodes, over node_budget={self.node_budget}")
+        new_cap = min(self.node_budget, max(needed, 2 * self.capacity, 64))
+        extra = new_cap - self.capacity
+        self.x0_hat = torch.cat([self.x0_hat.reshape(-1, *self.sample_shape).to(like),
+                                 like.new_empty((extra, *self.sample_shape))])
+        self.eps_hat = torch.cat([self.eps_hat.reshape(-1, *self.sample_shape).to(like),
+                                  like.new_empty((extra, *self.sample_shape))])
+        self.children = torch.cat([self.children, torch.full((extra, self.max_children), -1, dtype=torch.long)])
+        self.value = torch.cat([self.value, torch.empty(extra, dtype=torch.float64)])
+        self.reward = torch.cat([self.reward, torch.empty(extra, dtype=torch.float64)])
+        self.depth = torch.cat([self.depth, torch.empty(extra, dtype=torch.long)])
+
+    def child_table(self, nodes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(children ids with −1 replaced by 0, which exist, their values) for ``nodes``: [n, C] each."""
+        kids = self.children[nodes]
+        exists = kids >= 0
+        kids = kids.clamp(min=0)
+        return kids, exists, self.value[kids]
+
+
+class TreeSearch:
+    """The search state of one run: the tree, the cost context and the batch logic."""
+
+    def __init__(self, ctx: RunContext, config: DTSConfig) -> None:
+        self.ctx, self.config = ctx, config
+        denoiser = ctx.denoiser
+        self.sample_shape = tuple(denoiser.sample_shape)
+        self.timesteps = denoiser.schedule.timesteps(config.num_steps).tolist()
+        self.alpha_bars = [float(denoiser.schedule.alpha_bar(t)) for t in self.timesteps]
+        self.leaf_depth = config.num_steps - 1
+        self.tree = SearchTree(self.sample_shape, config.max_children, config.node_budget)
+        self.rollouts = 0
+        self.blocked_by_budget = 0  # expansions the node budget refused
+
+    # --- nodes ------------------------------------------------------------------------
+    def create(self, parents: list[int], x: Tensor, depth: int) -> Tensor:
+        """Denoise the new states (one call each), store them, and score them if they are leaves."""
+        pred = self.ctx.denoise(x, self.timesteps[depth], self.alpha_bars[depth])
+        ids = self.tree.add(parents, pred, depth)
+        if depth == self.leaf_depth:
+            reward = self.ctx.evaluate_reward(pred.x0, 1)  # the leaf's sample is its x̂0 (σ = 0 last step)
+            self.tree.reward[ids] = reward
+            self.tree.value[ids] = potentials_from(reward)[0]
+        return ids
+
+    def plant_root(self) -> None:
+        self.create([-1], self.ctx.randn((1, *self.sample_shape)), 0)
+
+    def allowed_children(self, node: int) -> int:
+        cfg = self.config
+        if cfg.widening_alpha is None:
+            return cfg.max_children
+        return min(cfg.max_children, math.ceil(cfg.widening_c * self.tree.visits[node] ** cfg.widening_alpha))
+
+    def descent_probabilities(self, nodes: Tensor) -> tuple[Tensor, Tensor]:
+        """(children [n, C], probability of descending to each) under softmax(λ V) / argmax."""
+        kids, exists, values = self.tree.child_table(nodes)
+        return kids, choice_probabilities(values, exists, self.config.lam, self.config.greedy)
+
+    # --- rollouts ---------------------------------------------------------------------
+    def run_batch(self, size: int) -> None:
+        """``size`` rollouts from the root to leaves, then one backup of every node they passed."""
+        cfg, tree, ctx = self.config, self.tree, self.ctx
+        current = [0] * size
+        fresh = [False] * size  # on a new chain: every deeper node is created by this rollout
+        reserved = 0            # nodes promised to fresh chains but not created yet
+        paths = []
+        for depth in range(self.leaf_depth):
+            paths.append(current)
+            uniforms = ctx.rand(size)
+            noise = ctx.randn((size, *self.sample_shape))  # drawn for every rollout: the stream never depends on who expands
+            chain_length = self.leaf_depth - depth
+            pending: dict[int, list[int]] = {}
+            new_parents, new_rows, selectors, joiners = [], [], [], []
+            following = [None] * size
+            for i in sorted(range(size), key=lambda i: not fresh[i]):
+                node = current[i]
+                tree.visits[node] += 1
+                has = tree.n_children[node] + len(pending.get(node, ()))
+                if not fresh[i] and has < self.allowed_children(node):
+                    if tree.n_nodes + reserved + chain_length <= cfg.node_budget:
+                        fresh[i] = True
+                        reserved += chain_length
+                    else:
+                        self.blocked_by_budget += 1
+                if fresh[i]:
+                    following[i] = tree.n_nodes + len(new_parents)
+                    pending.setdefault(node, []).append(following[i])
+                    new_parents.append(node)
+                    new_rows.append(i)
+                elif tree.n_children[node] > 0:
+                    selectors.append(i)
+                else:
+                    joiners.append(i)
+            if selectors:
+                kids, probs = self.descent_probabilities(torch.tensor([current[i] for i in selectors]))
+                picks = draw_from(probs, uniforms[selectors])
+                for i, child in zip(selectors, kids[torch.arange(len(selectors)), picks].tolist()):
+                    following[i] = child
+            for i in joiners:
+                options = pending[current[i]]
+                following[i] = options[int(float(uniforms[i]) * len(options))]
+            if new_parents:
+                parent_ids = torch.tensor(new_parents, device=tree.x0_hat.device)
+                x = ddim_step(tree.x0_hat[parent_ids], tree.eps_hat[parent_ids], self.alpha_bars[depth],
+                              self.alpha_bars[depth + 1], cfg.eta, noise[torch.tensor(new_rows, device=noise.device)])
+                self.create(new_parents, x, depth + 1)
+                reserved -= len(new_parents)
+            current = following
+        for leaf in current:
+            tree.visits[leaf] += 1
+        for nodes in reversed(paths):
+            self.backup(torch.tensor(sorted(set(nodes))))
+        self.rollouts += size
+
+    def backup(self, nodes: Tensor) -> None:
+        """V(s) = (1/λ) log mean_c exp(λ V(c)) over existing children (max at λ = inf, mean at λ = 0)."""
+        _, exists, values = self.tree.child_table(nodes)
+        values = torch.where(exists, values, torch.full_like(values, -math.inf))
+        lam = self.config.lam
+        count = exists.sum(dim=1).to(torch.float64)
+        if math.isinf(lam):
+            v = values.max(dim=1).values
+        elif lam == 0:
+            v = torch.where(exists, values, torch.zeros_like(values)).sum(dim=1) / count
+        else:
+            v = (torch.logsumexp(lam * values, dim=1) - count.log()) / lam
+        self.tree.value[nodes] = v
+
+    # --- reading the tree -------------------------------------------------------------
+    def expected_descent_reward(self) -> float:
+        """E[r] of one final descent under the current tree, computed exactly (no sampling, no calls)."""
+        tree = self.tree
+        n = tree.n_nodes
+        depth = tree.depth[:n]
+        expected = tree.reward[:n].clone()
+        for d in range(self.leaf_depth - 1, -1, -1):
+            nodes = torch.nonzero(depth == d).flatten()
+            kids, probs = self.descent_probabilities(nodes)
+            terms = torch.where(probs > 0, probs * expected[kids], torch.zeros_like(probs))
+            expected[nodes] = terms.sum(dim=1)
+        return float(expected[0])
+
+    def descend(self, n: int) -> tuple[list[Tensor], list[float]]:
+        """N final descents from the root to leaves: node ids per depth, and the ESS/C of each level's choice."""
+        current = torch.zeros(n, dtype=torch.long)
+        paths, ess = [current], [1.0]
+        for _ in range(self.leaf_depth):
+            kids, probs = self.descent_probabilities(current)
+            current = kids[torch.arange(n), draw_from(probs, self.ctx.rand(n))]
+            paths.append(current)
+            ess.append(ess_fraction(probs))
+        return paths, ess
+
+
+def _first_slot_with_same_node(nodes: Tensor) -> Tensor:
+    """For each slot, the first slot holding the same tree node (the lineage's canonical parent)."""
+    _, inverse = torch.unique(nodes, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), nodes.numel(), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(nodes.numel()), reduce="amin")
+    return first[inverse]
+
+
+def _record_tree_lineage(ctx: RunContext, paths: list[Tensor]) -> None:
+    """Lineage of the final samples: distinct step-k ancestors = distinct depth-(K−k) tree nodes."""
+    num_steps = len(paths)
+    for k in range(num_steps, 1, -1):
+        ctx.lineage.record(k, _first_slot_with_same_node(paths[num_steps - k]))
+    ctx.lineage.record(0, _first_slot_with_same_node(paths[-1]))
+
+
+def _descent_trace(search: TreeSearch, paths: list[Tensor], ess: list[float]) -> list[StepTrace]:
+    """One row per depth of the final descents; reward fields are the soft values V of the nodes passed."""
+    rows = []
+    for depth, (nodes, level_ess) in enumerate(zip(paths, ess)):
+        values = search.tree.value[nodes]
+        finite = values[torch.isfinite(values)]
+        rows.append(StepTrace(
+            step=search.config.num_steps - depth, t=search.timesteps[depth], selected=depth > 0, ess=level_ess,
+            dead_fraction=0.0, lam=search.config.lam, kappa=1.0, distinct_roots=int(nodes.unique().numel()),
+            reward_mean=float(finite.mean()) if finite.numel() else math.nan,
+            reward_max=float(finite.max()) if finite.numel() else math.nan,
+            nonfinite_rewards=int(values.numel() - finite.numel()),
+        ))
+    return rows
+
+
+def sample_dts(denoiser, reward, config: DTSConfig, cond=None, progress: bool = False) -> SampleResult:
+    method = "dts*" if config.greedy else "dts"
+    ctx = RunContext.create(denoiser, reward, config, cond)
+    if progress:
+        from tqdm.auto import tqdm
+
+        ctx.progress = tqdm(total=config.n_rollouts, desc=method, leave=False)  # closed by run_with_cost
+    search = TreeSearch(ctx, config)
+    batch = config.rollouts_per_batch or config.n_particles
+
+    def body() -> SampleResult:
+        search.plant_root()
+        anytime: list[dict[str, Any]] = []
+        # a full tree cannot change any more: later rollouts would only re-visit known leaves
+        while search.rollouts < config.n_rollouts and search.tree.n_nodes < config.node_budget:
+            search.run_batch(min(batch, config.n_rollouts - search.rollouts))
+            anytime.append({"rollouts": search.rollouts, "denoiser_calls": ctx.cost.denoiser_calls,
+                            "reward_calls": ctx.cost.reward_calls, "n_nodes": search.tree.n_nodes,
+                            "reward_mean_of_descent_samples": search.expected_descent_reward()})
+            if ctx.progress is not None:
+                ctx.progress.update(anytime[-1]["rollouts"] - ctx.progress.n)
+        paths, ess = search.descend(config.n_particles)
+        _record_tree_lineage(ctx, paths)
+        ctx.trace.extend(_descent_trace(search, paths, ess))
+        leaves = paths[-1]
+        tree = search.tree
+        dev_leaves = leaves.to(tree.x0_hat.device)
+        rewards = tree.reward[leaves]
+        state = ParticleState(x=tree.x0_hat[dev_leaves], x0_hat=tree.x0_hat[dev_leaves],
+                              eps_hat=tree.eps_hat[dev_leaves], reward=rewards,
+                              log_weight=torch.zeros(config.n_particles, dtype=torch.float64),
+                              root=torch.zeros(config.n_particles, dtype=torch.long))  # one tree root
+        bytes_per_node = tree.bytes_per_node()
+        extras = {
+            "rollouts": search.rollouts, "n_nodes": tree.n_nodes, "n_leaves": int((tree.depth[: tree.n_nodes]
+                                                                                   == search.leaf_depth).sum()),
+            "node_budget": config.node_budget, "budget_reached": search.blocked_by_budget > 0,
+            "expansions_blocked_by_budget": search.blocked_by_budget, "bytes_per_node": bytes_per_node,
+            "tree_bytes": tree.n_nodes * bytes_per_node, "tree_bytes_allocated": tree.capacity * bytes_per_node,
+            "root_value": float(tree.value[0]), "anytime": anytime,
+        }
+        return make_result(ctx, method, state, rewards, state.log_weight, extras)
+
+    return run_with_cost(ctx, body)
+
+
+register_method(Method("dts", DTSConfig, sample_dts, True,
+                       "diffusion tree sampling: Boltzmann descent over soft values, base-kernel expansion"))
+register_method(Method("dts*", DTSStarConfig, sample_dts, True,
+                       "greedy diffusion tree search: argmax descent over soft values"))

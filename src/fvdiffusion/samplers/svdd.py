@@ -1,0 +1,143 @@
+"""SVDD-PM: soft value-based decoding with the posterior-mean value r(x̂0) (DESIGN.md §5).
+
+At every step each particle draws M candidate next states from the base DDIM(η) kernel,
+scores each by the reward at its Tweedie estimate x̂0 (one denoiser call per candidate, at
+the next timestep) and keeps one candidate with probability softmax(λ r) (argmax when
+λ = inf). The kept candidate's prediction *is* the next step's denoiser output, so it is
+not computed twice. Particles never interact: there is no population selection.
+
+Cost with N particles, K steps and M candidates (K ≥ 2):
+    denoiser calls = N · (1 + M · (K − 1))      (N for x_T, then N·M candidates per step)
+    reward calls   = N · M · (K − 1)
+The last step t_1 → 0 is deterministic (σ = 0 because ᾱ_prev = 1), so it has no candidates,
+and its output x0 is exactly the kept candidate's x̂0, whose reward is already known.
+With K = 1 there is nothing to choose: N denoiser calls and N reward calls (the final samples).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fvdiffusion.loop import RunContext, StepInfo, plain_trace, potentials_from, run_with_cost
+from fvdiffusion.population import ParticleState
+from fvdiffusion.result import SampleResult
+from fvdiffusion.samplers import Method, register_method
+from fvdiffusion.samplers.common import make_result
+from fvdiffusion.samplers.config import CommonConfig, ConfigError, check_int
+from fvdiffusion.schedule import Prediction, ddim_step
+
+
+def require_stochastic_kernel(eta: float, method: str) -> None:
+    """Candidates drawn from a deterministic kernel (η = 0) all coincide: nothing to choose from."""
+    if eta <= 0:
+        raise ConfigError(f"invalid eta={eta!r}: expected > 0 for {method} (with eta = 0 every candidate "
+                          f"drawn from the base kernel is the same state)")
+
+
+@dataclass(frozen=True)
+class SVDDConfig(CommonConfig):
+    """n_candidates: M next-state candidates per particle and step (M = 1 is the base sampler
+    at M-fold cost). lam: softmax(λ r) over the candidates; inf = argmax, 0 = uniform. eta > 0."""
+
+    n_candidates: int = 16
+
+    allow_infinite_lambda = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("n_candidates", self.n_candidates, 1)
+        require_stochastic_kernel(self.eta, "svdd")
+
+
+def choice_probabilities(values: Tensor, exists: Tensor, lam: float, greedy: bool = False) -> Tensor:
+    """softmax(λ · values) over the columns that exist, per row: [n, C] float64.
+
+    values [n, C] float64 (−inf or NaN = worthless), exists [n, C] bool (every row has a True).
+    λ = inf or ``greedy`` puts all mass on the first argmax; λ = 0 is uniform. A row whose
+    existing values are all worthless is uniform over its existing columns.
+    """
+    worthless = torch.isnan(values) | torch.isneginf(values)
+    v = torch.where(exists & ~worthless, values, torch.full_like(values, -math.inf))
+    all_worthless = torch.isneginf(v).all(dim=1, keepdim=True)
+    v = torch.where(all_worthless & exists, torch.zeros_like(v), v)
+    if greedy or math.isinf(lam):
+        return torch.nn.functional.one_hot(v.argmax(dim=1), values.shape[1]).to(torch.float64)
+    logits = v * lam if lam > 0 else torch.where(torch.isfinite(v), torch.zeros_like(v), v)
+    return torch.softmax(logits, dim=1)
+
+
+def draw_from(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """One column per row by inverse CDF with the given uniforms [n] in [0, 1); zero-mass columns are never hit."""
+    cdf = probs.cumsum(dim=1)
+    picked = (cdf <= uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]).sum(dim=1)
+    return picked.clamp(max=probs.shape[1] - 1)
+
+
+def ess_fraction(probs: Tensor) -> float:
+    """Mean over rows of ESS / C of the choice probabilities (1 = uniform, 1/C = a single column)."""
+    return float((1.0 / (probs * probs).sum(dim=1) / probs.shape[1]).mean())
+
+
+def sample_svdd(denoiser, reward, config: SVDDConfig, cond=None, progress: bool = False) -> SampleResult:
+    ctx = RunContext.create(denoiser, reward, config, cond, progress, desc="svdd")
+    n, m, lam = config.n_particles, config.n_candidates, config.lam
+    sample_shape = tuple(denoiser.sample_shape)
+    schedule = denoiser.schedule
+    timesteps = schedule.timesteps(config.num_steps).tolist()
+
+    def body() -> SampleResult:
+        x = ctx.randn((n, *sample_shape))
+        pred = ctx.denoise(x, timesteps[0], float(schedule.alpha_bar(timesteps[0])))
+        kept_reward = torch.full((n,), math.nan, dtype=torch.float64)
+        for index, t in enumerate(timesteps):
+            t_prev = timesteps[index + 1] if index + 1 < len(timesteps) else -1
+            info = StepInfo(k=config.num_steps - index, index=index, t=t, alpha_bar=float(schedule.alpha_bar(t)),
+                            alpha_bar_prev=float(schedule.alpha_bar(t_prev)))
+            if t_prev == -1:
+                # σ = 0 on the last step: x0 = x̂0 of the kept candidate, every candidate would coincide
+                x = ddim_step(pred.x0, pred.eps, info.alpha_bar, info.alpha_bar_prev, config.eta, None)
+                ctx.record(plain_trace(info, _population(x, pred, kept_reward), lam))
+                break
+            noise = ctx.randn((n * m, *sample_shape))  # one draw for the whole population
+            candidates = ddim_step(pred.x0.repeat_interleave(m, dim=0), pred.eps.repeat_interleave(m, dim=0),
+                                   info.alpha_bar, info.alpha_bar_prev, config.eta, noise)
+            cand_pred = ctx.denoise(candidates, t_prev, info.alpha_bar_prev)
+            cand_reward = ctx.evaluate_reward(cand_pred.x0, info.k)
+            potentials, nonfinite = potentials_from(cand_reward.view(n, m))
+            probs = choice_probabilities(potentials, torch.ones(n, m, dtype=torch.bool), lam)
+            rows = torch.arange(n) * m + draw_from(probs, ctx.rand(n))
+            dev_rows = rows.to(candidates.device)
+            x = candidates[dev_rows]
+            pred = Prediction(x0=cand_pred.x0[dev_rows], eps=cand_pred.eps[dev_rows])
+            kept_reward = cand_reward[rows]
+            ctx.record(plain_trace(info, _population(x, pred, kept_reward), lam, selected=m > 1,
+                                   ess=ess_fraction(probs), nonfinite_rewards=nonfinite))
+        final = _population(x, pred, kept_reward)
+        rewards = kept_reward if config.num_steps > 1 else ctx.evaluate_reward(x, None)
+        extras = {"n_candidates": m}
+        return make_result(ctx, "svdd", final, rewards, torch.zeros(n, dtype=torch.float64), extras)
+
+    return run_with_cost(ctx, body)
+
+
+def _population(x: Tensor, pred: Prediction, reward: Tensor) -> ParticleState:
+    """The population as a ParticleState (for the trace and the result); particles keep their own roots."""
+    n = x.shape[0]
+    return ParticleState(x=x, x0_hat=pred.x0, eps_hat=pred.eps, reward=reward,
+                         log_weight=torch.zeros(n, dtype=torch.float64), root=torch.arange(n))
+
+
+def svdd_cost(n_particles: int, num_steps: int, n_candidates: int) -> dict[str, int]:
+    """The exact denoiser and reward calls of one svdd run (see the module docstring)."""
+    if num_steps == 1:
+        return {"denoiser_calls": n_particles, "reward_calls": n_particles}
+    per_run = n_particles * n_candidates * (num_steps - 1)
+    return {"denoiser_calls": n_particles + per_run, "reward_calls": per_run}
+
+
+register_method(Method("svdd", SVDDConfig, sample_svdd, True,
+                       "SVDD-PM: M base-kernel candidates per step, keep one by softmax(lam*r(x0_hat))"))
