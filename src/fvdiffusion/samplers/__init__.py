@@ -58,3 +58,7 @@ def make_config(method: str, **options) -> CommonConfig:
 
 __all__ = ["METHODS", "Method", "get_method", "make_config", "register_method", "BaseConfig", "BestOfNConfig",
            "SMCConfig", "FVDConfig", "VASRConfig", "ConfigError"]
+
+# The value-based samplers register themselves; imported last because they use register_method.
+import fvdiffusion.samplers.dts  # noqa: E402,F401
+import fvdiffusion.samplers.svdd  # noqa: E402,F401

@@ -30,7 +30,7 @@ calls = leaves in the tree, nothing else.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -163,6 +163,27 @@ class SearchTree:
         return kids, exists, self.value[kids]
 
 
+@dataclass
+class _Batch:
+    """Where the rollouts of a batch are."""
+
+    current: list[int]   # node of each rollout
+    fresh: list[bool]    # on a new chain: every deeper node is created by this rollout
+    reserved: int = 0    # nodes promised to fresh chains but not created yet
+
+
+@dataclass
+class _Level:
+    """What the rollouts do at one level."""
+
+    new_parents: list[int] = field(default_factory=list)  # parent of each node to create, in id order
+    new_rows: list[int] = field(default_factory=list)     # the rollout that creates it
+    new_ids: dict[int, int] = field(default_factory=dict)  # rollout -> id of the node it creates
+    pending: dict[int, list[int]] = field(default_factory=dict)  # node -> ids of its children created now
+    selectors: list[int] = field(default_factory=list)    # rollouts choosing among existing children
+    joiners: list[int] = field(default_factory=list)      # rollouts joining a child created now
+
+
 class TreeSearch:
     """The search state of one run: the tree, the cost context and the batch logic."""
 
@@ -205,58 +226,67 @@ class TreeSearch:
     # --- rollouts ---------------------------------------------------------------------
     def run_batch(self, size: int) -> None:
         """``size`` rollouts from the root to leaves, then one backup of every node they passed."""
-        cfg, tree, ctx = self.config, self.tree, self.ctx
-        current = [0] * size
-        fresh = [False] * size  # on a new chain: every deeper node is created by this rollout
-        reserved = 0            # nodes promised to fresh chains but not created yet
+        batch = _Batch(current=[0] * size, fresh=[False] * size)
         paths = []
         for depth in range(self.leaf_depth):
-            paths.append(current)
-            uniforms = ctx.rand(size)
-            noise = ctx.randn((size, *self.sample_shape))  # drawn for every rollout: the stream never depends on who expands
-            chain_length = self.leaf_depth - depth
-            pending: dict[int, list[int]] = {}
-            new_parents, new_rows, selectors, joiners = [], [], [], []
-            following = [None] * size
-            for i in sorted(range(size), key=lambda i: not fresh[i]):
-                node = current[i]
-                tree.visits[node] += 1
-                has = tree.n_children[node] + len(pending.get(node, ()))
-                if not fresh[i] and has < self.allowed_children(node):
-                    if tree.n_nodes + reserved + chain_length <= cfg.node_budget:
-                        fresh[i] = True
-                        reserved += chain_length
-                    else:
-                        self.blocked_by_budget += 1
-                if fresh[i]:
-                    following[i] = tree.n_nodes + len(new_parents)
-                    pending.setdefault(node, []).append(following[i])
-                    new_parents.append(node)
-                    new_rows.append(i)
-                elif tree.n_children[node] > 0:
-                    selectors.append(i)
-                else:
-                    joiners.append(i)
-            if selectors:
-                kids, probs = self.descent_probabilities(torch.tensor([current[i] for i in selectors]))
-                picks = draw_from(probs, uniforms[selectors])
-                for i, child in zip(selectors, kids[torch.arange(len(selectors)), picks].tolist()):
-                    following[i] = child
-            for i in joiners:
-                options = pending[current[i]]
-                following[i] = options[int(float(uniforms[i]) * len(options))]
-            if new_parents:
-                parent_ids = torch.tensor(new_parents, device=tree.x0_hat.device)
+            paths.append(batch.current)
+            uniforms = self.ctx.rand(size)
+            # drawn for every rollout, so the random stream never depends on who expands
+            noise = self.ctx.randn((size, *self.sample_shape))
+            level = self._decide(batch, depth)
+            following = self._follow(batch, level, uniforms)
+            if level.new_parents:
+                tree = self.tree
+                parent_ids = torch.tensor(level.new_parents, device=tree.x0_hat.device)
                 x = ddim_step(tree.x0_hat[parent_ids], tree.eps_hat[parent_ids], self.alpha_bars[depth],
-                              self.alpha_bars[depth + 1], cfg.eta, noise[torch.tensor(new_rows, device=noise.device)])
-                self.create(new_parents, x, depth + 1)
-                reserved -= len(new_parents)
-            current = following
-        for leaf in current:
-            tree.visits[leaf] += 1
+                              self.alpha_bars[depth + 1], self.config.eta,
+                              noise[torch.tensor(level.new_rows, device=noise.device)])
+                self.create(level.new_parents, x, depth + 1)
+                batch.reserved -= len(level.new_parents)
+            batch.current = following
+        for leaf in batch.current:
+            self.tree.visits[leaf] += 1
         for nodes in reversed(paths):
             self.backup(torch.tensor(sorted(set(nodes))))
         self.rollouts += size
+
+    def _decide(self, batch: "_Batch", depth: int) -> "_Level":
+        """Expand or select, one rollout at a time (rollouts on a new chain first), so caps hold exactly."""
+        tree, level = self.tree, _Level()
+        chain_length = self.leaf_depth - depth  # nodes a chain started here creates, down to its leaf
+        for i in sorted(range(len(batch.current)), key=lambda i: not batch.fresh[i]):
+            node = batch.current[i]
+            tree.visits[node] += 1
+            has = tree.n_children[node] + len(level.pending.get(node, ()))
+            if not batch.fresh[i] and has < self.allowed_children(node):
+                if tree.n_nodes + batch.reserved + chain_length <= self.config.node_budget:
+                    batch.fresh[i] = True
+                    batch.reserved += chain_length
+                else:
+                    self.blocked_by_budget += 1
+            if batch.fresh[i]:
+                level.new_ids[i] = tree.n_nodes + len(level.new_parents)
+                level.pending.setdefault(node, []).append(level.new_ids[i])
+                level.new_parents.append(node)
+                level.new_rows.append(i)
+            elif tree.n_children[node] > 0:
+                level.selectors.append(i)
+            else:
+                level.joiners.append(i)
+        return level
+
+    def _follow(self, batch: "_Batch", level: "_Level", uniforms: Tensor) -> list[int]:
+        """The node each rollout moves to: its new child, a Boltzmann-chosen child, or a joined new child."""
+        following = [level.new_ids.get(i, -1) for i in range(len(batch.current))]
+        if level.selectors:
+            kids, probs = self.descent_probabilities(torch.tensor([batch.current[i] for i in level.selectors]))
+            picks = kids[torch.arange(len(level.selectors)), draw_from(probs, uniforms[level.selectors])]
+            for i, child in zip(level.selectors, picks.tolist()):
+                following[i] = child
+        for i in level.joiners:
+            options = level.pending[batch.current[i]]
+            following[i] = options[int(float(uniforms[i]) * len(options))]
+        return following
 
     def backup(self, nodes: Tensor) -> None:
         """V(s) = (1/λ) log mean_c exp(λ V(c)) over existing children (max at λ = inf, mean at λ = 0)."""

@@ -108,6 +108,23 @@ def append_log(run_dir: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+def last_logged_loss(run_dir: Path) -> float | None:
+    """The loss of the last logging window in ``train_log.jsonl`` (None if there is none)."""
+    path = run_dir / LOG_FILE
+    if not path.is_file():
+        return None
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1]).get("loss") if lines else None
+
+
+def device_label(dev: torch.device) -> str:
+    """What the model card reports as the training hardware."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
+
+
 def _prefixed(prefix: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {prefix + k: v for k, v in state.items()}
 

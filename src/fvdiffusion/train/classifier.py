@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from fvdiffusion.train.checkpoint import append_log, has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
+from fvdiffusion.train.checkpoint import append_log, device_label, has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
 from fvdiffusion.zoo.classifiers import EvalNet, RewardClassifier
 
 KINDS = ("reward", "eval")
@@ -143,7 +143,9 @@ def train_classifier(
     meta = {"kind": f"classifier/{config.kind}", "config": config.to_dict(),
             "model": model.config.to_dict(), "num_train_images": int(images.shape[0])}
 
-    step, elapsed_before = 0, 0.0
+    step, elapsed_before, last_loss = 0, 0.0, None
+    if not resume and has_checkpoint(run_dir):
+        raise ValueError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if resume and has_checkpoint(run_dir):
         ckpt = load_checkpoint(run_dir)
         if ckpt.meta.get("kind") != meta["kind"] or ckpt.meta.get("config", {}).get("seed") != config.seed:
@@ -152,18 +154,19 @@ def train_classifier(
         restore_optimizer(optimizer, ckpt.optimizer_state)
         generator.set_state(ckpt.rng_state)
         step, elapsed_before = ckpt.step, float(ckpt.meta.get("elapsed_s", 0.0))
+        last_loss = ckpt.meta.get("loss")
         meta["command"] = ckpt.meta.get("command")
     if command:
         meta["command"] = command
 
     start = time.monotonic()
-    loss_sum, loss_count, last_loss = torch.zeros((), device=dev), 0, None
+    loss_sum, loss_count = torch.zeros((), device=dev), 0
     bar = tqdm(total=config.steps, initial=step, desc=f"{config.kind} classifier", disable=not progress,
                dynamic_ncols=True)
 
     def checkpoint(extra: dict | None = None) -> Path:
         info = {**meta, "elapsed_s": round(elapsed_before + time.monotonic() - start, 1), "loss": last_loss,
-                **(extra or {})}
+                "device": device_label(dev), **(extra or {})}
         return save_checkpoint(run_dir, step, info, model, optimizer, generator)
 
     model.train()

@@ -42,7 +42,7 @@ def train_ddpm_command(
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     out: Path = typer.Option(Path("runs/ddpm"), help="Run directory (checkpoint + log)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out (fresh if none)."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop and checkpoint after this wall time."),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 on a shared machine)."),
@@ -55,6 +55,7 @@ def train_ddpm_command(
                     max_minutes=max_minutes, checkpoint_every=checkpoint_every)
     command = _command_line("ddpm", steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
                             max_minutes=max_minutes)
+    _checkpoint_on_sigterm()
     summary = _run(lambda: train_ddpm(config, out, device=device, resume=resume, command=command))
     typer.echo(f"ddpm: step {summary.step}, loss {summary.loss}, {summary.elapsed_s:.0f} s; checkpoint {summary.checkpoint}")
 
@@ -67,7 +68,8 @@ def train_classifier_command(
     seed: Optional[int] = typer.Option(None, help="Default: 1 for reward, 2 for eval (they must differ)."),
     device: str = typer.Option("cpu"),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<kind>_classifier)."),
-    resume: bool = typer.Option(False, "--resume"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out (same --steps: "
+                                "the learning-rate decay depends on it)."),
     threads: Optional[int] = typer.Option(None),
 ) -> None:
     """Train the reward classifier or the evaluation network on clean MNIST digits."""
@@ -80,6 +82,7 @@ def train_classifier_command(
     out = out or Path(f"runs/{kind.value}_classifier")
     command = _command_line("classifier", kind=kind.value, steps=config.steps, batch_size=batch_size, lr=lr,
                             seed=config.seed, device=device)
+    _checkpoint_on_sigterm()
     summary = _run(lambda: train_classifier(config, out, device=device, resume=resume, command=command))
     typer.echo(f"{kind.value} classifier: step {summary.step}, reference accuracy {summary.reference_accuracy:.4f}, "
                f"{summary.elapsed_s:.0f} s; checkpoint {summary.checkpoint}")
@@ -92,13 +95,15 @@ def export_command(
     fp16: bool = typer.Option(False, "--fp16", help="Store weights as float16 (half the size)."),
     quality_samples: int = typer.Option(0, "--quality-samples", help="DDPM only: also measure sample quality "
                                         "with this many samples (uses the shipped eval net) and put it in the card."),
+    device: str = typer.Option("cpu", help="Where the quality sampling runs."),
     threads: Optional[int] = typer.Option(None),
 ) -> None:
     """Write shipped weights (EMA for the DDPM) and a model card from a training run."""
     from fvdiffusion.train.export import export_run
 
-    _setup("cpu", threads)
-    result = _run(lambda: export_run(kind.value, run, out_dir=out, fp16=fp16, quality_samples=quality_samples))
+    _setup(device, threads)
+    result = _run(lambda: export_run(kind.value, run, out_dir=out, fp16=fp16, quality_samples=quality_samples,
+                                     device=device))
     typer.echo(f"wrote {result.weights} ({result.weights.stat().st_size / 1e6:.2f} MB) and {result.card}")
 
 
@@ -138,7 +143,10 @@ def _setup(device: str, threads: int | None) -> None:
         _fail(f"--device: unknown device {device!r} (use cpu, cuda or cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         _fail(f"--device {device}: CUDA is not available in this torch build / machine")
-    # so that `kill PID` (SIGTERM) still writes a final checkpoint
+
+
+def _checkpoint_on_sigterm() -> None:
+    # `kill PID` raises KeyboardInterrupt in the loop, which writes a final checkpoint
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from fvdiffusion.schedule import VPSchedule
-from fvdiffusion.train.checkpoint import append_log, has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
+from fvdiffusion.train.checkpoint import append_log, device_label, has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
 from fvdiffusion.zoo.unet import UNet, UNetConfig
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -100,6 +100,11 @@ def train_ddpm(
 
         images = load_mnist("train").images
     data = images.to(dev, torch.float32)
+    if dev.type == "cuda":
+        # speed over bit-reproducibility on GPUs (CPU runs stay exactly reproducible)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(config.seed)
     model = UNet(config.model).to(dev)
@@ -108,8 +113,10 @@ def train_ddpm(
     generator = torch.Generator(device=dev).manual_seed(config.seed)
     alphas_cumprod = VPSchedule.linear(NUM_TRAIN_TIMESTEPS).alphas_cumprod.to(dev, torch.float32)
 
-    step, elapsed_before = 0, 0.0
+    step, elapsed_before, last_loss = 0, 0.0, None
     meta = {"kind": "ddpm", "config": config.to_dict(), "num_train_images": int(data.shape[0])}
+    if not resume and has_checkpoint(run_dir):
+        raise ValueError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if resume and has_checkpoint(run_dir):
         ckpt = load_checkpoint(run_dir)
         _check_resumable(ckpt.meta, config, run_dir)
@@ -118,17 +125,18 @@ def train_ddpm(
         restore_optimizer(optimizer, ckpt.optimizer_state)
         generator.set_state(ckpt.rng_state)
         step, elapsed_before = ckpt.step, float(ckpt.meta.get("elapsed_s", 0.0))
+        last_loss = ckpt.meta.get("loss")
         meta["command"] = ckpt.meta.get("command")
     if command:
         meta["command"] = command
 
     start = time.monotonic()
-    loss_sum, loss_count, last_loss = torch.zeros((), device=dev), 0, None
+    loss_sum, loss_count = torch.zeros((), device=dev), 0
     bar = tqdm(total=config.steps, initial=step, desc="ddpm", disable=not progress, dynamic_ncols=True)
 
     def checkpoint() -> Path:
         elapsed = elapsed_before + time.monotonic() - start
-        info = {**meta, "elapsed_s": round(elapsed, 1), "device": _device_name(dev), "loss": last_loss}
+        info = {**meta, "elapsed_s": round(elapsed, 1), "device": device_label(dev), "loss": last_loss}
         return save_checkpoint(run_dir, step, info, model, optimizer, generator, ema=ema)
 
     model.train()
@@ -187,9 +195,3 @@ def _check_resumable(meta: dict, config: DDPMTrainConfig, run_dir: Path) -> None
         raise ValueError(f"resume: model config differs from the checkpoint in {run_dir}: {saved.get('model')}")
     if saved.get("seed") != config.seed:
         raise ValueError(f"resume: seed {config.seed} differs from the checkpoint's seed {saved.get('seed')}")
-
-
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({torch.get_num_threads()} threads)"

