@@ -1,6 +1,6 @@
 """The ``fvd train`` command group: ddpm, classifier, export, quality.
 
-Heavy imports happen inside each command so that ``fvd --help`` stays fast.
+Option defaults are read from the recipe configs, so the CLI and the Python API agree.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from fvdiffusion.train.classifier import ClassifierTrainConfig
+from fvdiffusion.train.ddpm import DDPMTrainConfig
 
 
 class ClassifierKind(str, Enum):
@@ -36,19 +39,19 @@ def register(app: typer.Typer) -> None:
 
 
 def train_ddpm_command(
-    steps: int = typer.Option(30_000, help="Total optimisation steps (a resumed run continues up to this)."),
-    batch_size: int = typer.Option(128, "--batch-size"),
-    lr: float = typer.Option(4e-4, help="AdamW learning rate (after a 200-step linear warm-up)."),
-    seed: int = typer.Option(0),
+    steps: int = typer.Option(DDPMTrainConfig.steps, help="Total optimisation steps (a resumed run continues up to this)."),
+    batch_size: int = typer.Option(DDPMTrainConfig.batch_size, "--batch-size"),
+    lr: float = typer.Option(DDPMTrainConfig.lr, help="AdamW learning rate (constant after a linear warm-up)."),
+    seed: int = typer.Option(DDPMTrainConfig.seed),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     out: Path = typer.Option(Path("runs/ddpm"), help="Run directory (checkpoint + log)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out (fresh if none)."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop and checkpoint after this wall time."),
-    checkpoint_every: int = typer.Option(500, "--checkpoint-every"),
+    checkpoint_every: int = typer.Option(DDPMTrainConfig.checkpoint_every, "--checkpoint-every"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 on a shared machine)."),
 ) -> None:
     """Train the unconditional MNIST DDPM (eps-prediction, linear VP schedule, EMA)."""
-    from fvdiffusion.train.ddpm import DDPMTrainConfig, train_ddpm
+    from fvdiffusion.train.ddpm import train_ddpm
 
     _setup(device, threads)
     config = _build(DDPMTrainConfig, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
@@ -62,9 +65,9 @@ def train_ddpm_command(
 
 def train_classifier_command(
     kind: ClassifierKind = typer.Option(..., help="reward: the reward classifier; eval: the evaluation network."),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default: the recipe's)."),
-    batch_size: int = typer.Option(128, "--batch-size"),
-    lr: float = typer.Option(2e-3, help="AdamW peak learning rate (warm-up, then cosine decay)."),
+    steps: int = typer.Option(ClassifierTrainConfig.steps, help="Optimisation steps."),
+    batch_size: int = typer.Option(ClassifierTrainConfig.batch_size, "--batch-size"),
+    lr: float = typer.Option(ClassifierTrainConfig.lr, help="AdamW peak learning rate (warm-up, then cosine decay)."),
     seed: Optional[int] = typer.Option(None, help="Default: 1 for reward, 2 for eval (they must differ)."),
     device: str = typer.Option("cpu"),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<kind>_classifier)."),
@@ -73,12 +76,11 @@ def train_classifier_command(
     threads: Optional[int] = typer.Option(None),
 ) -> None:
     """Train the reward classifier or the evaluation network on clean MNIST digits."""
-    from fvdiffusion.train.classifier import ClassifierTrainConfig, train_classifier
+    from fvdiffusion.train.classifier import train_classifier
 
     _setup(device, threads)
-    defaults = ClassifierTrainConfig.for_kind(kind.value)
-    config = _build(ClassifierTrainConfig, kind=kind.value, steps=steps or defaults.steps, batch_size=batch_size,
-                    lr=lr, seed=defaults.seed if seed is None else seed)
+    overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, **({} if seed is None else {"seed": seed})}
+    config = _build(ClassifierTrainConfig.for_kind, kind.value, **overrides)
     out = out or Path(f"runs/{kind.value}_classifier")
     command = _command_line("classifier", kind=kind.value, steps=config.steps, batch_size=batch_size, lr=lr,
                             seed=config.seed, device=device)
@@ -150,9 +152,9 @@ def _checkpoint_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
-def _build(cls, **kwargs):
+def _build(factory, *args, **kwargs):
     try:
-        return cls(**kwargs)
+        return factory(*args, **kwargs)
     except ValueError as err:
         _fail(str(err))
 
