@@ -33,15 +33,6 @@ TINY_UNET = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, 
                        num_groups=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the test machine is shared: intra-op threads only add contention for these tiny models
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _reference_or_skip():
     try:
         return load_mnist("reference")
