@@ -47,3 +47,11 @@ class ResultLog:
             f.flush()
         self.rows.append(row)
         self._done.add(self.key(row))
+
+    def keep_only(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite the file with just ``rows`` (drops cells whose config went stale)."""
+        keep = {self.key(r) for r in rows}
+        self.rows = [r for r in self.rows if self.key(r) in keep]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        tmp.replace(self.path)

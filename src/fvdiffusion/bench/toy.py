@@ -52,6 +52,14 @@ DEFAULT_METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("ddim:fvd-nu1", "fvd", {"eta": 0.0, "rebirth_noise": 1.0}, "ablation: full rebirth noise"),
 )
 
+# Value-based methods are swept over their budget so the table can say what they need to match FVD.
+VALUE_BASED_SWEEPS: dict[str, tuple[MethodSpec, ...]] = {
+    "svdd": tuple(MethodSpec(f"svdd-M{m}", "svdd", {"n_candidates": m}, f"{m} candidates per step")
+                  for m in (2, 4, 8, 16)),
+    "dts": tuple(MethodSpec(f"dts-R{r}", "dts", {"n_rollouts": r, "node_budget": 2_000_000}, f"{r} rollouts")
+                 for r in (256, 1024, 4096, 16384)),
+}
+
 TUNING_GRIDS: dict[str, list[dict[str, Any]]] = {
     "fvd": [
         {"rebirth_noise": nu, "selection_interval": every, "selection_start": start}
@@ -74,7 +82,7 @@ class ToyBenchConfig:
     n_particles: int = 1024
     num_steps: int = 50
     tune: bool = True
-    methods: tuple[MethodSpec, ...] = DEFAULT_METHODS
+    methods: tuple[MethodSpec, ...] = DEFAULT_METHODS + tuple(s for sweep in VALUE_BASED_SWEEPS.values() for s in sweep)
 
     def __post_init__(self) -> None:
         if TUNING_SEED in self.seeds:
@@ -111,7 +119,8 @@ def run_cell(problem_name: str, spec: MethodSpec, seed: int, cfg: ToyBenchConfig
     return row
 
 
-def tune(cfg: ToyBenchConfig, log: ResultLog, progress: Callable[[str], None]) -> dict[str, MethodSpec]:
+def tune(cfg: ToyBenchConfig, log: ResultLog, progress: Callable[[str], None],
+         used: list[dict[str, Any]]) -> dict[str, MethodSpec]:
     """Grid search on the tuning seed; returns the chosen fvd and smc settings."""
     chosen = {}
     for method, grid in TUNING_GRIDS.items():
@@ -126,6 +135,7 @@ def tune(cfg: ToyBenchConfig, log: ResultLog, progress: Callable[[str], None]) -
                     log.append(run_cell(problem, spec, TUNING_SEED, cfg, keep_samples=False))
                 progress(label)
                 row = log.find(**key)
+                used.append(row)
                 sw2s.append(row["floor_ratio"])
             scores.append((sum(sw2s) / len(sw2s), options))
         best = min(scores, key=lambda s: s[0])[1]
@@ -145,8 +155,9 @@ def run_toy_bench(cfg: ToyBenchConfig, out_dir: Path, progress_bar: bool = True)
     bar = tqdm(total=n_tune + n_main, desc="toy cells", disable=not progress_bar)
     step = lambda label: (bar.set_postfix_str(label[:40], refresh=False), bar.update(1))
     methods = list(cfg.methods)
+    used: list[dict[str, Any]] = []
     if cfg.tune:
-        tuned = tune(cfg, log, step)
+        tuned = tune(cfg, log, step, used)
         methods += [tuned["fvd"], tuned["smc"]]
     rows = []
     for problem in cfg.problems:
@@ -161,6 +172,7 @@ def run_toy_bench(cfg: ToyBenchConfig, out_dir: Path, progress_bar: bool = True)
                 step(spec.label)
                 rows.append(log.find(**key))
     bar.close()
+    log.keep_only(used + rows)
     return rows
 
 
@@ -187,5 +199,45 @@ def toy_table(rows: list[dict[str, Any]], cfg: ToyBenchConfig) -> str:
                 f"{mean_std([r['wall_seconds'] for r in cell])[0]:.2f}", cell[0].get("note", ""),
             ])
         floor = mean_std([r["exact_floor"] for r in prows])[0]
-        out.append(f"\n### {problem}\n\nexact-sample floor SW2 = {floor:.4f}\n\n" + markdown_table(header, table))
+        out.append(f"\n### {problem}\n\nexact-sample floor SW2 = {floor:.4f}\n\n" + markdown_table(header, table)
+                   + budget_table(rows, problem))
     return "".join(out)
+
+
+def budget_to_match(rows: list[dict[str, Any]], problem: str, family: str, reference: str = "fvd") -> list[Any]:
+    """Smallest swept budget at which ``family`` reaches the reference method's mean SW2."""
+    ref = [r for r in rows if r["problem"] == problem and r["label"] == reference]
+    if not ref:
+        return [family, "–", "–", "–", "–"]
+    ref_sw2 = mean_std([r["sliced_w2"] for r in ref])[0]
+    ref_calls = ref[0]["denoiser_calls"]
+    ref_wall = mean_std([r["wall_seconds"] for r in ref])[0]
+    best = None
+    for spec in VALUE_BASED_SWEEPS[family]:
+        cell = [r for r in rows if r["problem"] == problem and r["label"] == spec.label]
+        if not cell:
+            continue
+        sw2 = mean_std([r["sliced_w2"] for r in cell])[0]
+        calls = mean_std([r["denoiser_calls"] for r in cell])[0]
+        wall = mean_std([r["wall_seconds"] for r in cell])[0]
+        if best is None or sw2 < best[1]:
+            best = (spec.label, sw2, calls)
+        if sw2 <= ref_sw2:
+            return [family, f"{calls:,.0f} ({spec.label})", f"{calls / ref_calls:.1f}×", f"{sw2:.3f}",
+                    f"{wall / ref_wall:.1f}×"]
+    if best is None:
+        return [family, "–", "–", "–", "–"]
+    return [family, f"not reached (best {best[0]}: {best[2]:,.0f} calls)", "–", f"{best[1]:.3f}", "–"]
+
+
+def budget_table(rows: list[dict[str, Any]], problem: str) -> str:
+    ref = [r for r in rows if r["problem"] == problem and r["label"] == "fvd"]
+    if not ref:
+        return ""
+    ref_sw2 = mean_std([r["sliced_w2"] for r in ref])[0]
+    header = ["value-based method", "denoiser calls to reach FVD's SW2", "× FVD's calls", "SW2 there",
+              "wall time × FVD's"]
+    table = [budget_to_match(rows, problem, family) for family in VALUE_BASED_SWEEPS]
+    return (f"\nFVD: SW2 {ref_sw2:.3f} with {ref[0]['denoiser_calls']:,} denoiser calls. "
+            "Budgets swept: svdd M ∈ {2, 4, 8, 16} candidates, dts rollouts ∈ {256, 1024, 4096, 16384}.\n\n"
+            + markdown_table(header, table))

@@ -9,7 +9,7 @@ import torch
 
 from fvdiffusion.bench.toy_problems import toy_problem
 
-SCATTER_LABELS = ("base", "smc-multinomial", "smc-tuned", "vasr", "fvd", "fvd-tuned", "svdd", "dts",
+SCATTER_LABELS = ("base", "smc-multinomial", "smc-tuned", "vasr", "fvd", "fvd-tuned", "svdd-M8", "dts-R4096",
                   "ddim:smc-multinomial", "ddim:fvd-nu0", "ddim:fvd", "fvd-nu1")
 LINEAGE_LABELS = ("smc-multinomial", "smc-ess0.5", "fvd", "fvd-weighted", "ddim:smc-multinomial", "ddim:fvd")
 
