@@ -11,15 +11,7 @@ from fvdiffusion.loop import RunContext
 from fvdiffusion.metrics.targets import mass_on_component, sliced_wasserstein2
 from fvdiffusion.samplers import ConfigError, METHODS, make_config
 from fvdiffusion.samplers.dts import DTSConfig, DTSStarConfig, TreeSearch
-
-
-class CountingReward:
-    def __init__(self, inner):
-        self.inner, self.calls = inner, 0
-
-    def __call__(self, x0, cond=None):
-        self.calls += x0.shape[0]
-        return self.inner(x0, cond)
+from fvdiffusion.rewards.base import CountingReward
 
 
 def grown_tree(gmm2d, batches=2, batch=12, **options):

@@ -11,21 +11,13 @@ from fvdiffusion.bench.toy_problems import toy_problem
 from fvdiffusion.denoisers.base import CountingDenoiser
 from fvdiffusion.loop import AllParticlesDeadWarning, RewardError
 from fvdiffusion.samplers import ConfigError
+from fvdiffusion.rewards.base import CountingReward
 
 PARTICLE_METHODS = [("smc", {}), ("smc", {"scheme": "systematic", "potential": "max"}),
                     ("smc", {"ess_threshold": 0.5, "potential": "sum"}), ("vasr", {}), ("fvd", {}),
                     ("fvd", {"parent_rule": "weighted", "target_dead_fraction": 0.2}),
                     ("fvd", {"eta": 0.0, "selection_interval": 3, "selection_start": 0.2})]
 ALL_METHODS = [("base", {}), ("bon", {})] + PARTICLE_METHODS
-
-
-class CountingReward:
-    def __init__(self, inner):
-        self.inner, self.calls = inner, 0
-
-    def __call__(self, x0, cond=None):
-        self.calls += x0.shape[0]
-        return self.inner(x0, cond)
 
 
 @pytest.mark.parametrize("method,opts", ALL_METHODS)

@@ -10,15 +10,7 @@ from fvdiffusion.denoisers.base import CountingDenoiser
 from fvdiffusion.metrics.targets import mass_on_component, sliced_wasserstein2
 from fvdiffusion.samplers import ConfigError, METHODS, make_config
 from fvdiffusion.samplers.svdd import SVDDConfig, choice_probabilities, draw_from, svdd_cost
-
-
-class CountingReward:
-    def __init__(self, inner):
-        self.inner, self.calls = inner, 0
-
-    def __call__(self, x0, cond=None):
-        self.calls += x0.shape[0]
-        return self.inner(x0, cond)
+from fvdiffusion.rewards.base import CountingReward
 
 
 def test_svdd_is_registered():

@@ -9,19 +9,7 @@ from typing import Any, List, Optional
 
 import typer
 
-
-def _parse_options(pairs: list[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs; values are read as JSON where possible (numbers, true/false, null)."""
-    options = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option expects KEY=VALUE, got {pair!r}")
-        try:
-            options[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key] = raw
-    return options
+from fvdiffusion.bench.options import parse_options
 
 
 @dataclass(frozen=True)
@@ -136,7 +124,7 @@ def register(app: typer.Typer) -> None:
         try:
             methods = tuple(m.strip() for m in compare.split(",") if m.strip()) if compare else (method,)
             job = SampleJob(target_class, methods, particles, steps, seed, eta, lam, batch_size,
-                            _parse_options(option), weights_dir, device)
+                            parse_options(option), weights_dir, device)
             report = run_sample_job(job, out, progress=progress)
         except (ValueError, WeightsMissingError, WeightsError, RewardError) as exc:
             _fail(str(exc))

@@ -21,6 +21,7 @@ import torch
 import typer
 from tqdm.auto import tqdm
 
+from fvdiffusion.bench.options import OptionError, parse_options
 from fvdiffusion.diffusers_align import UnsupportedPipelineError, align
 from fvdiffusion.rewards import image_rewards, model_rewards
 from fvdiffusion.rewards.model_rewards import MissingExtraError, MissingWeightsError, require
@@ -71,20 +72,6 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise RunnerError(f"{path.name}: no prompts found")
     return prompts
-
-
-def parse_options(options: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; values are read as JSON (numbers, true/false, null) or else kept as strings."""
-    parsed: dict[str, Any] = {}
-    for item in options:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise RunnerError(f"--option expects KEY=VALUE, got {item!r}")
-        try:
-            parsed[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parsed[key] = value
-    return parsed
 
 
 @dataclass(frozen=True)
@@ -249,7 +236,7 @@ def register(app: typer.Typer) -> None:
                                    particles=particles, steps=steps, seed=seed, guidance=guidance, dtype=dtype,
                                    options={**options, "lam": lam})
             metrics = run_t2i(settings, prompts, out, batch_size=batch_size, device=device, show_progress=progress)
-        except (RunnerError, ConfigError, MissingExtraError, MissingWeightsError, UnsupportedPipelineError) as exc:
+        except (RunnerError, OptionError, ConfigError, MissingExtraError, MissingWeightsError, UnsupportedPipelineError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         typer.echo(f"metrics: {metrics}")

@@ -1,5 +1,5 @@
 """Rewards: (x0 batch, cond) -> Tensor[B]."""
 
-from fvdiffusion.rewards.base import Reward, CallableReward
+from fvdiffusion.rewards.base import CallableReward, CountingReward, Reward
 
-__all__ = ["Reward", "CallableReward"]
+__all__ = ["Reward", "CallableReward", "CountingReward"]

@@ -26,3 +26,15 @@ class CallableReward:
 
     def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
         return self.fn(x0)
+
+
+class CountingReward:
+    """Forwards to another reward and counts the particles it scored (for cost audits)."""
+
+    def __init__(self, inner: Reward) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
+        self.calls += x0.shape[0]
+        return self.inner(x0, cond)
