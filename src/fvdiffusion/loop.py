@@ -12,7 +12,7 @@ from __future__ import annotations
 import resource
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import torch
@@ -208,13 +208,11 @@ def run_particle_loop(ctx: RunContext, policy: StepPolicy, x_init: Tensor | None
             alpha_bar=float(schedule.alpha_bar(t)), alpha_bar_prev=float(schedule.alpha_bar(t_prev)),
         )
         pred = ctx.denoise(state.x, t, info.alpha_bar)
-        state = ParticleState(x=state.x, x0_hat=pred.x0, eps_hat=pred.eps, reward=state.reward,
-                              log_weight=state.log_weight, root=state.root, aux=state.aux)
+        state = replace(state, x0_hat=pred.x0, eps_hat=pred.eps)
         state, trace = policy(ctx, info, state)
         noise = ctx.randn(shape) if cfg.eta > 0 else None
         x_prev = ddim_step(state.x0_hat, state.eps_hat, info.alpha_bar, info.alpha_bar_prev, cfg.eta, noise)
-        state = ParticleState(x=x_prev, x0_hat=state.x0_hat, eps_hat=state.eps_hat, reward=state.reward,
-                              log_weight=state.log_weight, root=state.root, aux=state.aux)
+        state = replace(state, x=x_prev)
         ctx.record(trace)
     return state
 

@@ -147,6 +147,9 @@ class MnistBenchConfig:
                              f"populations of {self.n_particles}")
         for spec in self.method_specs():  # every option must build a valid sampler config
             sampler_config(spec, 1, self)
+        if self.tune:
+            for method, spec in _tuning_specs(self):
+                sampler_config(spec, TUNING_SEED, self)
 
     @classmethod
     def quick(cls, **overrides: Any) -> "MnistBenchConfig":

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 import fvdiffusion as fv
 from fvdiffusion.bench.jsonl import ResultLog
 from fvdiffusion.bench.stats import fmt_pm, markdown_table, mean_std

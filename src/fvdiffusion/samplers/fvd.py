@@ -9,7 +9,7 @@ parent's x̂0 but not its exact path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -89,8 +89,7 @@ class FVDPolicy:
         log_potential = math.exp(self.log_kappa) * log_potential
         log_potential, _ = guard_all_dead(log_potential, k)
         outcome = selection.fleming_viot(log_potential, ctx.generator, parent_rule=self.config.parent_rule)
-        state = ParticleState(x=state.x, x0_hat=state.x0_hat, eps_hat=state.eps_hat, reward=reward,
-                              log_weight=state.log_weight, root=state.root, aux=state.aux)
+        state = replace(state, reward=reward)
         state = gather(state, outcome.ancestors)
         state = state.with_aux(r_prev=state.reward.clone())
         ctx.lineage.record(k, outcome.ancestors)
@@ -124,8 +123,7 @@ class FVDPolicy:
         eps = torch.where(mask, eps_new, state.eps_hat)
         x_new = math.sqrt(alpha_bar) * state.x0_hat + math.sqrt(1 - alpha_bar) * eps
         x = torch.where(mask, x_new, state.x)
-        return ParticleState(x=x, x0_hat=state.x0_hat, eps_hat=eps, reward=state.reward,
-                             log_weight=state.log_weight, root=state.root, aux=state.aux)
+        return replace(state, x=x, eps_hat=eps)
 
 
 def sample_fvd(denoiser, reward, config: FVDConfig, cond=None, progress: bool = False) -> SampleResult:
@@ -135,8 +133,7 @@ def sample_fvd(denoiser, reward, config: FVDConfig, cond=None, progress: bool = 
     def body() -> SampleResult:
         state = run_particle_loop(ctx, policy)
         final_reward = ctx.evaluate_reward(state.x, None)
-        state = ParticleState(x=state.x, x0_hat=state.x, eps_hat=state.eps_hat, reward=final_reward,
-                              log_weight=state.log_weight, root=state.root, aux=state.aux)
+        state = replace(state, x0_hat=state.x, reward=final_reward)
         extras = {"final_kappa": math.exp(policy.log_kappa)}
         if config.final_selection:
             # at t = 0 a clone is an exact copy of its parent's sample (ᾱ = 1: no noise to refresh)

@@ -9,7 +9,7 @@ target p·exp(λ r(x0)) for every potential (for "diff" the sum telescopes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -67,8 +67,7 @@ def resample(ctx: RunContext, state: ParticleState, scheme: str, k: int) -> tupl
     outcome = selection.get_scheme(scheme)(selection.normalize(log_w), ctx.generator)
     state = gather(state, outcome.ancestors)
     ctx.lineage.record(k, outcome.ancestors)
-    state = ParticleState(x=state.x, x0_hat=state.x0_hat, eps_hat=state.eps_hat, reward=state.reward,
-                          log_weight=torch.zeros_like(state.log_weight), root=state.root, aux=state.aux)
+    state = replace(state, log_weight=torch.zeros_like(state.log_weight))
     return state, float(outcome.reborn.double().mean())
 
 
@@ -84,8 +83,7 @@ class SMCPolicy:
         inc, carried = _increment(cfg, state, reward)
         inc, nonfinite = potentials_from(inc)
         log_g = state.aux.get("log_g_sum", torch.zeros_like(reward)) + inc
-        state = ParticleState(x=state.x, x0_hat=state.x0_hat, eps_hat=state.eps_hat, reward=reward,
-                              log_weight=state.log_weight + inc, root=state.root, aux=state.aux)
+        state = replace(state, reward=reward, log_weight=state.log_weight + inc)
         state = state.with_aux(log_g_sum=log_g, **carried)
         log_w_used, _ = guard_all_dead(state.log_weight, info.k)
         ess = selection.ess(log_w_used)
@@ -114,8 +112,7 @@ def sample_smc(denoiser, reward, config: SMCConfig, cond=None, progress: bool = 
         state = run_particle_loop(ctx, SMCPolicy(config))
         final_reward = ctx.evaluate_reward(state.x, None)
         log_w = final_correction(config, state, final_reward)
-        state = ParticleState(x=state.x, x0_hat=state.x, eps_hat=state.eps_hat, reward=final_reward,
-                              log_weight=log_w, root=state.root, aux=state.aux)
+        state = replace(state, x0_hat=state.x, reward=final_reward, log_weight=log_w)
         if config.final_selection:
             state, _ = resample(ctx, state, config.scheme, 0)
         return make_result(ctx, "smc", state, state.reward, state.log_weight)

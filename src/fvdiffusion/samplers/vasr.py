@@ -7,7 +7,7 @@ weighted population targeting p·exp(λ r). Weights follow the difference potent
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -48,12 +48,11 @@ class VASRPolicy:
         log_mass, _ = guard_all_dead(potentials_from(log_w + cfg.lam * reward)[0], info.k)
         outcome = selection.systematic(selection.normalize(log_mass), ctx.generator)
         new_log_w = (log_w - log_mass)[outcome.ancestors]
-        state = ParticleState(x=state.x, x0_hat=state.x0_hat, eps_hat=state.eps_hat, reward=reward,
-                              log_weight=log_w, root=state.root, aux=state.aux)
+        state = replace(state, reward=reward, log_weight=log_w)
         state = gather(state, outcome.ancestors)
-        state = ParticleState(x=state.x, x0_hat=state.x0_hat, eps_hat=state.eps_hat, reward=state.reward,
-                              log_weight=torch.nan_to_num(new_log_w, nan=-float("inf")), root=state.root,
-                              aux=state.aux).with_aux(r_prev=state.reward.clone())
+        # offspring of i carry w_i / m_i; 0/0 (a dead particle) stays dead
+        state = replace(state, log_weight=torch.nan_to_num(new_log_w, nan=-float("inf")))
+        state = state.with_aux(r_prev=state.reward.clone())
         ctx.lineage.record(info.k, outcome.ancestors)
         return state, plain_trace(info, state, cfg.lam, selected=True, ess=selection.ess(log_mass),
                                   dead_fraction=float(outcome.reborn.double().mean()), nonfinite_rewards=nonfinite)
@@ -67,8 +66,7 @@ def sample_vasr(denoiser, reward, config: VASRConfig, cond=None, progress: bool 
         final_reward = ctx.evaluate_reward(state.x, None)
         prev = state.aux.get("r_prev", torch.zeros_like(final_reward))
         log_w, _ = potentials_from(state.log_weight + config.lam * (final_reward - prev))
-        state = ParticleState(x=state.x, x0_hat=state.x, eps_hat=state.eps_hat, reward=final_reward,
-                              log_weight=log_w, root=state.root, aux=state.aux)
+        state = replace(state, x0_hat=state.x, reward=final_reward, log_weight=log_w)
         if config.final_selection:
             state, _ = resample(ctx, state, "systematic", 0)
         return make_result(ctx, "vasr", state, state.reward, state.log_weight)
