@@ -1,7 +1,6 @@
 """The particle engine: determinism, micro-batching, cost, lineage, faults and config errors."""
 
 import math
-import warnings
 
 import pytest
 import torch
