@@ -2,14 +2,15 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from fvdiffusion.bench.mnist import (
-    LabelSummary, MnistBenchConfig, images_from_u8, particle_methods, plan, population_seed, resolved,
-    run_mnist_bench, value_based_lines,
+    LabelSummary, MnistBenchConfig, decode_images, particle_methods, plan, population_seed, reproduce_command,
+    resolved, run_mnist_bench, value_based_lines,
 )
 from fvdiffusion.bench.toy import MethodSpec
 from fvdiffusion.samplers.svdd import svdd_cost
@@ -66,6 +67,12 @@ def test_cell_keys_and_population_seeds():
     assert resolved(spec, 1, cfg) != resolved(spec, 2, cfg)
     seeds = {population_seed(s, c, p) for s in (0, 1, 2) for c in range(10) for p in range(4)}
     assert len(seeds) == 3 * 10 * 4
+
+
+def test_reproduce_command_names_the_preset_when_it_is_one():
+    assert reproduce_command(MnistBenchConfig.quick(), Path("q")) == "fvd bench mnist --quick --device cpu --out q"
+    assert reproduce_command(MnistBenchConfig(device="cuda"), Path("f")) == "fvd bench mnist --device cuda --out f"
+    assert "--seeds 1,2 " in reproduce_command(MnistBenchConfig(seeds=(1, 2)), Path("f"))
 
 
 def test_plan_has_every_method_and_sweep():
@@ -127,7 +134,7 @@ def test_smoke_run_of_the_command_writes_results_table_and_figures(tmp_path, mni
     # the FID compares against class 3: real digits of class 3 are close, unguided samples far
     assert rows["real (train)"]["accuracy"] >= 0.75
     assert rows["real (train)"]["fid"] < rows["base"]["fid"]
-    assert images_from_u8(rows["fvd"]["samples_u8"]).shape == (8, 1, 28, 28)
+    assert decode_images(rows["fvd"]["samples_b64"]).shape == (8, 1, 28, 28)
 
     # --report-only rebuilds the report from the file and runs nothing
     before = (out / "results.jsonl").read_text()
