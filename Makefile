@@ -41,7 +41,7 @@ toy: $(VENV)/.installed
 	$(VENV)/bin/fvd toy --out benchmarks/toy
 
 test: $(VENV)/.installed-test $(DATA_STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) runs
