@@ -15,14 +15,6 @@ from fvdiffusion.rewards.base import Reward
 from fvdiffusion.schedule import VPSchedule, ddim_step, to_x0_eps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny; on a shared CPU extra intra-op threads make each op ~50× slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

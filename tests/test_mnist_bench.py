@@ -5,7 +5,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from fvdiffusion.bench.mnist import (
@@ -16,13 +15,6 @@ from fvdiffusion.bench.toy import MethodSpec
 from fvdiffusion.samplers.svdd import svdd_cost
 from fvdiffusion.zoo.mnist_data import DataMissingError, load_mnist
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

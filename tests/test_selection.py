@@ -24,14 +24,6 @@ SKEWED = torch.tensor([0.3, -1.2, 2.0, 0.0, -0.5, 1.1, NEG_INF, -2.5], dtype=tor
 SPREAD = torch.tensor([4.0, -3.0, 1.5, -6.0, 3.5, 0.0, -1.0, -9.0], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # The batches are small; on a shared CPU, intra-op threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def select(scheme: str, log_w: torch.Tensor, reps: int = REPS, seed: int = 0) -> Selection:
     generator = torch.Generator().manual_seed(seed)

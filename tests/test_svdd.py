@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fvdiffusion as fv
+from conftest import assert_approaches_target
 from fvdiffusion.denoisers.base import CountingDenoiser
-from fvdiffusion.metrics.targets import mass_on_component, sliced_wasserstein2
 from fvdiffusion.samplers import ConfigError, METHODS, make_config
 from fvdiffusion.samplers.svdd import SVDDConfig, choice_probabilities, draw_from, svdd_cost
 from fvdiffusion.rewards.base import CountingReward
@@ -23,11 +23,7 @@ def test_svdd_approaches_the_exact_target_and_beats_base(gmm2d):
     kw = dict(n_particles=128, num_steps=25, seed=0)
     res = fv.sample("svdd", den, problem.reward, n_candidates=4, **kw)
     base = fv.sample("base", den, problem.reward, **kw)
-    exact = problem.target.sample(2048, torch.Generator().manual_seed(1))
-    mass = mass_on_component(res.samples, problem.mixture, problem.target_component)
-    assert mass >= 0.9
-    assert mass > mass_on_component(base.samples, problem.mixture, problem.target_component) + 0.5
-    assert sliced_wasserstein2(res.samples, exact) < 0.3 * sliced_wasserstein2(base.samples, exact)
+    assert_approaches_target(res, base, problem)
     assert res.config["method"] == "svdd"
     assert torch.equal(res.log_weights, torch.full((128,), -math.log(128), dtype=torch.float64))
 
