@@ -108,6 +108,27 @@ def append_log(run_dir: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+class LossWindow:
+    """Mean training loss over one logging window, kept on the device: one sync per window."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.total = torch.zeros((), device=device)
+        self.count = 0
+
+    def add(self, loss: Tensor) -> None:
+        self.total += loss.detach()
+        self.count += 1
+
+    def report(self, run_dir: Path, bar: Any, step: int, elapsed_s: float) -> float:
+        """Close the window: show the mean on the progress bar, append it to the log, return it."""
+        mean = self.total.item() / self.count
+        self.total.zero_()
+        self.count = 0
+        bar.set_postfix(loss=f"{mean:.4f}")
+        append_log(run_dir, {"step": step, "loss": round(mean, 6), "elapsed_s": round(elapsed_s, 1)})
+        return mean
+
+
 def last_logged_loss(run_dir: Path) -> float | None:
     """The loss of the last logging window in ``train_log.jsonl`` (None if there is none)."""
     path = run_dir / LOG_FILE

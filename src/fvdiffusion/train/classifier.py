@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from fvdiffusion.train.checkpoint import append_log, device_label, has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
+from fvdiffusion.train.checkpoint import (
+    LossWindow, device_label, has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint,
+)
 from fvdiffusion.zoo.classifiers import EvalNet, RewardClassifier
 
 KINDS = ("reward", "eval")
@@ -160,7 +162,7 @@ def train_classifier(
         meta["command"] = command
 
     start = time.monotonic()
-    loss_sum, loss_count = torch.zeros((), device=dev), 0
+    window = LossWindow(dev)
     bar = tqdm(total=config.steps, initial=step, desc=f"{config.kind} classifier", disable=not progress,
                dynamic_ncols=True)
 
@@ -186,15 +188,9 @@ def train_classifier(
             optimizer.step()
             step += 1
             bar.update(1)
-            loss_sum += loss.detach()
-            loss_count += 1
+            window.add(loss)
             if step % config.log_every == 0 or step == config.steps:
-                last_loss = loss_sum.item() / loss_count
-                loss_sum.zero_()
-                loss_count = 0
-                bar.set_postfix(loss=f"{last_loss:.4f}")
-                append_log(run_dir, {"step": step, "loss": round(last_loss, 6),
-                                     "elapsed_s": round(elapsed_before + time.monotonic() - start, 1)})
+                last_loss = window.report(run_dir, bar, step, elapsed_before + time.monotonic() - start)
             if step % config.checkpoint_every == 0:
                 checkpoint()
     except KeyboardInterrupt:

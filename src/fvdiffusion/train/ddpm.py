@@ -19,7 +19,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from fvdiffusion.schedule import VPSchedule
-from fvdiffusion.train.checkpoint import append_log, device_label, has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
+from fvdiffusion.train.checkpoint import (
+    LossWindow, device_label, has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint,
+)
 from fvdiffusion.zoo.unet import UNet, UNetConfig
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -131,7 +133,7 @@ def train_ddpm(
         meta["command"] = command
 
     start = time.monotonic()
-    loss_sum, loss_count = torch.zeros((), device=dev), 0
+    window = LossWindow(dev)
     bar = tqdm(total=config.steps, initial=step, desc="ddpm", disable=not progress, dynamic_ncols=True)
 
     def checkpoint() -> Path:
@@ -158,15 +160,9 @@ def train_ddpm(
             step += 1
             bar.update(1)
 
-            loss_sum += loss.detach()
-            loss_count += 1
+            window.add(loss)
             if step % config.log_every == 0 or step == config.steps:
-                last_loss = loss_sum.item() / loss_count  # one device sync per window, not per step
-                loss_sum.zero_()
-                loss_count = 0
-                bar.set_postfix(loss=f"{last_loss:.4f}")
-                append_log(run_dir, {"step": step, "loss": round(last_loss, 6),
-                                     "elapsed_s": round(elapsed_before + time.monotonic() - start, 1)})
+                last_loss = window.report(run_dir, bar, step, elapsed_before + time.monotonic() - start)
             if step % config.checkpoint_every == 0:
                 checkpoint()
     except KeyboardInterrupt:
