@@ -43,6 +43,18 @@ def save_grid(images: Tensor, path: Path, ncols: int | None = None, scale: int =
     return path
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write and close a matplotlib figure (creating the directory)."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def save_rows(rows: Sequence[tuple[str, Tensor]], path: Path, per_row: int = 16) -> Path:
     """One labelled row of samples per method (the --compare figure)."""
     import matplotlib
@@ -55,9 +67,4 @@ def save_rows(rows: Sequence[tuple[str, Tensor]], path: Path, per_row: int = 16)
         ax.imshow(grid(images[:per_row], ncols=per_row).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=255)
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fvdiffusion.bench.images import grid
+from fvdiffusion.bench.images import grid, save_figure
 from fvdiffusion.bench.mnist import REAL_LABEL, BenchOutcome, LabelSummary, decode_images
 
 LINEAGE_LABELS = ("smc-multinomial", "smc-systematic", "smc-tuned", "vasr", "fvd", "fvd-tuned", "fvd-nu1",
@@ -27,14 +27,6 @@ def _readable_log_ticks(axis) -> None:
     axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(NullFormatter())
-
-
-def _save(fig, path: Path, dpi: int = 110) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    return path
 
 
 def plot_compute_scaling(summaries: list[LabelSummary], path: Path) -> Path:
@@ -70,8 +62,7 @@ def plot_compute_scaling(summaries: list[LabelSummary], path: Path) -> Path:
     ax.set_ylabel("FID to held-out class-c digits (log; mean over classes, seeds)")
     ax.set_title("Compute scaling: K = steps, M = svdd candidates, R = dts rollouts", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    out = _save(fig, path)
-    plt.close(fig)
+    out = save_figure(fig, path)
     return out
 
 
@@ -100,8 +91,7 @@ def plot_lineages(summaries: list[LabelSummary], path: Path, labels: tuple[str, 
     ax.set_title("Genealogy: SMC and VASR (dashed) against FVD (solid); mean over cells and populations",
                  fontsize=10)
     ax.legend(fontsize=7)
-    out = _save(fig, path)
-    plt.close(fig)
+    out = save_figure(fig, path)
     return out
 
 
@@ -122,8 +112,7 @@ def plot_sample_grid(outcome: BenchOutcome, summaries: list[LabelSummary], path:
         ax.set_ylabel(f"{label}\nFID {stored[label]['fid']:.1f}", rotation=0, ha="right", va="center", fontsize=8)
     row = stored[order[0]]
     fig.suptitle(f"class {row['class']}, seed {row['seed']}: first samples of each method", fontsize=9)
-    out = _save(fig, path, dpi=80)  # one pixel per image pixel is enough
-    plt.close(fig)
+    out = save_figure(fig, path, dpi=80)  # one pixel per image pixel is enough
     return out
 
 

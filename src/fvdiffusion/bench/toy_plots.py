@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from fvdiffusion.bench.images import save_figure
 from fvdiffusion.bench.toy_problems import toy_problem
 
 SCATTER_LABELS = ("base", "smc-multinomial", "smc-tuned", "vasr", "fvd", "fvd-tuned", "svdd-M8", "dts-R4096",
@@ -64,9 +65,4 @@ def plot_toy(rows: list[dict[str, Any]], path: Path, scatter_problem: str = "gmm
         ax.legend(fontsize=7)
     fig.suptitle(f"{scatter_problem}: samples (red) over the exact target density (green); grey = data density",
                  fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
