@@ -30,8 +30,40 @@ class RewardError(RuntimeError):
     """The reward raised or returned something the engine cannot use."""
 
 
-class AllParticlesDeadWarning(RuntimeWarning):
-    """Every particle had potential −inf at a selection step; weights were reset to uniform."""
+class NonFiniteRewardWarning(RuntimeWarning):
+    """Some rewards of a run were NaN/±inf; those particles got zero weight. Issued once per run."""
+
+
+class AllParticlesDeadWarning(NonFiniteRewardWarning):
+    """At one or more steps every particle had potential −inf; weights were reset to uniform there."""
+
+
+@dataclass
+class RunHealth:
+    """What went wrong quietly during a run, summed so it can be reported once at the end."""
+
+    reward_values: int = 0          # rewards evaluated (rows)
+    nonfinite_rewards: int = 0      # of those, NaN or ±inf
+    all_dead_steps: set[int] = field(default_factory=set)  # steps k where every weight was −inf
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reward_values": self.reward_values, "nonfinite_rewards": self.nonfinite_rewards,
+                "all_dead_steps": sorted(self.all_dead_steps, reverse=True)}
+
+    def warn_once(self, method: str) -> None:
+        """One summary warning for the whole run (never one per step)."""
+        if not self.nonfinite_rewards and not self.all_dead_steps:
+            return
+        message = (f"{method}: {self.nonfinite_rewards} of {self.reward_values} reward values were "
+                   f"non-finite (NaN/inf); those particles got zero weight")
+        if self.all_dead_steps:
+            steps = sorted(self.all_dead_steps, reverse=True)
+            shown = ", ".join(str(k) for k in steps[:5]) + (", ..." if len(steps) > 5 else "")
+            message += (f"; at {len(steps)} step(s) every particle had zero weight and the run "
+                        f"continued with uniform weights (k = {shown}; k = 0 is the final selection)")
+            warnings.warn(message, AllParticlesDeadWarning, stacklevel=5)
+        else:
+            warnings.warn(message, NonFiniteRewardWarning, stacklevel=5)
 
 
 @dataclass(frozen=True)
@@ -59,6 +91,7 @@ class RunContext:
     lineage: Lineage | None = None
     trace: list[StepTrace] = field(default_factory=list)
     progress: Any = None  # a tqdm bar or None
+    health: RunHealth = field(default_factory=RunHealth)
 
     @classmethod
     def create(cls, denoiser: Denoiser, reward: Reward | None, config: CommonConfig, cond: Any = None,
@@ -116,7 +149,17 @@ class RunContext:
                 raise RewardError(f"reward returned dtype {r.dtype}, expected a floating dtype {where}")
             values.append(r.detach().to("cpu", torch.float64))
             self.cost.reward_calls += chunk.shape[0]
-        return torch.cat(values)
+        rewards = torch.cat(values)
+        self.health.reward_values += rewards.numel()
+        self.health.nonfinite_rewards += int((~torch.isfinite(rewards)).sum())
+        return rewards
+
+    def guard_all_dead(self, log_w: Tensor, k: int | None) -> Tensor:
+        """If every weight is −inf, continue with uniform weights; counted for the run's one warning."""
+        if torch.isneginf(log_w).all():
+            self.health.all_dead_steps.add(0 if k is None else k)
+            return torch.zeros_like(log_w)
+        return log_w
 
     # --- bookkeeping -------------------------------------------------------------------
     def record(self, trace: StepTrace) -> None:
@@ -156,18 +199,6 @@ def potentials_from(log_potential: Tensor) -> tuple[Tensor, int]:
     """Map NaN/±inf potentials to −inf (the particle dies); returns (clean, how many were bad)."""
     bad = ~torch.isfinite(log_potential)
     return torch.where(bad, torch.full_like(log_potential, -float("inf")), log_potential), int(bad.sum())
-
-
-def guard_all_dead(log_w: Tensor, k: int | None) -> tuple[Tensor, bool]:
-    """If every weight is −inf, continue with uniform weights and warn (never crash, never hide)."""
-    if torch.isneginf(log_w).all():
-        warnings.warn(
-            f"every particle had potential -inf at step k={k}; continuing with uniform weights",
-            AllParticlesDeadWarning,
-            stacklevel=3,
-        )
-        return torch.zeros_like(log_w), True
-    return log_w, False
 
 
 def reward_stats(reward: Tensor) -> tuple[float, float]:
@@ -239,8 +270,13 @@ class Timer:
 
 
 def run_with_cost(ctx: RunContext, body: Callable[[], Any]) -> Any:
+    """Run ``body`` timed; on success attach the run's health and warn once if anything was non-finite."""
     try:
         with Timer(ctx.cost, ctx.device):
-            return body()
+            result = body()
     finally:
         ctx.close()
+    if hasattr(result, "extras"):
+        result.extras.setdefault("health", ctx.health.as_dict())
+    ctx.health.warn_once(getattr(result, "config", {}).get("method", "run") if hasattr(result, "config") else "run")
+    return result

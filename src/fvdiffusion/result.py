@@ -81,6 +81,45 @@ class Lineage:
         return curve[self.num_steps - mid_k]
 
 
+def distinct_rows(samples: Tensor, tol: float = 1e-6) -> Tensor:
+    """Index of one representative per group of near-identical samples, in first-seen order.
+
+    Two samples are duplicates when max|a − b| <= tol·(1 + max|a|) (a relative tolerance,
+    so it works for latents and pixels alike). Greedy: each sample joins the first
+    representative it matches; O(N·distinct) distance checks on the flattened rows.
+    """
+    flat = samples.detach().reshape(samples.shape[0], -1).to("cpu", torch.float64)
+    reps = torch.empty_like(flat)  # representatives so far, filled in order
+    keep: list[int] = []
+    for i in range(flat.shape[0]):
+        row = flat[i]
+        if keep:
+            gap = (reps[: len(keep)] - row).abs().amax(dim=1)
+            if bool((gap <= tol * (1.0 + row.abs().max())).any()):
+                continue
+        reps[len(keep)] = row
+        keep.append(i)
+    return torch.tensor(keep, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class Diversity:
+    """Diversity of a final population that copies cannot inflate.
+
+    distinct_samples: final samples with duplicates (within a tolerance) counted once.
+    distinct_midpoint_ancestors: distinct step-K/2 ancestors among the distinct samples.
+    distinct_roots: distinct initial particles (step-K roots) among the distinct samples.
+    A population of N copies of one point scores 1 on each.
+    """
+
+    distinct_samples: int
+    distinct_midpoint_ancestors: int
+    distinct_roots: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
 @dataclass
 class Cost:
     """Everything the run paid for. Calls count particles (rows), not batches."""
@@ -107,7 +146,20 @@ class SampleResult:
     extras: dict[str, Any] = field(default_factory=dict)  # method-specific (e.g. DTS anytime curve)
 
     def distinct_lineages(self) -> int:
+        """Slot count of distinct K/2 ancestors: copies inflate it; prefer :meth:`diversity`."""
         return self.lineage.distinct_lineages()
+
+    def diversity(self, tol: float = 1e-6) -> Diversity:
+        """Distinct samples, and distinct K/2 ancestors and roots among those distinct samples."""
+        keep = distinct_rows(self.samples, tol)
+        steps = self.lineage.num_steps
+        mid = self.lineage.ancestors_at(max(1, steps // 2))[keep] if steps else keep
+        roots = self.lineage.ancestors_at(steps)[keep] if steps else keep
+        return Diversity(
+            distinct_samples=int(keep.numel()),
+            distinct_midpoint_ancestors=int(mid.unique().numel()),
+            distinct_roots=int(roots.unique().numel()),
+        )
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly metrics of the run."""
@@ -118,6 +170,8 @@ class SampleResult:
             "reward_mean": float(finite.mean()) if finite.numel() else float("nan"),
             "reward_max": float(finite.max()) if finite.numel() else float("nan"),
             "distinct_lineages": self.distinct_lineages(),
+            **self.diversity().as_dict(),
+            "nonfinite_rewards": int(self.extras.get("health", {}).get("nonfinite_rewards", 0)),
             **{f"cost_{k}": v for k, v in self.cost.as_dict().items() if k != "extra"},
             **{f"cost_{k}": v for k, v in self.cost.extra.items()},
         }

@@ -129,9 +129,11 @@ def register(app: typer.Typer) -> None:
         except (ValueError, WeightsMissingError, WeightsError, RewardError) as exc:
             _fail(str(exc))
         for name, run in report["runs"].items():
+            bad = f", NON-FINITE rewards {run['nonfinite_rewards']}" if run["nonfinite_rewards"] else ""
             typer.echo(f"{name}: reward {run['reward_mean']:.3f}, eval accuracy {run['eval_accuracy']:.2f}, "
-                       f"lineages {run['distinct_lineages']}, denoiser calls {run['cost_denoiser_calls']}, "
-                       f"{run['cost_wall_seconds']:.1f} s")
+                       f"distinct samples {run['distinct_samples']}, K/2 ancestors among them "
+                       f"{run['distinct_midpoint_ancestors']}, denoiser calls {run['cost_denoiser_calls']}, "
+                       f"{run['cost_wall_seconds']:.1f} s{bad}")
         typer.echo(f"wrote {out / 'metrics.json'} and " +
                    ", ".join(str(out / run["grid"]) for run in report["runs"].values()) +
                    (f", {out / 'compare.png'}" if "compare" in report else ""))

@@ -7,8 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dataclasses import replace
+
+from fvdiffusion import selection
 from fvdiffusion.loop import RunContext
-from fvdiffusion.population import ParticleState
+from fvdiffusion.population import ParticleState, gather
 from fvdiffusion.result import SampleResult
 from fvdiffusion.samplers.config import CommonConfig
 
@@ -40,3 +43,20 @@ def make_result(
         config=resolved_config(method, ctx.config),
         extras=extras or {},
     )
+
+
+def final_selection(ctx: RunContext, state: ParticleState) -> tuple[ParticleState, float]:
+    """Equalise the final weights with the fewest copies; returns (state, fraction replaced).
+
+    The minimal-death rule (survival min(1, N·W_i), parents ∝ excess) is unbiased like any
+    resampling scheme but replaces only N·TV(W, uniform) particles in expectation, so it
+    never turns distinct samples into duplicates for nothing. Uniform weights are left alone.
+    """
+    log_w = ctx.guard_all_dead(state.log_weight, 0)
+    finite = log_w[torch.isfinite(log_w)]
+    if finite.numel() == log_w.numel() and float(finite.max() - finite.min()) <= 1e-12:
+        return replace(state, log_weight=torch.zeros_like(state.log_weight)), 0.0
+    outcome = selection.fleming_viot(log_w, ctx.generator, parent_rule="excess")
+    state = gather(state, outcome.ancestors)
+    ctx.lineage.record(0, outcome.ancestors)
+    return replace(state, log_weight=torch.zeros_like(state.log_weight)), float(outcome.reborn.double().mean())

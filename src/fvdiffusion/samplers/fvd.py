@@ -15,7 +15,7 @@ import torch
 
 from fvdiffusion import selection
 from fvdiffusion.loop import (
-    RunContext, StepInfo, guard_all_dead, plain_trace, potentials_from, run_particle_loop, run_with_cost,
+    RunContext, StepInfo, plain_trace, potentials_from, run_particle_loop, run_with_cost,
 )
 from fvdiffusion.population import ParticleState, gather
 from fvdiffusion.result import SampleResult
@@ -87,7 +87,7 @@ class FVDPolicy:
         r_prev = state.aux.get("r_prev", torch.zeros_like(reward))
         log_potential, nonfinite = potentials_from(self.potential(reward, r_prev))
         log_potential = math.exp(self.log_kappa) * log_potential
-        log_potential, _ = guard_all_dead(log_potential, k)
+        log_potential = ctx.guard_all_dead(log_potential, k)
         outcome = selection.fleming_viot(log_potential, ctx.generator, parent_rule=self.config.parent_rule)
         state = replace(state, reward=reward)
         state = gather(state, outcome.ancestors)

@@ -15,11 +15,11 @@ import torch
 
 from fvdiffusion import selection
 from fvdiffusion.loop import (
-    RunContext, StepInfo, guard_all_dead, plain_trace, potentials_from, run_particle_loop, run_with_cost,
+    RunContext, StepInfo, plain_trace, potentials_from, run_particle_loop, run_with_cost,
 )
 from fvdiffusion.population import ParticleState, gather
 from fvdiffusion.result import SampleResult
-from fvdiffusion.samplers.common import make_result
+from fvdiffusion.samplers.common import final_selection, make_result
 from fvdiffusion.samplers.config import (
     CommonConfig, SelectionScheduleMixin, check_choice, check_float, in_window,
 )
@@ -32,7 +32,8 @@ class SMCConfig(SelectionScheduleMixin, CommonConfig):
     """potential: "diff" G = exp(λ(r_k − r_prev)), "max" G = exp(λ max_{s≥k} r_s), "sum"
     G = exp(λ Σ_{s≥k} r_s).  scheme: any resampling scheme of ``selection``.
     ess_threshold: resample when ESS/N < threshold (None = resample on the schedule).
-    final_selection: resample once more on the corrected final weights."""
+    final_selection: equalise the corrected final weights once more, with the minimal-death
+    rule whatever ``scheme`` is (it never duplicates samples when the weights are uniform)."""
 
     potential: str = "diff"
     scheme: str = "multinomial"
@@ -63,7 +64,7 @@ def _increment(cfg: SMCConfig, state: ParticleState, reward: torch.Tensor) -> tu
 
 def resample(ctx: RunContext, state: ParticleState, scheme: str, k: int) -> tuple[ParticleState, float]:
     """Resample by the current log-weights with ``scheme``; weights become uniform."""
-    log_w, _ = guard_all_dead(state.log_weight, k)
+    log_w = ctx.guard_all_dead(state.log_weight, k)
     outcome = selection.get_scheme(scheme)(selection.normalize(log_w), ctx.generator)
     state = gather(state, outcome.ancestors)
     ctx.lineage.record(k, outcome.ancestors)
@@ -85,7 +86,7 @@ class SMCPolicy:
         log_g = state.aux.get("log_g_sum", torch.zeros_like(reward)) + inc
         state = replace(state, reward=reward, log_weight=state.log_weight + inc)
         state = state.with_aux(log_g_sum=log_g, **carried)
-        log_w_used, _ = guard_all_dead(state.log_weight, info.k)
+        log_w_used = ctx.guard_all_dead(state.log_weight, info.k)
         ess = selection.ess(log_w_used)
         if cfg.ess_threshold is not None:
             do_resample = ess < cfg.ess_threshold
@@ -113,8 +114,9 @@ def sample_smc(denoiser, reward, config: SMCConfig, cond=None, progress: bool = 
         final_reward = ctx.evaluate_reward(state.x, None)
         log_w = final_correction(config, state, final_reward)
         state = replace(state, x0_hat=state.x, reward=final_reward, log_weight=log_w)
+        extras = {}
         if config.final_selection:
-            state, _ = resample(ctx, state, config.scheme, 0)
-        return make_result(ctx, "smc", state, state.reward, state.log_weight)
+            state, extras["final_dead_fraction"] = final_selection(ctx, state)
+        return make_result(ctx, "smc", state, state.reward, state.log_weight, extras)
 
     return run_with_cost(ctx, body)

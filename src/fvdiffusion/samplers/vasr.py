@@ -13,18 +13,17 @@ import torch
 
 from fvdiffusion import selection
 from fvdiffusion.loop import (
-    RunContext, StepInfo, guard_all_dead, plain_trace, potentials_from, run_particle_loop, run_with_cost,
+    RunContext, StepInfo, plain_trace, potentials_from, run_particle_loop, run_with_cost,
 )
 from fvdiffusion.population import ParticleState, gather
 from fvdiffusion.result import SampleResult
-from fvdiffusion.samplers.common import make_result
+from fvdiffusion.samplers.common import final_selection, make_result
 from fvdiffusion.samplers.config import CommonConfig, SelectionScheduleMixin
-from fvdiffusion.samplers.smc import resample
 
 
 @dataclass(frozen=True)
 class VASRConfig(SelectionScheduleMixin, CommonConfig):
-    """final_selection: resample once more (systematic) on the final weights."""
+    """final_selection: equalise the final weights once more with the minimal-death rule."""
 
     final_selection: bool = True
 
@@ -44,8 +43,8 @@ class VASRPolicy:
         reward = ctx.evaluate_reward(state.x0_hat, info.k)
         prev = state.aux.get("r_prev", torch.zeros_like(reward))
         inc, nonfinite = potentials_from(cfg.lam * (reward - prev))
-        log_w, _ = guard_all_dead(state.log_weight + inc, info.k)
-        log_mass, _ = guard_all_dead(potentials_from(log_w + cfg.lam * reward)[0], info.k)
+        log_w = ctx.guard_all_dead(state.log_weight + inc, info.k)
+        log_mass = ctx.guard_all_dead(potentials_from(log_w + cfg.lam * reward)[0], info.k)
         outcome = selection.systematic(selection.normalize(log_mass), ctx.generator)
         new_log_w = (log_w - log_mass)[outcome.ancestors]
         state = replace(state, reward=reward, log_weight=log_w)
@@ -67,8 +66,9 @@ def sample_vasr(denoiser, reward, config: VASRConfig, cond=None, progress: bool 
         prev = state.aux.get("r_prev", torch.zeros_like(final_reward))
         log_w, _ = potentials_from(state.log_weight + config.lam * (final_reward - prev))
         state = replace(state, x0_hat=state.x, reward=final_reward, log_weight=log_w)
+        extras = {}
         if config.final_selection:
-            state, _ = resample(ctx, state, "systematic", 0)
-        return make_result(ctx, "vasr", state, state.reward, state.log_weight)
+            state, extras["final_dead_fraction"] = final_selection(ctx, state)
+        return make_result(ctx, "vasr", state, state.reward, state.log_weight, extras)
 
     return run_with_cost(ctx, body)
