@@ -1,0 +1,143 @@
+"""Bootstrap intervals over independent populations, and paired method-vs-baseline comparisons.
+
+The unit of resampling is a *population* (one sampler run), never a sample: the samples of
+one population share ancestors, so resampling samples would pretend they are independent and
+give intervals that are too narrow. A cell's metric is recomputed on every bootstrap draw of
+its populations (see ``bench.grouped_metrics``); this module only turns those replicates into
+intervals and comparisons. Pure functions of tensors, no benchmark knowledge.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its percentile bootstrap interval."""
+
+    estimate: float
+    low: float
+    high: float
+
+    def excludes(self, value: float = 0.0) -> bool:
+        return value < self.low or value > self.high
+
+    def format(self, digits: int = 2, scale: float = 1.0, suffix: str = "") -> str:
+        e, lo, hi = (scale * v for v in (self.estimate, self.low, self.high))
+        if math.isnan(e):
+            return "–"
+        return f"{e:.{digits}f}{suffix} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def resample_counts(n_groups: int, n_boot: int, generator: torch.Generator) -> Tensor:
+    """[n_boot, n_groups] int64: how often each group is drawn when ``n_groups`` are drawn with replacement."""
+    if n_groups < 1 or n_boot < 1:
+        raise ValueError(f"need n_groups >= 1 and n_boot >= 1, got {n_groups}, {n_boot}")
+    draws = torch.randint(n_groups, (n_boot, n_groups), generator=generator)
+    counts = torch.zeros(n_boot, n_groups, dtype=torch.int64)
+    return counts.scatter_add_(1, draws, torch.ones_like(draws))
+
+
+def percentile_interval(estimate: float, replicates: Tensor, level: float = LEVEL) -> Interval:
+    """Percentile interval of the finite ``replicates`` [B] around ``estimate``."""
+    reps = replicates.double()
+    reps = reps[torch.isfinite(reps)]
+    if reps.numel() == 0:
+        return Interval(float(estimate), float("nan"), float("nan"))
+    tail = (1.0 - level) / 2
+    lo, hi = torch.quantile(reps, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return Interval(float(estimate), lo, hi)
+
+
+def mean_interval(estimates: Tensor, replicates: Tensor, level: float = LEVEL) -> Interval:
+    """Interval of the mean over cells: ``estimates`` [C], ``replicates`` [B, C] drawn independently per cell."""
+    _check_shapes(estimates, replicates)
+    return percentile_interval(float(estimates.double().mean()), replicates.double().mean(dim=1), level)
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """A method against a baseline over the cells both have.
+
+    change: mean over cells of (method − baseline), relative to the baseline (in %) when
+      ``relative``, with the bootstrap interval of that mean.
+    wins / losses / ties: cells where the method's point estimate is lower / higher / equal
+      (lower is better). significant_*: cells whose own interval of the change excludes 0.
+    """
+
+    cells: int
+    relative: bool
+    change: Interval
+    wins: int
+    losses: int
+    ties: int
+    significant_wins: int
+    significant_losses: int
+
+    @property
+    def win_margin(self) -> int:
+        return self.wins - self.losses
+
+
+def paired_comparison(method: Tensor, baseline: Tensor, method_reps: Tensor, baseline_reps: Tensor,
+                      relative: bool = True, level: float = LEVEL) -> PairedComparison:
+    """Compare per-cell metrics (lower is better): points [C], bootstrap replicates [B, C].
+
+    Pair the replicates: column c of both must come from the same resampled populations of
+    cell c when the two methods share population seeds, so the common noise cancels.
+    """
+    _check_shapes(method, method_reps)
+    _check_shapes(baseline, baseline_reps)
+    if method.shape != baseline.shape or method_reps.shape != baseline_reps.shape:
+        raise ValueError(f"method and baseline shapes differ: {tuple(method_reps.shape)} vs {tuple(baseline_reps.shape)}")
+    m, b, mr, br = (t.double() for t in (method, baseline, method_reps, baseline_reps))
+    diff, diff_reps = m - b, mr - br
+    if relative:
+        diff, diff_reps = 100.0 * diff / b, 100.0 * diff_reps / br
+    change = percentile_interval(float(diff.mean()), diff_reps.mean(dim=1), level)
+    per_cell = [percentile_interval(float(diff[c]), diff_reps[:, c], level) for c in range(diff.numel())]
+    return PairedComparison(
+        cells=int(diff.numel()), relative=relative, change=change,
+        wins=int((m < b).sum()), losses=int((m > b).sum()), ties=int((m == b).sum()),
+        significant_wins=sum(ci.high < 0 for ci in per_cell),
+        significant_losses=sum(ci.low > 0 for ci in per_cell),
+    )
+
+
+@dataclass(frozen=True)
+class ClaimVerdict:
+    """Where an interval of a relative change (%) stands against a claimed range [low, high] (%)."""
+
+    interval: Interval
+    claimed_low: float
+    claimed_high: float
+
+    @property
+    def text(self) -> str:
+        lo, hi = self.interval.low, self.interval.high
+        if math.isnan(lo):
+            return "no interval"
+        direction = ("significantly better" if hi < 0 else "significantly worse" if lo > 0
+                     else "not significantly different")
+        if hi < self.claimed_low:
+            claim = "better than the claimed range (the whole interval lies below it)"
+        elif lo > self.claimed_high:
+            claim = "the claim is not supported (the whole interval lies above the claimed range)"
+        elif lo >= self.claimed_low and hi <= self.claimed_high:
+            claim = "the interval lies inside the claimed range: it supports the claim"
+        else:
+            claim = "the interval overlaps the claimed range but is wider than it: consistent with the claim, not proof of it"
+        return f"{direction}; {claim}"
+
+
+def _check_shapes(points: Tensor, replicates: Tensor) -> None:
+    if points.ndim != 1 or replicates.ndim != 2 or replicates.shape[1] != points.shape[0] or points.numel() == 0:
+        raise ValueError(f"expected points [C] and replicates [B, C] with C >= 1, got {tuple(points.shape)} "
+                         f"and {tuple(replicates.shape)}")
