@@ -5,8 +5,9 @@ Names are ``<mixture>-<kind>``: mixtures ``gmm2d``, ``gmm8d``, ``gmm16d``; kinds
 (r = aᵀx, λ = 1, target = the exact linear tilt) and ``base`` (no reward; target = the
 mixture itself, for checking plain sampling).
 
-The mixtures are built so the problem is not trivial: the target component has prior weight
-0.12, and at ᾱ = 0.5 the noised components overlap heavily while the clean ones are well
+``rare16d`` / ``rare32d`` are high-dimensional mixtures with anisotropic components, unequal
+weights and a rare target component (prior 0.02). The other mixtures are built so the problem
+is not trivial: the target component has prior weight 0.12, and at ᾱ = 0.5 the noised components overlap heavily while the clean ones are well
 separated, so early selection decisions are uncertain and matter.
 """
 
@@ -94,12 +95,38 @@ def mixture_nd(dim: int) -> GaussianMixture:
     return GaussianMixture(weights, means, torch.stack(covs))
 
 
+RARE_WEIGHTS = (0.40, 0.24, 0.16, 0.10, 0.08, 0.02)  # the last (target) component is rare
+
+
+def mixture_rare(dim: int) -> GaussianMixture:
+    """Six axis-aligned anisotropic components with unequal weights; the target (5) has prior 0.02.
+
+    Per-axis stds run from 0.2 to 0.6 in a different order for every component, so the
+    components differ in shape as well as place; means sit at 2·e_k plus a small random offset
+    (centred). Under DDIM a clone that keeps its parent's path stays on it: this is where the
+    rebirth kernel decides the result.
+    """
+    n_components = len(RARE_WEIGHTS)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < n_components:
+        raise ValueError(f"dim must be an int >= {n_components}, got {dim!r}")
+    gen = torch.Generator().manual_seed(2000 + dim)
+    means = torch.zeros(n_components, dim, dtype=torch.float64)
+    means[:, :n_components] = 2.0 * torch.eye(n_components, dtype=torch.float64)
+    means = means + 0.3 * torch.randn(n_components, dim, generator=gen, dtype=torch.float64)
+    means = means - means.mean(0)
+    stds = torch.logspace(math.log10(0.2), math.log10(0.6), dim, dtype=torch.float64)
+    covs = torch.stack([torch.diag(stds[torch.randperm(dim, generator=gen)] ** 2) for _ in range(n_components)])
+    return GaussianMixture(torch.tensor(RARE_WEIGHTS, dtype=torch.float64), means, covs)
+
+
 _MIXTURES: dict[str, Callable[[], GaussianMixture]] = {
     "gmm2d": mixture_2d,
     "gmm8d": lambda: mixture_nd(8),
     "gmm16d": lambda: mixture_nd(16),
+    "rare16d": lambda: mixture_rare(16),
+    "rare32d": lambda: mixture_rare(32),
 }
-_TARGET_COMPONENT = {"gmm2d": 4, "gmm8d": 5, "gmm16d": 5}
+_TARGET_COMPONENT = {"gmm2d": 4, "gmm8d": 5, "gmm16d": 5, "rare16d": 5, "rare32d": 5}
 _KINDS = ("component", "linear", "base")
 TOY_PROBLEMS = tuple(f"{m}-{kind}" for m in _MIXTURES for kind in _KINDS)
 

@@ -29,6 +29,11 @@ def check_float(name: str, value: Any, lo: float = -math.inf, hi: float = math.i
         _fail(name, value, f"a number in [{lo}, {hi}]")
 
 
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(name, value, "True or False")
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         _fail(name, value, f"one of {', '.join(choices)}")

@@ -20,10 +20,14 @@ from fvdiffusion.loop import (
 from fvdiffusion.population import ParticleState, gather
 from fvdiffusion.result import SampleResult
 from fvdiffusion.samplers.common import make_result
-from fvdiffusion.samplers.config import CommonConfig, SelectionScheduleMixin, check_choice, check_float
+from fvdiffusion.samplers.config import (
+    CommonConfig, SelectionScheduleMixin, check_bool, check_choice, check_float, check_int,
+)
 
 POTENTIALS = ("diff", "level")
 PARENT_RULES = ("excess", "weighted")
+REBIRTH_KERNELS = ("renoise", "langevin")
+NU_SCHEDULES = ("constant", "decay", "grow")
 DEFAULT_NU_STOCHASTIC = 0.0
 DEFAULT_NU_DDIM = 0.25
 
@@ -44,6 +48,19 @@ class FVDConfig(SelectionScheduleMixin, CommonConfig):
     target_dead_fraction: α* of the absorption controller (None = off, κ = 1).
     controller_gain: γ_0 of the Robbins–Monro step γ_j = γ_0 / j^0.6.
     final_selection: one more birth–death on r(x0) after the last step.
+
+    Rebirth kernels (how a clone is made to differ from its parent; docs/method.md has the
+    measured comparison):
+    rebirth: "renoise" — ε = √(1−ν²) ε̂_p + ν ξ around the parent's x̂0 (no extra calls;
+      biased: x̂0 is a posterior mean, so the reborn x_t is under-dispersed);
+      "langevin" — the clone starts at the parent's x_t and takes ``langevin_steps``
+      unadjusted Langevin steps on the model's score at t (step δ = langevin_step·(1−ᾱ_t)),
+      which leave p_t approximately invariant; the first step uses the parent's cached
+      score and every step ends with one denoiser call per clone (counted in the cost).
+    nu_schedule: how ν varies over the trajectory (τ = 0 at the first step, 1 at the last):
+      "constant" ν, "decay" ν·(1−τ) (full noise early, none at the end), "grow" ν·τ.
+    nu_by_copies: scale each clone's ν by (1 − 1/c), c = the copies of its parent at this
+      step (the parent's own slot included): a parent copied once gives ν/2, many times ≈ ν.
     """
 
     potential: str = "diff"
@@ -52,12 +69,23 @@ class FVDConfig(SelectionScheduleMixin, CommonConfig):
     target_dead_fraction: float | None = None
     controller_gain: float = 1.0
     final_selection: bool = True
+    rebirth: str = "renoise"
+    nu_schedule: str = "constant"
+    nu_by_copies: bool = False
+    langevin_steps: int = 1
+    langevin_step: float = 0.2
 
     def __post_init__(self) -> None:
         CommonConfig.__post_init__(self)
         self._check_schedule()
         check_choice("potential", self.potential, POTENTIALS)
         check_choice("parent_rule", self.parent_rule, PARENT_RULES)
+        check_choice("rebirth", self.rebirth, REBIRTH_KERNELS)
+        check_choice("nu_schedule", self.nu_schedule, NU_SCHEDULES)
+        check_bool("nu_by_copies", self.nu_by_copies)
+        check_bool("final_selection", self.final_selection)
+        check_int("langevin_steps", self.langevin_steps, 1)
+        check_float("langevin_step", self.langevin_step, 0.0, 1.0)
         if self.rebirth_noise is None:
             object.__setattr__(self, "rebirth_noise", DEFAULT_NU_STOCHASTIC if self.eta > 0 else DEFAULT_NU_DDIM)
         check_float("rebirth_noise", self.rebirth_noise, 0.0, 1.0)
@@ -108,22 +136,62 @@ class FVDPolicy:
         kappa_used = math.exp(self.log_kappa)
         reward = ctx.evaluate_reward(state.x0_hat, info.k)
         state, outcome, ess, dead, nonfinite = self.birth_death(ctx, state, reward, info.k)
-        state = self.rebirth(ctx, state, outcome.reborn, info.alpha_bar)
+        state = self.rebirth(ctx, state, outcome, info)
         return state, plain_trace(info, state, cfg.lam, selected=True, ess=ess, dead_fraction=dead,
                                   kappa=kappa_used, nonfinite_rewards=nonfinite)
 
-    def rebirth(self, ctx: RunContext, state: ParticleState, reborn: torch.Tensor, alpha_bar: float) -> ParticleState:
-        """Give every reborn clone fresh noise: ε = √(1−ν²) ε̂_p + ν ξ, x = √ᾱ x̂0_p + √(1−ᾱ) ε."""
-        nu = self.config.rebirth_noise
-        if nu == 0.0:
+    def rebirth(self, ctx: RunContext, state: ParticleState, outcome: selection.Selection,
+                info: StepInfo) -> ParticleState:
+        """Make every reborn clone differ from its parent with the configured kernel."""
+        if self.config.rebirth == "langevin":
+            return self._langevin(ctx, state, outcome.reborn, info)
+        nu = self._clone_nu(outcome, info)
+        if nu is None:
             return state
         xi = ctx.randn(tuple(state.x.shape))  # drawn for all N so the stream does not depend on who died
-        mask = reborn.to(state.x.device).reshape(-1, *([1] * (state.x.ndim - 1)))
-        eps_new = math.sqrt(1 - nu**2) * state.eps_hat + nu * xi
+        nu = nu.to(state.x.device, state.x.dtype).reshape(-1, *([1] * (state.x.ndim - 1)))
+        mask = outcome.reborn.to(state.x.device).reshape(nu.shape)
+        eps_new = torch.sqrt(1 - nu**2) * state.eps_hat + nu * xi
         eps = torch.where(mask, eps_new, state.eps_hat)
-        x_new = math.sqrt(alpha_bar) * state.x0_hat + math.sqrt(1 - alpha_bar) * eps
+        x_new = math.sqrt(info.alpha_bar) * state.x0_hat + math.sqrt(1 - info.alpha_bar) * eps
         x = torch.where(mask, x_new, state.x)
         return replace(state, x=x, eps_hat=eps)
+
+    def _clone_nu(self, outcome: selection.Selection, info: StepInfo) -> torch.Tensor | None:
+        """ν for every slot (used only where reborn), or None when every clone gets ν = 0."""
+        cfg = self.config
+        tau = info.index / max(cfg.num_steps - 1, 1)
+        scale = {"constant": 1.0, "decay": 1.0 - tau, "grow": tau}[cfg.nu_schedule]
+        nu = cfg.rebirth_noise * scale
+        if nu == 0.0:
+            return None
+        per_slot = torch.full(outcome.ancestors.shape, nu, dtype=torch.float64)
+        if cfg.nu_by_copies:
+            copies = torch.bincount(outcome.ancestors, minlength=outcome.ancestors.numel())[outcome.ancestors]
+            per_slot = per_slot * (1.0 - 1.0 / copies.double())
+        return per_slot
+
+    def _langevin(self, ctx: RunContext, state: ParticleState, reborn: torch.Tensor, info: StepInfo) -> ParticleState:
+        """Unadjusted Langevin on p_t for the clones only; one denoiser call per clone per step."""
+        cfg = self.config
+        xi_all = [ctx.randn(tuple(state.x.shape)) for _ in range(cfg.langevin_steps)]  # fixed stream
+        rows = torch.nonzero(reborn).flatten().to(state.x.device)
+        if rows.numel() == 0 or info.alpha_bar >= 1.0:
+            return state
+        sigma = math.sqrt(1 - info.alpha_bar)
+        delta = cfg.langevin_step * sigma**2
+        x, eps = state.x[rows], state.eps_hat[rows]
+        for xi in xi_all:
+            # score of p_t is −ε̂/σ: x ← x + δ·score + √(2δ)·ξ
+            x = x - delta / sigma * eps + math.sqrt(2 * delta) * xi[rows]
+            pred = ctx.denoise(x, info.t, info.alpha_bar)
+            eps = pred.eps
+        return replace(
+            state,
+            x=state.x.index_copy(0, rows, x),
+            x0_hat=state.x0_hat.index_copy(0, rows, pred.x0),
+            eps_hat=state.eps_hat.index_copy(0, rows, pred.eps),
+        )
 
 
 def sample_fvd(denoiser, reward, config: FVDConfig, cond=None, progress: bool = False) -> SampleResult:
