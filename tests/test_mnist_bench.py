@@ -1,20 +1,23 @@
-"""`fvd bench mnist` in a tiny setting on the shipped zoo (CPU): smoke run, resume, report logic."""
+"""`fvd bench mnist` in a tiny setting on the shipped zoo (CPU): config, keys, FK schedule, tuning
+choice, smoke run with report, resume, and worker processes giving the same cells."""
 
 import json
-import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fvdiffusion.bench.mnist import (
-    LabelSummary, MnistBenchConfig, decode_images, particle_methods, plan, population_seed, reproduce_command,
-    resolved, run_mnist_bench, value_based_lines,
+    MnistBenchConfig, decode_images, encode_images, fk_steering_options, method_rows, plan, population_seed,
+    preset_name, reproduce_command, resolved, run_mnist_bench, tuning_families,
 )
+from fvdiffusion.bench.mnist.methods import tuning_points
+from fvdiffusion.bench.mnist.run import choose_tuned
 from fvdiffusion.bench.toy import MethodSpec
-from fvdiffusion.samplers.svdd import svdd_cost
+from fvdiffusion.samplers.smc import SMCConfig
 from fvdiffusion.zoo.mnist_data import DataMissingError, load_mnist
-
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +28,16 @@ def mnist_data():
         pytest.skip(f"MNIST data not installed ({err})")
 
 
-def _methods(*labels):
-    return tuple(s for s in particle_methods(4) if s.label in labels)
-
-
 def _read_rows(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _tiny(**overrides):
+    values = dict(classes=(7,), seeds=(1,), samples_per_cell=8, min_populations=2, n_particles=4, num_steps=3,
+                  rows=("base", "fvd"), svdd_candidates=(), dts_rollout_factors=(), scaling_steps=(), tune=False,
+                  bootstrap=20, feature_spaces=("evalnet",))
+    values.update(overrides)
+    return MnistBenchConfig(**values)
 
 
 # --- configuration (no models) -------------------------------------------------------------
@@ -40,106 +47,149 @@ def _read_rows(path):
     ({"classes": (3, 10)}, "classes"),
     ({"classes": (3, 3)}, "classes"),
     ({"scaling_steps": (50,)}, "scaling_steps"),
-    ({"samples_per_class": 1}, "samples_per_class"),
+    ({"samples_per_cell": 1}, "samples_per_cell"),
     ({"device": "tpu"}, "device"),
-    ({"tuning_grids": {"fvd": [{"rebirth_noise": 2.0}], "smc": [{}]}}, "rebirth_noise"),
-    ({"methods": (MethodSpec("x", "smc", {"scheme": "nope"}),)}, "scheme"),
+    ({"rows": ("fvd", "nope")}, "rows"),
+    ({"families": ("fvd", "nope")}, "families"),
+    ({"grid_points": 99}, "grid_points"),
+    ({"feature_spaces": ("pixels",)}, "feature_spaces"),
+    ({"bootstrap": 3}, "bootstrap"),
 ])
 def test_config_names_the_bad_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         MnistBenchConfig(**overrides)
 
 
+def _resampling_steps(options, num_steps):
+    cfg = SMCConfig(num_steps=num_steps, **options)
+    return [i for i in range(num_steps) if cfg.is_selection_step(i, num_steps)]
+
+
+@pytest.mark.parametrize("num_steps, expected", [
+    (100, [20, 40, 60, 80]),   # their launch script on 100 steps
+    (50, [10, 20, 30, 40]),
+    (25, [5, 10, 15, 20]),
+])
+def test_fk_schedule_resamples_every_fifth_of_the_steps_inside_their_window(num_steps, expected):
+    options = fk_steering_options(num_steps)
+    assert options["potential"] == "diff" and options["scheme"] == "multinomial"
+    assert _resampling_steps(options, num_steps) == expected
+
+
+def test_every_family_starts_from_its_default_row_and_has_the_same_grid_size():
+    families = tuning_families(25)
+    rows = {r.spec.label: r.spec for r in method_rows(64, 25)}
+    for family in families:
+        assert family.grid[0] == rows[family.default_row].options, family.name
+        assert len({json.dumps(p, sort_keys=True) for p in family.grid}) == len(family.grid)  # no repeated point
+    assert len({len(f.grid) for f in families}) == 1
+    cfg = MnistBenchConfig.preset("cpu")
+    per_family = {}
+    for point in tuning_points(cfg):
+        per_family[point.family] = per_family.get(point.family, 0) + 1
+    assert set(per_family.values()) == {cfg.grid_points} and len(per_family) == 5
+
+
 def test_cell_keys_and_population_seeds():
     cfg = MnistBenchConfig.quick()
     spec = MethodSpec("fvd", "fvd", {})
-    # the micro-batch does not change samples, so it is not part of the key; the sample count is
-    assert resolved(spec, 1, cfg) == resolved(spec, 1, MnistBenchConfig.quick(batch_size=16))
-    assert resolved(spec, 1, cfg) != resolved(spec, 1, MnistBenchConfig.quick(samples_per_class=128))
+    # the micro-batch and the worker count do not change samples, so they are not part of the key
+    assert resolved(spec, 1, cfg) == resolved(spec, 1, MnistBenchConfig.quick(batch_size=16, workers=3))
+    assert resolved(spec, 1, cfg) != resolved(spec, 1, MnistBenchConfig.quick(samples_per_cell=128))
     assert resolved(spec, 1, cfg) != resolved(spec, 2, cfg)
     seeds = {population_seed(s, c, p) for s in (0, 1, 2) for c in range(10) for p in range(4)}
     assert len(seeds) == 3 * 10 * 4
 
 
-def test_reproduce_command_names_the_preset_when_it_is_one():
-    assert reproduce_command(MnistBenchConfig.quick(), Path("q")) == "fvd bench mnist --quick --device cpu --out q"
-    assert reproduce_command(MnistBenchConfig(device="cuda"), Path("f")) == "fvd bench mnist --device cuda --out f"
-    assert "--seeds 1,2 " in reproduce_command(MnistBenchConfig(seeds=(1, 2)), Path("f"))
+def test_presets_are_recognised_up_to_execution_settings_and_reproduced():
+    cpu = MnistBenchConfig.preset("cpu")
+    assert preset_name(cpu) == "cpu" and preset_name(MnistBenchConfig.preset("cpu", device="cuda", workers=1)) == "cpu"
+    assert preset_name(MnistBenchConfig.preset("cpu", seeds=(1, 2))) is None
+    assert reproduce_command(cpu, Path("o")) == "fvd bench mnist --preset cpu --device cpu --workers 2 --out o"
+    custom = reproduce_command(MnistBenchConfig.preset("cpu", seeds=(1, 2)), Path("o"))
+    assert "--seeds 1,2 " in custom and "--grid-points 3" in custom and "--methods 'smc-multinomial," in custom
 
 
-def test_plan_has_every_method_and_sweep():
+def test_plan_has_every_row_tuned_row_and_sweep_once():
     cfg = MnistBenchConfig(svdd_candidates=(2, 8), dts_rollout_factors=(1, 4), scaling_steps=(25,))
-    labels = [p.spec.label for p in plan(cfg, {"fvd": MethodSpec("fvd-tuned", "fvd", {})})]
-    for expected in ("real (train)", "base", "bon", "smc-multinomial", "smc-systematic", "vasr", "fvd", "fvd-nu1",
-                     "fvd-weighted", "fvd-ctrl", "fvd-tuned", "svdd-M2", "svdd-M8", "dts-R64", "dts-R256",
-                     "base-K25", "smc-multinomial-K25", "fvd-K25"):
+    tuned = {f: MethodSpec(f"{f}-tuned", "smc" if f != "fvd" and f != "vasr" else f, {}) for f in cfg.families}
+    labels = [p.spec.label for p in plan(cfg, tuned)]
+    for expected in ("real (train)", "base", "bon", "smc-multinomial", "smc-fk", "smc-ess", "smc-systematic", "vasr",
+                     "fvd", "fvd-nu1", "fvd-weighted", "fvd-ctrl", "fvd-tuned", "smc-tuned", "smc-fk-tuned",
+                     "smc-ess-tuned", "vasr-tuned", "svdd-M2", "svdd-M8", "dts-R64", "dts-R256", "base-K25",
+                     "smc-multinomial-K25", "fvd-K25"):
         assert expected in labels
     assert len(labels) == len(set(labels))
 
 
-def _summary(label, family, group, fid, wall, calls, budget=None):
-    return LabelSummary(label=label, family=family, group=group, budget=budget, note="", fid_by_seed=[fid], fid=fid,
-                        fid_by_class={}, accuracy=1.0, reward=0.0, pairwise_distance=1.0, vendi=1.0, lineages=None,
-                        calls_per_sample=calls, reward_calls_per_sample=0.0, wall_seconds=wall, genealogy=None,
-                        same_as=None)
+def test_tuning_picks_the_smallest_worst_case_ratio_and_skips_incomplete_families():
+    cfg = MnistBenchConfig(families=("fvd", "smc", "smc-fk"), grid_points=2, tuning_classes=(2,))
+    fids = {  # per grid point: FID in two spaces
+        "fvd": [{"a": 1.0, "b": 10.0}, {"a": 1.5, "b": 3.0}],    # point 1 is worse in a, far better in b
+        "smc": [{"a": 2.0, "b": 4.0}, {"a": 2.2, "b": 4.1}],
+        "smc-fk": [{"a": 5.0, "b": 5.0}, None],                  # one point missing: no tuned row
+    }
+    rows, index = {}, {}
+    for point in tuning_points(cfg):
+        i = index.get(point.family, 0)
+        index[point.family] = i + 1
+        if fids[point.family][i] is not None:
+            key = (2, 0, resolved(point.spec, 0, cfg, tuning=True))
+            rows[key] = {"fid": fids[point.family][i]}
+    scores, tuned, strongest = choose_tuned(cfg, rows, lambda row: SimpleNamespace(fid=row["fid"]))
+    assert tuned["fvd"].options == tuning_families(cfg.num_steps)[0].grid[1]
+    assert tuned["smc"].options == {} and tuned["smc"].label == "smc-tuned"
+    assert "smc-fk" not in tuned and strongest == "smc-tuned"
+    assert [s.chosen for s in scores if s.family == "fvd"] == [False, True]
+    assert [s.worst_ratio for s in scores if s.family == "fvd"] == [pytest.approx(10 / 3), pytest.approx(1.5)]
 
 
-def test_value_based_lines_report_the_first_matching_budget_and_its_time_ratio():
-    fvd = _summary("fvd", "fvd", "main", 10.0, 2.0, 50)
-    value = [_summary("svdd-M2", "svdd", "value", 12.0, 4.0, 100, 2),
-             _summary("svdd-M4", "svdd", "value", 9.5, 8.0, 200, 4),
-             _summary("svdd-M8", "svdd", "value", 9.0, 16.0, 400, 8),
-             _summary("dts-R64", "dts", "value", 11.0, 3.0, 50, 64)]
-    text = "\n".join(value_based_lines([fvd, *value], fvd))
-    assert "svdd first matches FVD's FID at M = 4 (FID 9.50), taking 4.0x FVD's wall time and 4.0x" in text
-    assert "no dts budget tried matches FVD's FID; its best (rollouts = 64, FID 11.00) took 1.5x" in text
+def test_images_round_trip_on_the_uint8_grid():
+    images = (torch.randint(0, 256, (5, 1, 28, 28)).float() / 127.5) - 1.0
+    assert torch.equal(decode_images(encode_images(images)), images)
 
 
 # --- runs on the shipped zoo --------------------------------------------------------------
 
-def test_smoke_run_of_the_command_writes_results_table_and_figures(tmp_path, mnist_data):
+def test_smoke_run_of_the_command_writes_results_report_and_figures(tmp_path, mnist_data):
     from fvdiffusion.cli import app
 
     out = tmp_path / "bench"
-    args = ["bench", "mnist", "--out", str(out), "--classes", "3", "--seeds", "1", "--samples-per-class", "8",
-            "--particles", "4", "--steps", "3", "--svdd-candidates", "2", "--dts-rollouts", "2", "--scaling-steps", "2",
-            "--no-tune", "--no-progress"]
+    args = ["bench", "mnist", "--out", str(out), "--classes", "3", "--seeds", "1", "--samples-per-cell", "8",
+            "--populations", "2", "--particles", "4", "--steps", "3", "--methods", "bon,smc-multinomial,smc-fk,fvd",
+            "--svdd-candidates", "2", "--dts-rollouts", "1", "--scaling-steps", "2", "--families", "fvd,smc-fk",
+            "--grid-points", "2", "--tuning-classes", "3", "--tuning-samples", "8", "--bootstrap", "50",
+            "--feature-spaces", "evalnet", "--no-progress"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     for name in ("results.jsonl", "results.md", "fid_vs_calls.png", "lineages.png", "samples_class3.png"):
         assert (out / name).is_file(), name
-    rows = {r["label"]: r for r in _read_rows(out / "results.jsonl")}
+    rows = _read_rows(out / "results.jsonl")
+    reported = {r["label"]: r for r in rows if r["seed"] == 1 and r["class"] == 3}
+    assert {r["seed"] for r in rows} == {0, 1}
     report = (out / "results.md").read_text()
-    for label in ("real (train)", "base", "bon", "smc-multinomial", "smc-systematic", "vasr", "fvd", "fvd-nu1",
-                  "fvd-weighted", "fvd-ctrl", "svdd-M2", "dts-R8", "base-K2", "smc-multinomial-K2", "fvd-K2"):
+    for label in ("real (train)", "bon", "smc-multinomial", "smc-fk", "fvd", "fvd-tuned", "smc-fk-tuned", "svdd-M2",
+                  "dts-R4", "smc-multinomial-K2", "fvd-K2"):
         assert f"| {label} |" in report, label
-    assert "fvd bench mnist --classes 3 --seeds 1 --samples-per-class 8" in report
-    # every method scored on the same number of samples; particle methods at N*K calls per population
-    assert {r["n_samples"] for r in rows.values()} == {8}
-    assert rows["fvd"]["denoiser_calls"] == rows["smc-multinomial"]["denoiser_calls"] == 2 * 4 * 3
-    assert rows["bon"]["populations"] == 4 and rows["bon"]["denoiser_calls"] == 4 * 4 * 3
-    assert rows["fvd-K2"]["denoiser_calls"] == 2 * 4 * 2
-    assert rows["svdd-M2"]["denoiser_calls"] == 2 * svdd_cost(4, 3, 2)["denoiser_calls"]
-    assert len(rows["fvd"]["genealogy"]) == 3 and 1 <= rows["fvd"]["distinct_lineages"] <= 4
-    for r in rows.values():
-        assert math.isfinite(r["fid"]) and r["fid"] >= 0 and 0 <= r["accuracy"] <= 1 and r["vendi"] >= 1
-    # the FID compares against class 3: real digits of class 3 are close, unguided samples far
-    assert rows["real (train)"]["accuracy"] >= 0.75
-    assert rows["real (train)"]["fid"] < rows["base"]["fid"]
-    assert decode_images(rows["fvd"]["samples_b64"]).shape == (8, 1, 28, 28)
+    assert "| fvd − smc-fk |" in report and "## The claim" in report and "`evalnet` space" in report
+    assert "--methods 'bon,smc-multinomial,smc-fk,fvd'" in report
+    # two populations of N = 4 per cell; best-of-N keeps 2 of 4, so it needs 4 populations
+    assert reported["fvd"]["populations"] == 2 and reported["bon"]["populations"] == 4
+    assert reported["fvd"]["denoiser_calls"] == reported["smc-fk"]["denoiser_calls"] == 2 * 4 * 3
+    pop = reported["fvd"]["per_population"][0]
+    assert pop["n"] == 4 and 1 <= pop["distinct_roots"] <= pop["distinct_samples"] <= 4
+    assert decode_images(pop["images"]).shape == (4, 1, 28, 28)
 
-    # --report-only rebuilds the report from the file and runs nothing
+    # --report-only rebuilds the same report from the file and runs nothing
     before = (out / "results.jsonl").read_text()
     (out / "results.md").unlink()
     again = CliRunner().invoke(app, args + ["--report-only"])
     assert again.exit_code == 0, again.output
-    assert (out / "results.jsonl").read_text() == before and (out / "results.md").is_file()
+    assert (out / "results.jsonl").read_text() == before and (out / "results.md").read_text() == report
 
 
 def test_an_interrupted_run_resumes_without_recomputing_finished_cells(tmp_path, mnist_data):
-    cfg = MnistBenchConfig(classes=(7,), seeds=(1, 2), samples_per_class=4, n_particles=4, num_steps=2,
-                           svdd_candidates=(), dts_rollout_factors=(), scaling_steps=(), tune=False,
-                           methods=_methods("base", "fvd"))
+    cfg = _tiny(seeds=(1, 2))
     key = lambda r: (r["class"], r["seed"], r["resolved"])
     computed = []
 
@@ -155,10 +205,17 @@ def test_an_interrupted_run_resumes_without_recomputing_finished_cells(tmp_path,
 
     computed.clear()
     outcome = run_mnist_bench(cfg, tmp_path, progress_bar=False, on_cell=lambda row: computed.append(key(row)))
-    assert len(computed) == 3 and not set(computed) & set(first)  # 6 cells in all, the first 3 not redone
+    assert len(computed) == 3 and not set(computed) & set(first)  # 6 cells (real, base, fvd x 2 seeds), 3 not redone
     assert len(outcome.rows) == 6
     assert sorted(key(r) for r in _read_rows(tmp_path / "results.jsonl")) == sorted(first + computed)
 
     computed.clear()
     run_mnist_bench(cfg, tmp_path, progress_bar=False, on_cell=lambda row: computed.append(key(row)))
     assert computed == []
+
+
+def test_worker_processes_compute_the_same_cells_as_one_process(tmp_path, mnist_data):
+    strip = lambda rows: sorted((r["resolved"], r["seed"], json.dumps(r["per_population"])) for r in rows)
+    one = run_mnist_bench(_tiny(rows=("fvd",)), tmp_path / "one", progress_bar=False)
+    two = run_mnist_bench(_tiny(rows=("fvd",), workers=2), tmp_path / "two", progress_bar=False)
+    assert len(one.rows) == 2 and strip(one.rows) == strip(two.rows)

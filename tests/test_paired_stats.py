@@ -18,11 +18,13 @@ def _pooled(populations, counts):
     return torch.cat([p for p, c in zip(populations, counts.tolist()) for _ in range(c)])
 
 
-def _brute_kid(ref, x):
+def _brute_kid(ref, x, ids):
+    """Unbiased MMD² over pairs of different samples (``ids`` name the original sample of each row)."""
     k = lambda a, b: (a @ b.T / a.shape[1] + 1.0) ** 3
-    n, m = x.shape[0], ref.shape[0]
-    kxx, kyy = k(x, x), k(ref, ref)
-    within_x = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+    m = ref.shape[0]
+    different = ids[:, None] != ids[None, :]
+    kyy = k(ref, ref)
+    within_x = k(x, x)[different].mean()
     within_y = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
     return float(within_x + within_y - 2 * k(x, ref).mean())
 
@@ -46,15 +48,17 @@ def test_grouped_fid_equals_torchmetrics_fid_of_the_pooled_set_for_any_counts():
         assert float(value) == pytest.approx(FeatureFID(ref_feats)(_pooled(pops, row)), rel=1e-9, abs=1e-9)
 
 
-def test_grouped_kid_equals_the_unbiased_mmd_of_the_pooled_set_for_any_counts():
+def test_grouped_kid_is_the_unbiased_mmd_over_pairs_of_different_samples_for_any_counts():
     ref_feats = torch.randn(50, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     pops = _populations(0.5, 3, 10, 5, seed=4)
     reference = Reference.from_features(ref_feats)
     grouped = GroupedSet.from_populations(pops, reference)
     counts = torch.tensor([[1, 1, 1], [3, 0, 0], [0, 2, 1]])
     values = kid(grouped, reference, counts)
+    ids = [torch.arange(10) + 10 * p for p in range(3)]
     for row, value in zip(counts, values):
-        assert float(value) == pytest.approx(_brute_kid(ref_feats, _pooled(pops, row)), rel=1e-9, abs=1e-12)
+        expected = _brute_kid(ref_feats, _pooled(pops, row), _pooled(ids, row))
+        assert float(value) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 def test_grouped_kid_equals_feature_kid_when_both_sets_have_the_subset_size():
@@ -109,6 +113,9 @@ def test_percentile_and_mean_intervals():
     reps = torch.arange(1001, dtype=torch.float64)  # 0 … 1000
     interval = percentile_interval(500.0, reps)
     assert interval.low == pytest.approx(25.0) and interval.high == pytest.approx(975.0)
+    # draws shifted up by resampling keep their spread, centred on the estimate
+    shifted = percentile_interval(500.0, reps + 300.0)
+    assert shifted.low == pytest.approx(25.0) and shifted.high == pytest.approx(975.0)
     assert percentile_interval(1.0, torch.tensor([float("nan")])).low != percentile_interval(1.0, torch.tensor([1.0])).low
     m = mean_interval(torch.tensor([1.0, 3.0]), torch.tensor([[1.0, 3.0], [2.0, 4.0], [0.0, 2.0]]))
     assert m.estimate == 2.0 and m.low == pytest.approx(1.05) and m.high == pytest.approx(2.95)

@@ -11,9 +11,11 @@ through sums over populations, so each draw costs O(P·d²) instead of a feature
   on the concatenated features (a test checks it).
 * KID is the unbiased squared MMD with the cubic kernel k(x, y) = (x·y/d + 1)³ on the whole
   pooled set (the quantity ``metrics.images.FeatureKID`` estimates with random subsets; equal
-  to it when both sets have the subset size). Sums over pairs come from the block sums
-  T_pq = Σ_{i∈p, j∈q} k(x_i, x_j): Σ_{i≠j} = Σ_pq c_p c_q T_pq − Σ_p c_p Σ_{i∈p} k(x_i, x_i)
-  (a sample drawn twice pairs with its copy, as in any bootstrap).
+  to it when both sets have the subset size). The within-set term averages k over pairs of
+  *different* samples; a draw that repeats a population would otherwise pair samples with
+  their own copies and bias KID upward, so those pairs are left out. With block sums
+  T_pq = Σ_{i∈p, j∈q} k(x_i, x_j) and D_p = Σ_{i∈p} k(x_i, x_i): the sum over such pairs is
+  Σ_pq c_p c_q T_pq − Σ_p c_p² D_p, and their number n² − Σ_p c_p² n_p.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class GroupedSet:
     sums: Tensor          # [P, d]
     outer: Tensor         # [P, d, d] Σ x xᵀ per population
     kernel_blocks: Tensor  # [P, P] T_pq
-    self_kernel: Tensor   # [P] Σ_{i∈p} k(x_i, x_i) (the pairs of a sample with itself)
+    self_kernel: Tensor   # [P] D_p = Σ_{i∈p} k(x_i, x_i) (the pairs of a sample with itself)
     cross: Tensor         # [P] Σ_{i∈p, j∈ref} k(x_i, y_j)
 
     @classmethod
@@ -117,8 +119,8 @@ def kid(grouped: GroupedSet, reference: Reference, counts: Tensor) -> Tensor:
     """KID [B] (unbiased MMD², cubic kernel) of the pooled sets given by ``counts`` [B, P]."""
     c = counts.double()
     n = c @ grouped.sizes
-    pair_sum = torch.einsum("bp,pq,bq->b", c, grouped.kernel_blocks, c) - c @ grouped.self_kernel
-    within = pair_sum / (n * (n - 1))
+    pair_sum = torch.einsum("bp,pq,bq->b", c, grouped.kernel_blocks, c) - c.square() @ grouped.self_kernel
+    within = pair_sum / (n.square() - c.square() @ grouped.sizes)
     cross = (c @ grouped.cross) / (n * reference.n)
     return within + reference.kernel_within - 2 * cross
 

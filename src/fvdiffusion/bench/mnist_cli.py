@@ -23,69 +23,102 @@ def _int_list(text: Optional[str], name: str) -> Optional[tuple[int, ...]]:
         raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=name) from None
 
 
+def _name_list(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def mnist_command(
-    quick: bool = typer.Option(False, "--quick", help="3 classes, 1 seed, 64 samples per class, 20 steps, small "
-                               "sweeps (about 100k denoiser calls; minutes on a 2-core CPU)."),
+    preset: Optional[str] = typer.Option(None, help="quick (minutes on a CPU, for smoke tests), cpu (the CPU-reduced "
+                                         "benchmark, about 45 min with --workers 2), gpu (the full benchmark on cuda). "
+                                         "Other options override the preset's values."),
+    quick: bool = typer.Option(False, "--quick", help="Same as --preset quick."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default benchmarks/mnist, or "
-                                       "benchmarks/mnist/quick with --quick)."),
-    classes: Optional[str] = typer.Option(None, help="Target classes, comma-separated (default 0-9; quick 2,5,8)."),
-    seeds: Optional[str] = typer.Option(None, help="Reported seeds, comma-separated (default 1,2,3; quick 1). "
+                                       "benchmarks/mnist/<preset> with a preset)."),
+    classes: Optional[str] = typer.Option(None, help="Target classes, comma-separated (default 0-9)."),
+    seeds: Optional[str] = typer.Option(None, help="Reported seeds, comma-separated (default 1,2,3). "
                                         "Seed 0 is the tuning seed."),
-    samples_per_class: Optional[int] = typer.Option(None, "--samples-per-class",
-                                                    help="Samples scored per (method, class, seed) (default 256; quick 64)."),
+    samples_per_cell: Optional[int] = typer.Option(None, "--samples-per-cell", "--samples-per-class",
+                                                   help="Least samples pooled per (method, class, seed) (default 1024)."),
+    populations: Optional[int] = typer.Option(None, help="Least independent populations per cell (default 4)."),
     particles: Optional[int] = typer.Option(None, help="Particles N per population (default 64)."),
-    steps: Optional[int] = typer.Option(None, help="Denoising steps K (default 50; quick 20)."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps K (default 50)."),
+    methods: Optional[str] = typer.Option(None, help="Method rows, comma-separated (default: all of base, bon, "
+                                          "smc-multinomial, smc-fk, smc-ess, smc-systematic, vasr, fvd, fvd-nu1, "
+                                          "fvd-weighted, fvd-ctrl)."),
     svdd_candidates: Optional[str] = typer.Option(None, "--svdd-candidates",
-                                                  help="SVDD budgets M, comma-separated (default 2,4,8; quick 2,4; '' = none)."),
+                                                  help="SVDD budgets M, comma-separated (default 2,4,8; '' = none)."),
     dts_rollouts: Optional[str] = typer.Option(None, "--dts-rollouts",
-                                               help="DTS rollouts as multiples of N, comma-separated (default 1,4; quick 1,2)."),
+                                               help="DTS rollouts as multiples of N, comma-separated (default 1,4)."),
     scaling_steps: Optional[str] = typer.Option(None, "--scaling-steps",
-                                                help="Extra step counts for base/smc/fvd (default 25; quick 10; '' = none)."),
-    tune: bool = typer.Option(True, help="Tune FVD and SMC on seed 0 and add fvd-tuned / smc-tuned rows."),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+                                                help="Extra step counts for base/smc/fvd (default 25; '' = none)."),
+    tune: Optional[bool] = typer.Option(None, "--tune/--no-tune", help="Tune every family on seed 0 and add "
+                                        "<family>-tuned rows (default on)."),
+    families: Optional[str] = typer.Option(None, help="Tuned families, comma-separated (default fvd, smc, smc-ess, "
+                                           "smc-fk, vasr)."),
+    tuning_classes: Optional[str] = typer.Option(None, "--tuning-classes", help="Classes scored when tuning (default 2,5,8)."),
+    grid_points: Optional[int] = typer.Option(None, "--grid-points", help="Grid points per tuned family, the same "
+                                              "for every family (default 4)."),
+    tuning_samples: Optional[int] = typer.Option(None, "--tuning-samples", help="Samples per tuning cell (default 512)."),
+    feature_spaces: Optional[str] = typer.Option(None, "--feature-spaces", help="FID/KID feature spaces, "
+                                                 "comma-separated (default: every installed one)."),
+    bootstrap: Optional[int] = typer.Option(None, help="Bootstrap draws of the populations (default 1000)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default cpu; gpu preset cuda)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Micro-batch for every network call "
                                              "(default: whole population; results do not depend on it)."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    workers: Optional[int] = typer.Option(None, help="Cells run in this many processes (default 1; cpu preset 2)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads per process (default: torch's choice with "
+                                          "one worker, 1 with several)."),
     report_only: bool = typer.Option(False, "--report-only", help="Write results.md and figures from the existing "
                                      "results.jsonl without running any cell."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
-    """Every method on class-conditional MNIST (r = log p(c|x), lambda = 1): FID, accuracy, diversity,
-    lineages and cost; writes results.jsonl, results.md and figures.
+    """Every method on class-conditional MNIST (r = log p(c|x), lambda = 1): FID and KID per feature space
+    with population-bootstrap intervals, paired comparisons with win counts, diversity and cost; writes
+    results.jsonl, results.md and figures.
 
     Resumable: finished (method, class, seed) cells in OUT/results.jsonl are not rerun.
     """
     import torch
 
     from fvdiffusion.bench.mnist import MnistBenchConfig, mnist_report, reproduce_command, run_mnist_bench, summarise
-    from fvdiffusion.bench.mnist_plots import write_figures
+    from fvdiffusion.bench.mnist.plots import write_figures
+    from fvdiffusion.bench.mnist.scoring import Scorer
 
+    if quick:
+        if preset not in (None, "quick"):
+            _fail(f"--quick conflicts with --preset {preset}")
+        preset = "quick"
     if threads is not None:
         torch.set_num_threads(threads)
     values = dict(
         classes=_int_list(classes, "--classes"), seeds=_int_list(seeds, "--seeds"),
-        samples_per_class=samples_per_class, n_particles=particles, num_steps=steps,
-        svdd_candidates=_int_list(svdd_candidates, "--svdd-candidates"),
+        samples_per_cell=samples_per_cell, min_populations=populations, n_particles=particles, num_steps=steps,
+        rows=_name_list(methods), svdd_candidates=_int_list(svdd_candidates, "--svdd-candidates"),
         dts_rollout_factors=_int_list(dts_rollouts, "--dts-rollouts"),
-        scaling_steps=_int_list(scaling_steps, "--scaling-steps"),
-        tune=tune, device=device, batch_size=batch_size,
+        scaling_steps=_int_list(scaling_steps, "--scaling-steps"), tune=tune, families=_name_list(families),
+        tuning_classes=_int_list(tuning_classes, "--tuning-classes"), grid_points=grid_points,
+        tuning_samples_per_cell=tuning_samples, feature_spaces=_name_list(feature_spaces), bootstrap=bootstrap,
+        device=device, batch_size=batch_size, workers=workers,
     )
     try:
-        if quick:
-            cfg = MnistBenchConfig.quick(**values)
+        if preset is not None:
+            cfg = MnistBenchConfig.preset(preset, **values)
         else:
             cfg = MnistBenchConfig(**{k: v for k, v in values.items() if v is not None})
     except ValueError as exc:
         _fail(str(exc))
-    out_dir = out or (DEFAULT_OUT / "quick" if quick else DEFAULT_OUT)
+    out_dir = out or (DEFAULT_OUT / preset if preset else DEFAULT_OUT)
     try:
-        outcome = run_mnist_bench(cfg, out_dir, progress_bar=progress, compute=not report_only)
+        scorer = Scorer(cfg)
+        outcome = run_mnist_bench(cfg, out_dir, scorer, progress_bar=progress, compute=not report_only, threads=threads)
     except (ValueError, FileNotFoundError) as exc:  # missing data or weights, unusable device
         _fail(str(exc))
     if not outcome.rows:
-        _fail(f"no finished cells in {out_dir / 'results.jsonl'}")
-    (Path(out_dir) / "results.md").write_text(mnist_report(outcome, cfg, reproduce_command(cfg, out_dir)))
-    figures = write_figures(outcome, summarise(outcome), out_dir)
+        _fail(f"no finished cells in {Path(out_dir) / 'results.jsonl'}")
+    summaries = summarise(outcome, scorer)
+    report = mnist_report(outcome, cfg, scorer, reproduce_command(cfg, out_dir), summaries)
+    (Path(out_dir) / "results.md").write_text(report)
+    figures = write_figures(outcome, summaries, scorer.primary, out_dir)
     typer.echo(f"wrote {Path(out_dir) / 'results.md'} and {', '.join(str(p) for p in figures)}")
 
 

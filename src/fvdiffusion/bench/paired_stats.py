@@ -46,14 +46,20 @@ def resample_counts(n_groups: int, n_boot: int, generator: torch.Generator) -> T
 
 
 def percentile_interval(estimate: float, replicates: Tensor, level: float = LEVEL) -> Interval:
-    """Percentile interval of the finite ``replicates`` [B] around ``estimate``."""
+    """Percentile interval of the finite ``replicates`` [B], re-centred so their median is ``estimate``.
+
+    Why re-centred: a bootstrap draw repeats some populations and leaves others out, so it has
+    fewer distinct samples than the data, and FID grows as samples get fewer: the draws sit
+    above the estimate, and a plain percentile interval can miss the estimate altogether. Their
+    spread is the sampling variability wanted; their shift is an artefact of resampling.
+    """
     reps = replicates.double()
     reps = reps[torch.isfinite(reps)]
     if reps.numel() == 0:
         return Interval(float(estimate), float("nan"), float("nan"))
     tail = (1.0 - level) / 2
-    lo, hi = torch.quantile(reps, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
-    return Interval(float(estimate), lo, hi)
+    lo, mid, hi = torch.quantile(reps, torch.tensor([tail, 0.5, 1.0 - tail], dtype=torch.float64)).tolist()
+    return Interval(float(estimate), estimate + lo - mid, estimate + hi - mid)
 
 
 def mean_interval(estimates: Tensor, replicates: Tensor, level: float = LEVEL) -> Interval:
