@@ -98,3 +98,13 @@ def test_langevin_rebirth_ends_ddim_collapse(gmm2d):
     moved = fv.sample("fvd", den, sharp, rebirth="langevin", **kw)
     assert plain.diversity().distinct_samples < 8, plain.diversity()
     assert moved.diversity().distinct_samples == 32
+
+
+def test_kernel_defaults_follow_the_sampler_unless_the_user_sets_one():
+    from fvdiffusion.samplers.fvd import DEFAULT_KERNEL_DDIM, DEFAULT_KERNEL_STOCHASTIC, NEUTRAL_KERNEL
+
+    kernel = lambda cfg: {name: getattr(cfg, name) for name in NEUTRAL_KERNEL}
+    assert kernel(FVDConfig(eta=1.0)) == DEFAULT_KERNEL_STOCHASTIC
+    assert kernel(FVDConfig(eta=0.0)) == DEFAULT_KERNEL_DDIM
+    mine = FVDConfig(eta=0.0, rebirth_noise=0.7)
+    assert kernel(mine) == {**NEUTRAL_KERNEL, "rebirth_noise": 0.7}
