@@ -2,7 +2,9 @@
 
 The validation: a collapsed real set (4 real digits of a class repeated to 200 rows, tiny
 pixel noise) must score far worse than a diverse real set of the same class and size
-(200 disjoint real digits), both against the held-out reference digits of the class.
+(200 disjoint real digits), both against the held-out reference digits of the class; so
+must the jittered set (the collapsed rows moved by small random rotations, shifts and
+scales: near-copies, not copies).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from fvdiffusion.zoo.feature_net import FeatureNet, FeatureNetConfig
 from fvdiffusion.zoo.loaders import WeightsError, WeightsMissingError, default_path, load_feature_net, write_weights
 from fvdiffusion.zoo.mnist_data import DataMissingError, load_mnist
 
-MIN_FID_RATIO = 5.0  # collapsed / diverse; measured 10-28 in the 'ae' space, 2.4-10.5 with the eval net
-# KID of a diverse real set against the reference is ~0 up to subset noise (|KID| <= 0.05 measured
-# in the standardised 'ae' space); the collapsed set must clear three times this floor at least.
+# collapsed / diverse and jittered / diverse; measured 10-28 and 7.1-16 in the 'ae' space,
+# 2.4-10.5 and 1.5-8.0 with the eval net (docs/feature_space.md)
+MIN_FID_RATIO = 5.0
+# KID of a diverse real set against the reference is ~0 up to subset noise (|KID| <= 0.052 measured
+# in the standardised 'ae' space); collapsed sets must clear three times this floor at least.
 KID_FLOOR = 0.05
 
 
@@ -37,29 +41,35 @@ def per_class_sets():
     return [collapse_sets(cls) for cls in range(10)]
 
 
+EVALNET_CLASSES = 4  # the eval net's features cost ~1.5 s a class on one thread: compare on classes 0-3
+
+
 @pytest.fixture(scope="module")
 def rows(per_class_sets):
-    """Collapsed-vs-diverse scores per feature space, one row per class."""
-    return {space: [collapse_row(sets, space) for sets in per_class_sets] for space in FEATURE_SPACES}
+    """Collapsed-vs-diverse scores, one row per class: every class in 'ae', classes 0-3 in 'evalnet'."""
+    return {"ae": [collapse_row(sets, "ae") for sets in per_class_sets],
+            "evalnet": [collapse_row(sets, "evalnet") for sets in per_class_sets[:EVALNET_CLASSES]]}
 
 
 # --- the validation ---------------------------------------------------------------------
 
 def test_ae_space_scores_a_collapsed_real_set_far_worse_than_a_diverse_one(rows):
     for row in rows["ae"]:
-        assert row.fid_ratio >= MIN_FID_RATIO, row
-        assert row.kid_collapsed >= 3 * max(row.kid_diverse, KID_FLOOR), row
+        assert min(row.fid_ratio, row.fid_ratio_jittered) >= MIN_FID_RATIO, row
+        assert min(row.kid_collapsed, row.kid_jittered) >= 3 * max(row.kid_diverse, KID_FLOOR), row
 
 
 def test_ae_space_sees_collapse_far_better_than_the_eval_net(rows):
-    # per class the eval net's ratio ranges 2.4-10.5 and the ae's 10-28, so compare medians
-    median = {space: statistics.median(row.fid_ratio for row in rows[space]) for space in FEATURE_SPACES}
-    assert median["ae"] >= 3 * median["evalnet"], median
+    # the per-class ranges overlap a little (class 5), so compare medians over the same classes
+    for ratio in ("fid_ratio", "fid_ratio_jittered"):
+        median = {space: statistics.median(getattr(row, ratio) for row in rows[space][:EVALNET_CLASSES])
+                  for space in FEATURE_SPACES}
+        assert median["ae"] >= 3 * median["evalnet"], (ratio, median)
 
 
 def test_collapse_sets_are_disjoint_and_really_collapsed(per_class_sets):
     sets = per_class_sets[3]
-    assert sets.diverse.shape == sets.collapsed.shape == (200, 1, 28, 28)
+    assert sets.diverse.shape == sets.collapsed.shape == sets.jittered.shape == (200, 1, 28, 28)
     # 4 clusters of near-copies in the collapsed set, none of its digits in the diverse set
     distances = torch.cdist(sets.collapsed.flatten(1), sets.collapsed[:4].flatten(1))
     assert (distances.min(1).values < 1.0).all()
@@ -166,3 +176,20 @@ def test_feature_net_configs_name_the_bad_field():
         FeatureNetConfig(latent_dim=0)
     with pytest.raises(ValueError, match="warmup_steps"):
         FeatureNetTrainConfig(steps=10, warmup_steps=10)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["features", "--steps", "0"], "steps must be a positive int"),
+    (["export", "--kind", "features", "--run", "no/such/run"], "no checkpoint"),
+])
+def test_train_features_cli_reports_bad_arguments_in_one_line(args, message):
+    import typer
+    from typer.testing import CliRunner
+
+    from fvdiffusion.train.commands import register
+
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["train", *args])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output

@@ -5,6 +5,11 @@ digits repeated to ``n`` rows (the collapsed set, what a sampler whose populatio
 a few lineages returns), both with the same tiny pixel noise so neither set is exactly
 degenerate, scored by FID and KID against the held-out reference digits of the class. A
 feature space fit for judging samplers must give the collapsed set a far worse score.
+
+The jittered set is the collapsed set with each row moved by a small random rotation,
+shift and scale — the evaluation network's own training augmentation — like a population
+that collapsed onto a few lineages and then drifted a little: near-copies that a feature
+space invariant to those moves cannot tell from distinct digits.
 Used by tests/test_feature_space.py and scripts/feature_space_table.py.
 """
 
@@ -28,6 +33,7 @@ class CollapseSets:
     reference: Tensor
     diverse: Tensor
     collapsed: Tensor
+    jittered: Tensor
 
 
 @dataclass(frozen=True)
@@ -38,19 +44,28 @@ class CollapseRow:
     distinct: int
     fid_diverse: float
     fid_collapsed: float
+    fid_jittered: float
     kid_diverse: float
     kid_collapsed: float
+    kid_jittered: float
 
     @property
     def fid_ratio(self) -> float:
+        """FID(collapsed) / FID(diverse)."""
         return self.fid_collapsed / self.fid_diverse
 
+    @property
+    def fid_ratio_jittered(self) -> float:
+        """FID(jittered) / FID(diverse)."""
+        return self.fid_jittered / self.fid_diverse
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "fid_ratio": self.fid_ratio}
+        return {**asdict(self), "fid_ratio": self.fid_ratio, "fid_ratio_jittered": self.fid_ratio_jittered}
 
 
 def collapse_sets(cls: int, n: int = 200, distinct: int = 4, noise: float = 0.01, seed: int = 0) -> CollapseSets:
     """The reference, diverse and collapsed sets of class ``cls`` (disjoint digits; needs the MNIST data)."""
+    from fvdiffusion.train.classifier import ClassifierTrainConfig, augment
     from fvdiffusion.zoo.mnist_data import load_mnist
 
     if not 1 <= distinct < n:
@@ -64,18 +79,21 @@ def collapse_sets(cls: int, n: int = 200, distinct: int = 4, noise: float = 0.01
     diverse = pool[order[:n]]
     collapsed = pool[order[n: n + distinct]].repeat((n + distinct - 1) // distinct, 1, 1, 1)[:n]
     noise_pair = noise * torch.randn((2, n, 1, 28, 28), generator=generator)
+    jittered = augment(collapsed, ClassifierTrainConfig.for_kind("eval"), generator)
     return CollapseSets(
         cls=cls, distinct=distinct, reference=reference.images[reference.labels == cls],
         diverse=(diverse + noise_pair[0]).clamp(-1, 1), collapsed=(collapsed + noise_pair[1]).clamp(-1, 1),
+        jittered=jittered,
     )
 
 
 def collapse_row(sets: CollapseSets, space: str) -> CollapseRow:
-    """FID and KID of the diverse and the collapsed set in one feature space."""
+    """FID and KID of the diverse, the collapsed and the jittered set in one feature space."""
     ref = image_features(sets.reference, space)
     fid, kid = FeatureFID(ref), FeatureKID(ref)
-    diverse, collapsed = image_features(sets.diverse, space), image_features(sets.collapsed, space)
+    diverse, collapsed, jittered = (image_features(x, space) for x in (sets.diverse, sets.collapsed, sets.jittered))
     return CollapseRow(
         space=space, cls=sets.cls, n=sets.diverse.shape[0], distinct=sets.distinct,
-        fid_diverse=fid(diverse), fid_collapsed=fid(collapsed), kid_diverse=kid(diverse), kid_collapsed=kid(collapsed),
+        fid_diverse=fid(diverse), fid_collapsed=fid(collapsed), fid_jittered=fid(jittered),
+        kid_diverse=kid(diverse), kid_collapsed=kid(collapsed), kid_jittered=kid(jittered),
     )

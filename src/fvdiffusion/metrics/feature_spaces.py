@@ -48,5 +48,4 @@ def _batched_features(net: nn.Module, images: Tensor, batch_size: int) -> Tensor
         net.features(images[i: i + batch_size].to(device, torch.float32).clamp(-1, 1)).to("cpu", torch.float64)
         for i in range(0, images.shape[0], batch_size)
     ]
-    dim = getattr(net, "feature_dim")
-    return torch.cat(chunks) if chunks else torch.zeros(0, dim, dtype=torch.float64)
+    return torch.cat(chunks) if chunks else torch.zeros(0, net.feature_dim, dtype=torch.float64)

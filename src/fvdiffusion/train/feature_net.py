@@ -44,7 +44,8 @@ class FeatureNetTrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"FeatureNetTrainConfig.{name} must be a positive int, got {value!r}")
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"FeatureNetTrainConfig.warmup_steps must be an int in [0, steps), got {self.warmup_steps!r}")
+            raise ValueError(
+                f"FeatureNetTrainConfig.warmup_steps must be an int in [0, steps), got {self.warmup_steps!r}")
         if not self.lr > 0:
             raise ValueError(f"FeatureNetTrainConfig.lr must be > 0, got {self.lr!r}")
         if not self.weight_decay >= 0:
