@@ -103,7 +103,7 @@ def fid(grouped: GroupedSet, reference: Reference, counts: Tensor) -> Tensor:
     c = counts.double()
     n = c @ grouped.sizes                                  # [B]
     mean = (c @ grouped.sums) / n[:, None]                 # [B, d]
-    out = []
+    out = [torch.zeros(0, dtype=torch.float64)]  # no draws: no replicates
     for lo in range(0, c.shape[0], CHUNK):
         sl = slice(lo, lo + CHUNK)
         second = torch.einsum("bp,pij->bij", c[sl], grouped.outer)

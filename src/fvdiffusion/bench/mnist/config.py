@@ -142,8 +142,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                 num_steps=25, rows=MAIN_ROWS, svdd_candidates=(), dts_rollout_factors=(), scaling_steps=(),
                 grid_points=3, tuning_samples_per_cell=128, bootstrap=1000, workers=2),
     # the full benchmark: 10 classes, 3 seeds, 1024 samples (16 populations of 64) per cell, K = 50,
-    # every row, 4 grid points per family, svdd / dts budgets and a K = 25 scaling row
-    "gpu": dict(device="cuda"),
+    # every row, 4 grid points per family (512 samples per tuning cell), one svdd and one dts budget
+    # and a K = 25 scaling row; several processes share the GPU (one population of 64 cannot fill it)
+    "gpu": dict(svdd_candidates=(4,), dts_rollout_factors=(1,), device="cuda", workers=8),
 }
 
 

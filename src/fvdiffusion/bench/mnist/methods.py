@@ -254,9 +254,11 @@ def samples_per_population(spec: MethodSpec, cfg: "MnistBenchConfig") -> int:
 
 
 def populations(spec: MethodSpec, cfg: "MnistBenchConfig", tuning: bool = False) -> int:
-    """Independent populations pooled in a cell: enough for the sample target, at least ``min_populations``."""
-    target = cfg.tuning_samples if tuning else cfg.samples_per_cell
-    return max(cfg.min_populations, math.ceil(target / samples_per_population(spec, cfg)))
+    """Independent populations pooled in a cell: enough for the sample target and, in a reported
+    cell, at least ``min_populations`` (the bootstrap needs them; tuning only needs a point FID)."""
+    if tuning:
+        return math.ceil(cfg.tuning_samples / samples_per_population(spec, cfg))
+    return max(cfg.min_populations, math.ceil(cfg.samples_per_cell / samples_per_population(spec, cfg)))
 
 
 def resolved(spec: MethodSpec, seed: int, cfg: "MnistBenchConfig", tuning: bool = False) -> str:

@@ -202,7 +202,7 @@ def run_mnist_bench(cfg: MnistBenchConfig, out_dir: Path, scorer=None, progress_
     def resolve_tuning() -> bool:
         nonlocal tuned, scores, strongest
         if tuned is None and (compute is False or all(key(t) in done for t in tuning_tasks)):
-            scores, tuned, strongest = choose_tuned(cfg, done, scorer.score) if points else ([], {}, None)
+            scores, tuned, strongest = choose_tuned(cfg, done, scorer.points) if points else ([], {}, None)
             return True
         return False
 
@@ -219,7 +219,7 @@ def run_mnist_bench(cfg: MnistBenchConfig, out_dir: Path, scorer=None, progress_
         if compute:
             todo = [t for t in pending if key(t) not in done]
             progress.add(sum(estimated_calls(t.spec, cfg, t.tuning) for t in todo))
-            if todo or tuned is None:
+            if todo:
                 executor = (_PoolExecutor(cfg, 1 if threads is None else threads) if cfg.workers > 1
                             else _InlineExecutor(cfg.device))
         while compute and (pending or in_flight):

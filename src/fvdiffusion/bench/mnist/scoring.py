@@ -109,14 +109,21 @@ class Scorer:
         return accuracy(features_and_logits(self._eval_net, images, self.batch_size)[1], cls)
 
     def score(self, row: dict[str, Any]) -> CellScore:
+        """Points and bootstrap replicates of a reported cell."""
         key = (row["class"], row["seed"], row["resolved"])
         if key not in self._cache:
-            self._cache[key] = self._score(row)
+            self._cache[key] = self._score(row, self.cfg.bootstrap)
         return self._cache[key]
 
-    def _score(self, row: dict[str, Any]) -> CellScore:
+    def points(self, row: dict[str, Any]) -> CellScore:
+        """Points only (tuning needs no interval); replicates are empty."""
+        key = (row["class"], row["seed"], row["resolved"])
+        return self._cache[key] if key in self._cache else self._score(row, 0)
+
+    def _score(self, row: dict[str, Any], n_boot: int) -> CellScore:
         cls, images = row["class"], population_images(row)
-        counts = bootstrap_counts(cls, row["seed"], len(images), self.cfg.bootstrap)
+        counts = (bootstrap_counts(cls, row["seed"], len(images), n_boot) if n_boot
+                  else torch.zeros(0, len(images), dtype=torch.int64))
         out: dict[str, dict[str, Any]] = {"fid": {}, "kid": {}, "fid_replicates": {}, "kid_replicates": {}}
         pooled = torch.cat(images)
         for space in self.spaces:
