@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fvdiffusion.bench.mnist.methods import (
@@ -155,7 +155,3 @@ def preset_name(cfg: MnistBenchConfig) -> str | None:
         if cfg == replace(MnistBenchConfig.preset(name), **execution):
             return name
     return None
-
-
-def config_fields() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(MnistBenchConfig))

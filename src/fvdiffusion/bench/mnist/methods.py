@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import fvdiffusion as fv
@@ -294,7 +294,3 @@ def estimated_calls(spec: MethodSpec, cfg: "MnistBenchConfig", tuning: bool = Fa
     else:
         per_population = n * k
     return populations(spec, cfg, tuning) * per_population
-
-
-def with_label(spec: MethodSpec, label: str, note: str) -> MethodSpec:
-    return replace(spec, label=label, note=note)

@@ -141,9 +141,12 @@ def _settings(cfg: MnistBenchConfig, outcome: BenchOutcome, scorer: Scorer, summ
                       for r in outcome.rows})
     lines = ["# MNIST class-conditional benchmark\n"]
     if preset == "cpu":
-        lines.append("**CPU-reduced configuration** (`--preset cpu`): 3 classes, N = 64, K = 25, 256 samples per cell, "
-                     "the main rows only, 3 grid points per tuned family. It is not the full benchmark "
-                     "(`--preset gpu`: 10 classes, K = 50, 1024 samples per cell, every row); read its intervals as such.\n")
+        full = MnistBenchConfig.preset("gpu")
+        lines.append(f"**CPU-reduced configuration** (`--preset cpu`): {len(cfg.classes)} classes, N = {cfg.n_particles}, "
+                     f"K = {cfg.num_steps}, {cfg.samples_per_cell} samples per cell, the main rows only, "
+                     f"{cfg.grid_points} grid points per tuned family. It is not the full benchmark (`--preset gpu`: "
+                     f"{len(full.classes)} classes, K = {full.num_steps}, {full.samples_per_cell} samples per cell, every "
+                     "row); read its intervals as such.\n")
     elif preset == "quick":
         lines.append("**Quick smoke configuration** (`--quick`): tiny populations and few steps; it exercises every code "
                      "path and its numbers are not evidence.\n")

@@ -34,7 +34,8 @@ class CellTask:
     cls: int
     seed: int
     tuning: bool
-    order: tuple  # position in the run: tuning first, then (seed, class, plan row)
+    order: tuple                          # position in the run: tuning first, then (seed, class, plan row)
+    planned: PlannedMethod | None = None  # the reported row it fills (None for a tuning cell)
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def _tasks(cfg: MnistBenchConfig, planned: list[PlannedMethod], groups: set[str]
         for c, cls in enumerate(cfg.classes):
             for i, p in enumerate(planned):
                 if groups is None or p.group in groups:
-                    out.append(CellTask(p.spec, cls, seed, False, (1, s, c, i)))
+                    out.append(CellTask(p.spec, cls, seed, False, (1, s, c, i), p))
     return out
 
 
@@ -253,9 +254,8 @@ def run_mnist_bench(cfg: MnistBenchConfig, out_dir: Path, scorer=None, progress_
     full_plan = plan(cfg, tuned)
     rows = []
     for task in _tasks(cfg, full_plan, None):
-        row = done.get(key(task))
+        row, p = done.get(key(task)), task.planned
         if row is not None:
-            p = full_plan[task.order[3]]
             rows.append({**row, "label": p.spec.label, "family": p.family, "group": p.group, "budget": p.budget,
                          "note": p.spec.note})
     return BenchOutcome(full_plan, rows, scores, strongest)
