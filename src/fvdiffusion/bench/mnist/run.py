@@ -109,9 +109,26 @@ _WORKER_MODELS: list[SamplingModels] = []
 def _init_worker(device: str, threads: int | None) -> None:
     import torch
 
+    _exit_with_parent()
     if threads is not None:
         torch.set_num_threads(threads)
     _WORKER_MODELS.append(SamplingModels(device))
+
+
+def _exit_with_parent(every_seconds: float = 2.0) -> None:
+    """A worker whose parent was killed (no clean shutdown) would finish its cell for nobody: end it."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _run_in_worker(task: CellTask, cfg: MnistBenchConfig) -> dict[str, Any]:
