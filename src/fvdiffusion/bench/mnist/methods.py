@@ -28,6 +28,14 @@ CELL_FORMAT = 2             # in every key: rows of the first format (no per-pop
 SCALING_LABELS = ("base", "smc-multinomial", "fvd")
 
 
+def describe(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_short(v)}" for k, v in sorted(options.items())) or "the defaults"
+
+
+def _short(value: Any) -> Any:
+    return round(value, 3) if isinstance(value, float) else value
+
+
 def fk_steering_options(num_steps: int) -> dict[str, Any]:
     """SMC options that reproduce FK steering's released text-to-image schedule on ``num_steps`` steps.
 
@@ -74,12 +82,19 @@ def method_rows(n_particles: int, num_steps: int) -> tuple[MethodRow, ...]:
         MethodRow(MethodSpec("smc-systematic", "smc", {"scheme": "systematic"}, "systematic resampling every step"),
                   "main"),
         MethodRow(MethodSpec("vasr", "vasr", {}, "variance-aware systematic resampling"), "main"),
-        MethodRow(MethodSpec("fvd", "fvd", {}, "FVD's defaults"), "main"),
+        MethodRow(MethodSpec("fvd", "fvd", {}, f"FVD's defaults ({_fvd_default_kernel()})"), "main"),
+        MethodRow(MethodSpec("fvd-nu0", "fvd", {"rebirth_noise": 0.0}, "ablation: plain clones"), "ablation"),
         MethodRow(MethodSpec("fvd-nu1", "fvd", {"rebirth_noise": 1.0}, "ablation: full rebirth noise"), "ablation"),
         MethodRow(MethodSpec("fvd-weighted", "fvd", {"parent_rule": "weighted"}, "ablation: killing rule"), "ablation"),
         MethodRow(MethodSpec("fvd-ctrl", "fvd", {"target_dead_fraction": 0.2}, "ablation: absorption controller, "
                              "alpha*=0.2"), "ablation"),
     )
+
+
+def _fvd_default_kernel() -> str:
+    """The rebirth kernel FVD's defaults resolve to under DDPM steps, for the row's note."""
+    config = fv.make_config("fvd").as_dict()
+    return describe({k: config[k] for k in ("rebirth", "rebirth_noise", "nu_schedule", "nu_by_copies") if k in config})
 
 
 ALL_ROWS = tuple(r.spec.label for r in method_rows(64, 50))
@@ -109,13 +124,15 @@ def tuning_families(num_steps: int) -> tuple[TuningFamily, ...]:
     fk = fk_steering_options(num_steps)
     fk_dense = {**fk, "selection_interval": max(1, fk["selection_interval"] // 2)}
     return (
+        # FVD's kernel fields: setting any one makes the unset ones plain (samplers/fvd.py), so each
+        # point below is exactly the kernel it names
         TuningFamily("fvd", "fvd", "fvd", (
-            {},
+            {},                                                       # the suite-chosen default kernel
+            {"rebirth_noise": 1.0, "nu_by_copies": True},             # full noise, scaled by the copy count
             {"rebirth_noise": 1.0},                                   # best FVD setting of the first MNIST run
-            {"rebirth_noise": 1.0, "nu_schedule": "decay"},           # full noise early, none at the end
             {"rebirth": "langevin"},                                  # p_t-invariant moves (extra denoiser calls)
-            {"rebirth_noise": 1.0, "nu_by_copies": True},             # noise grows with a parent's copy count
-            {"rebirth_noise": 0.5, "selection_interval": 5, "selection_start": 0.2},
+            {"rebirth_noise": 0.5, "nu_by_copies": True, "selection_interval": 5, "selection_start": 0.2},
+            {"rebirth_noise": 1.0, "nu_schedule": "decay"},           # full noise early, none at the end
         )),
         TuningFamily("smc", "smc", "smc-multinomial", (
             {},
@@ -157,14 +174,6 @@ ALL_FAMILIES = tuple(f.name for f in tuning_families(50))
 
 def tuned_label(family: str) -> str:
     return f"{family}-tuned"
-
-
-def describe(options: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={_short(v)}" for k, v in sorted(options.items())) or "the defaults"
-
-
-def _short(value: Any) -> Any:
-    return round(value, 3) if isinstance(value, float) else value
 
 
 @dataclass(frozen=True)

@@ -145,8 +145,8 @@ def _settings(cfg: MnistBenchConfig, outcome: BenchOutcome, scorer: Scorer, summ
         lines.append(f"**CPU-reduced configuration** (`--preset cpu`): {len(cfg.classes)} classes, N = {cfg.n_particles}, "
                      f"K = {cfg.num_steps}, {cfg.samples_per_cell} samples per cell, the main rows only, "
                      f"{cfg.grid_points} grid points per tuned family. It is not the full benchmark (`--preset gpu`: "
-                     f"{len(full.classes)} classes, K = {full.num_steps}, {full.samples_per_cell} samples per cell, every "
-                     "row); read its intervals as such.\n")
+                     f"{len(full.classes)} classes, K = {full.num_steps}, {full.samples_per_cell} samples per cell, "
+                     f"{full.grid_points} grid points per family); read its intervals as such.\n")
     elif preset == "quick":
         lines.append("**Quick smoke configuration** (`--quick`): tiny populations and few steps; it exercises every code "
                      "path and its numbers are not evidence.\n")
