@@ -132,3 +132,11 @@ def test_percentile_and_mean_intervals():
 ])
 def test_claim_verdicts(low, high, expected):
     assert expected in ClaimVerdict(Interval((low + high) / 2, low, high), -20.0, -14.0).text
+
+
+def test_relative_change_is_a_geometric_mean_so_opposite_ratios_cancel():
+    method, baseline = torch.tensor([2.0, 1.0]), torch.tensor([1.0, 2.0])  # x2 in one cell, /2 in the other
+    result = paired_comparison(method, baseline, method.repeat(5, 1), baseline.repeat(5, 1))
+    assert result.change.estimate == pytest.approx(0.0) and result.wins == result.losses == 1
+    halved = paired_comparison(baseline / 2, baseline, (baseline / 2).repeat(5, 1), baseline.repeat(5, 1))
+    assert halved.change.estimate == pytest.approx(-50.0) and halved.change.high == pytest.approx(-50.0)

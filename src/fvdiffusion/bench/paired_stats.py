@@ -72,8 +72,10 @@ def mean_interval(estimates: Tensor, replicates: Tensor, level: float = LEVEL) -
 class PairedComparison:
     """A method against a baseline over the cells both have.
 
-    change: mean over cells of (method − baseline), relative to the baseline (in %) when
-      ``relative``, with the bootstrap interval of that mean.
+    change: with ``relative``, the mean relative change in %, taken on the log scale: the
+      geometric mean over cells of method / baseline, minus 1 (an arithmetic mean of per-cell
+      ratios would let one cell with a tiny baseline value dominate); otherwise the mean of
+      method − baseline. With the bootstrap interval of that mean.
     wins / losses / ties: cells where the method's point estimate is lower / higher / equal
       (lower is better). significant_*: cells whose own interval of the change excludes 0.
     """
@@ -104,10 +106,14 @@ def paired_comparison(method: Tensor, baseline: Tensor, method_reps: Tensor, bas
     if method.shape != baseline.shape or method_reps.shape != baseline_reps.shape:
         raise ValueError(f"method and baseline shapes differ: {tuple(method_reps.shape)} vs {tuple(baseline_reps.shape)}")
     m, b, mr, br = (t.double() for t in (method, baseline, method_reps, baseline_reps))
-    diff, diff_reps = m - b, mr - br
-    if relative:
-        diff, diff_reps = 100.0 * diff / b, 100.0 * diff_reps / br
+    if relative:  # log ratios: 0 means equal; non-positive values give NaN and drop out of the draws
+        diff, diff_reps = (m / b).log(), (mr / br).log()
+    else:
+        diff, diff_reps = m - b, mr - br
     change = percentile_interval(float(diff.mean()), diff_reps.mean(dim=1), level)
+    if relative:
+        as_percent = lambda x: 100.0 * math.expm1(x)
+        change = Interval(as_percent(change.estimate), as_percent(change.low), as_percent(change.high))
     per_cell = [percentile_interval(float(diff[c]), diff_reps[:, c], level) for c in range(diff.numel())]
     return PairedComparison(
         cells=int(diff.numel()), relative=relative, change=change,

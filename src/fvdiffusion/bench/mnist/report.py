@@ -165,6 +165,11 @@ def _settings(cfg: MnistBenchConfig, outcome: BenchOutcome, scorer: Scorer, summ
         f"pooled set. Each value is the mean over cells; [brackets] are 95% percentile intervals from {cfg.bootstrap} "
         f"bootstrap draws of each cell's populations (never of single samples: a population's samples share "
         f"ancestors). Small sample sets bias FID upward; compare rows, and see `{REAL_LABEL}` for the floor.",
+        "`smc-fk` is SMC as FK steering's released scripts run it (github.com/zacharyhorvitz/Fk-Diffusion-Steering, "
+        "text_to_image/launch.sh: resample every 20 of 100 steps from step 20 to 80, and at the last step, "
+        "multinomial): here every round(K/5) steps from round(0.2K) to round(0.8K), plus the final selection, with "
+        "their default potential `diff`; λ stays 1 because it defines the target (theirs: 10 or 2 for ImageReward). "
+        "Every tuned family ran the same number of grid points on seed 0 (see Tuning).",
         "Diversity per population (copies cannot inflate it): distinct samples (duplicates counted once), distinct "
         "step-K/2 ancestors among them, distinct initial roots among them; 'slots K/2' is the old count of distinct "
         "K/2 ancestors over all N slots, which copies do inflate.",
@@ -217,8 +222,8 @@ def _comparison_table(by_label: dict[str, LabelSummary], space: str) -> str:
 def claim_lines(by_label: dict[str, LabelSummary], spaces: tuple[str, ...], strongest_smc: str | None) -> list[str]:
     lo, hi = CLAIMED_FID_CHANGE
     out = [f"The method's claim: {-hi:.0f}–{-lo:.0f}% lower FID than strong SMC baselines. Each line gives the "
-           "mean over cells of the per-cell relative FID change with its 95% population-bootstrap interval, and where "
-           "that interval stands against the claimed range.\n"]
+           "mean relative FID change over cells (geometric mean of the per-cell FID ratios, minus 1) with its 95% "
+           "population-bootstrap interval, and where that interval stands against the claimed range.\n"]
     pairs = [("fvd", "smc-fk", "FVD's defaults against SMC as FK steering's released scripts run it"),
              ("fvd", "smc-multinomial", "FVD's defaults against SMC resampling every step"),
              ("fvd", strongest_smc, f"FVD's defaults against the strongest tuned SMC ({strongest_smc}, chosen on seed 0)"),
@@ -311,8 +316,9 @@ def mnist_report(outcome: BenchOutcome, cfg: MnistBenchConfig, scorer: Scorer, c
     lines += claim_lines(by_label, scorer.spaces, outcome.strongest_smc)
     for space in scorer.spaces:
         lines.append(f"\n## Paired comparisons, `{space}` space\n\nPer (class, seed) cell, method minus baseline on the "
-                     "same population seeds; the interval resamples the same populations of both. Wins: cells where "
-                     "the method's value is lower; significant: the cell's own interval excludes 0.\n\n"
+                     "same population seeds; the interval resamples the same populations of both. FID change: geometric "
+                     "mean of the per-cell ratios, minus 1; KID change: mean difference. Wins: cells where the method's "
+                     "value is lower; significant: the cell's own interval excludes no change.\n\n"
                      + _comparison_table(by_label, space))
     classes = sorted({c for c, _ in summaries[0].cell_set.cells}) if summaries else []
     per_class = [[s.label] + [_f(s.fid_by_class[primary].get(c), 2) for c in classes]
