@@ -214,6 +214,24 @@ def test_an_interrupted_run_resumes_without_recomputing_finished_cells(tmp_path,
     assert computed == []
 
 
+def test_a_run_without_images_reports_the_scores_it_stored(tmp_path, mnist_data):
+    from fvdiffusion.bench.mnist import Scorer, summarise
+
+    cfg = _tiny(rows=("smc-fk", "fvd"), store_images=False)
+    outcome = run_mnist_bench(cfg, tmp_path, Scorer(cfg), progress_bar=False)
+    rows = _read_rows(tmp_path / "results.jsonl")
+    assert all("images" not in p for r in rows for p in r["per_population"])
+    assert decode_images(rows[0]["preview"]).shape[1:] == (1, 28, 28)
+    stored = {s.label: s for s in summarise(outcome, Scorer(cfg))}  # a fresh scorer reads the rows' scores
+    with_images = run_mnist_bench(_tiny(rows=("smc-fk", "fvd")), tmp_path / "images", progress_bar=False)
+    recomputed = {s.label: s for s in summarise(with_images, Scorer(cfg))}
+    for label in ("real (train)", "smc-fk", "fvd"):
+        a, b = stored[label].fid["evalnet"], recomputed[label].fid["evalnet"]
+        assert (a.estimate, a.low, a.high) == pytest.approx((b.estimate, b.low, b.high), rel=1e-5)
+    with pytest.raises(ValueError, match="bootstrap draws"):
+        summarise(outcome, Scorer(_tiny(rows=("smc-fk", "fvd"), store_images=False, bootstrap=30)))
+
+
 def test_worker_processes_compute_the_same_cells_as_one_process(tmp_path, mnist_data):
     strip = lambda rows: sorted((r["resolved"], r["seed"], json.dumps(r["per_population"])) for r in rows)
     one = run_mnist_bench(_tiny(rows=("fvd",)), tmp_path / "one", progress_bar=False)

@@ -66,6 +66,8 @@ def mnist_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Micro-batch for every network call "
                                              "(default: whole population; results do not depend on it)."),
     workers: Optional[int] = typer.Option(None, help="Cells run in this many processes (default 1; cpu preset 2)."),
+    images: Optional[bool] = typer.Option(None, "--images/--no-images", help="Keep every sample in results.jsonl "
+                                          "(default on; gpu preset off: rows then keep their scores and a preview)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads per process (default: torch's choice with "
                                           "one worker, 1 with several)."),
     report_only: bool = typer.Option(False, "--report-only", help="Write results.md and figures from the existing "
@@ -98,7 +100,7 @@ def mnist_command(
         scaling_steps=_int_list(scaling_steps, "--scaling-steps"), tune=tune, families=_name_list(families),
         tuning_classes=_int_list(tuning_classes, "--tuning-classes"), grid_points=grid_points,
         tuning_samples_per_cell=tuning_samples, feature_spaces=_name_list(feature_spaces), bootstrap=bootstrap,
-        device=device, batch_size=batch_size, workers=workers,
+        device=device, batch_size=batch_size, workers=workers, store_images=images,
     )
     try:
         if preset is not None:

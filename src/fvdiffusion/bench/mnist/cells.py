@@ -5,7 +5,9 @@ A row stores every population's samples as uint8 pixels, zlib-compressed and bas
 feature space, including one added after the run, can be scored at report time, and the
 bootstrap needs per-population features anyway (a population's mean and covariance would be
 larger than its pixels at d = 96). Quantising to uint8 puts samples on the same grid as the
-real digits, which are uint8 too. Scoring (FID, KID, accuracy) happens in ``scoring``.
+real digits, which are uint8 too. Scoring (FID, KID, accuracy) happens in ``scoring``; the run
+also stores each cell's scores in its row, so with ``store_images=False`` (the GPU preset,
+whose images would make a file of about 100 MB) a row keeps only a preview of its samples.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class SamplingModels:
         return images[pick]
 
 
+PREVIEW_IMAGES = 16  # kept in every row for the sample figure, even without the populations' images
+
+
 def _population_record(samples: torch.Tensor, rewards: torch.Tensor, diversity: dict[str, int | None],
                        slot_lineages: int | None) -> dict[str, Any]:
     finite = rewards[torch.isfinite(rewards)]
@@ -70,7 +75,8 @@ def _population_record(samples: torch.Tensor, rewards: torch.Tensor, diversity: 
             **diversity, "slot_lineages": slot_lineages}
 
 
-def _real_populations(models: SamplingModels, reward, cls: int, seed: int, n_pop: int, per_pop: int):
+def _real_populations(models: SamplingModels, reward, cls: int, seed: int, n_pop: int,
+                      per_pop: int) -> tuple[list[dict[str, Any]], torch.Tensor]:
     """The real row: distinct train digits split into populations like a sampler's (fewer if the class is short)."""
     digits = models.real_digits(cls, n_pop * per_pop, population_seed(seed, cls, 0))
     size = digits.shape[0] // n_pop
@@ -79,10 +85,10 @@ def _real_populations(models: SamplingModels, reward, cls: int, seed: int, n_pop
         chunk = digits[p * size: (p + 1) * size]
         rewards = reward(chunk.to(models.device)).double().cpu()
         distinct = int(distinct_rows(chunk).numel())
-        # independent real digits: each is its own root; ancestry does not apply
+        # independent real digits: ancestry does not apply
         out.append(_population_record(chunk, rewards, {"distinct_samples": distinct, "distinct_midpoint_ancestors": None,
                                                        "distinct_roots": None}, None))
-    return out
+    return out, digits[:size]
 
 
 def run_cell(models: SamplingModels, spec: MethodSpec, cls: int, seed: int, cfg: MnistBenchConfig,
@@ -93,10 +99,10 @@ def run_cell(models: SamplingModels, spec: MethodSpec, cls: int, seed: int, cfg:
     reward = ClassifierReward(models.reward_classifier, cls)
     n_pop = populations(spec, cfg, tuning)
     keep = samples_per_population(spec, cfg)
-    records, curves = [], []
+    records, curves, first = [], [], None
     calls = {"denoiser_calls": 0, "reward_calls": 0, "wall_seconds": 0.0}
     if spec.method == "real":
-        records = _real_populations(models, reward, cls, seed, n_pop, cfg.n_particles)
+        records, first = _real_populations(models, reward, cls, seed, n_pop, cfg.n_particles)
     for p in range(n_pop if spec.method != "real" else 0):
         config = replace(sampler_config(spec, seed, cfg), seed=population_seed(seed, cls, p))
         res = fv.sample(spec.method, models.ddpm, reward, config=config)
@@ -108,6 +114,7 @@ def run_cell(models: SamplingModels, spec: MethodSpec, cls: int, seed: int, cfg:
         else:
             kept, rewards, diversity = res.samples, res.rewards, res.diversity().as_dict()
         records.append(_population_record(kept, rewards.double().cpu(), diversity, res.distinct_lineages()))
+        first = kept if first is None else first
         curves.append(res.lineage.genealogy_curve())
         calls["denoiser_calls"] += res.cost.denoiser_calls
         calls["reward_calls"] += res.cost.reward_calls
@@ -116,9 +123,19 @@ def run_cell(models: SamplingModels, spec: MethodSpec, cls: int, seed: int, cfg:
         "class": cls, "seed": seed, "resolved": resolved(spec, seed, cfg, tuning), "label": spec.label,
         "method": spec.method, "options": spec.options, "populations": n_pop,
         "n_samples": sum(r["n"] for r in records), "per_population": records,
+        "preview": encode_images(first[:PREVIEW_IMAGES]),
         "genealogy": torch.tensor(curves, dtype=torch.float64).mean(0).tolist() if curves else None,
         **calls, "device": models.device, "threads": torch.get_num_threads(),
     }
+
+
+def without_images(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with its populations' images dropped (its preview stays)."""
+    return {**row, "per_population": [{k: v for k, v in p.items() if k != "images"} for p in row["per_population"]]}
+
+
+def has_images(row: dict[str, Any]) -> bool:
+    return all("images" in p for p in row["per_population"])
 
 
 def population_images(row: dict[str, Any]) -> list[torch.Tensor]:

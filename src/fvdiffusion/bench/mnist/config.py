@@ -12,8 +12,8 @@ from fvdiffusion.bench.mnist.methods import (
 )
 
 TUNING_CLASSES = (2, 5, 8)
-# settings that change how a run executes, never its numbers (so a preset stays that preset)
-EXECUTION_FIELDS = ("device", "batch_size", "workers")
+# settings that change how a run executes or what it keeps, never its numbers (a preset stays that preset)
+EXECUTION_FIELDS = ("device", "batch_size", "workers", "store_images")
 
 
 def _check_ints(name: str, values: tuple[int, ...], minimum: int, maximum: int | None = None,
@@ -45,7 +45,9 @@ class MnistBenchConfig:
     first ``grid_points`` points of each grid and ``tuning_samples`` samples per cell (None:
     ``samples_per_cell``). ``feature_spaces`` None means every space of
     ``metrics.feature_spaces`` whose network is installed. ``workers`` > 1 runs cells in that
-    many processes (one torch thread each on a CPU).
+    many processes (one torch thread each on a CPU). ``store_images``: keep every sample in
+    results.jsonl (so other feature spaces or bootstrap sizes can be scored later); without them
+    a row keeps its scores and a preview only.
     """
 
     classes: tuple[int, ...] = tuple(range(NUM_CLASSES))
@@ -68,6 +70,7 @@ class MnistBenchConfig:
     device: str = "cpu"
     batch_size: int | None = None
     workers: int = 1
+    store_images: bool = True
 
     def __post_init__(self) -> None:
         _check_ints("classes", self.classes, 0, NUM_CLASSES - 1)
@@ -146,8 +149,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (512 samples per tuning cell). Unsteered, ablation, value-based and scaling rows are opt-in
     # (--methods, --svdd-candidates, --dts-rollouts, --scaling-steps): they would double the cost.
     # Several processes share the GPU, because one population of 64 cannot fill it.
+    # Rows keep scores, not images: with images the file would be about 100 MB.
     "gpu": dict(rows=MAIN_ROWS, svdd_candidates=(), dts_rollout_factors=(), scaling_steps=(), device="cuda",
-                workers=8),
+                workers=8, store_images=False),
 }
 
 

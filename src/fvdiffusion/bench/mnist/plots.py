@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fvdiffusion.bench.images import grid, save_figure
-from fvdiffusion.bench.mnist.cells import decode_images
+from fvdiffusion.bench.mnist.cells import PREVIEW_IMAGES, decode_images
 from fvdiffusion.bench.mnist.methods import REAL_LABEL
 from fvdiffusion.bench.mnist.report import LabelSummary
 from fvdiffusion.bench.mnist.run import BenchOutcome
@@ -100,8 +100,8 @@ def plot_lineages(summaries: list[LabelSummary], path: Path, labels: tuple[str, 
 
 
 def plot_sample_grid(outcome: BenchOutcome, summaries: list[LabelSummary], space: str, path: Path,
-                     per_row: int = 16) -> Path | None:
-    """The first samples of each method's first population (first class and seed of the run), FID in the label."""
+                     per_row: int = PREVIEW_IMAGES) -> Path | None:
+    """The preview samples of each method's first population (first class and seed of the run), FID in the label."""
     if not outcome.rows:
         return None
     cls, seed = outcome.rows[0]["class"], outcome.rows[0]["seed"]
@@ -112,7 +112,7 @@ def plot_sample_grid(outcome: BenchOutcome, summaries: list[LabelSummary], space
     plt = _pyplot()
     fig, axes = plt.subplots(len(order), 1, figsize=(per_row * 0.55 + 2.4, 0.72 * len(order) + 0.5), squeeze=False)
     for ax, s in zip(axes[:, 0], order):
-        images = decode_images(stored[s.label]["per_population"][0]["images"])[:per_row]
+        images = decode_images(stored[s.label]["preview"])[:per_row]
         ax.imshow(grid(images, ncols=per_row).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=255)
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_ylabel(f"{s.label}\nFID {s.fid[space].estimate:.1f}", rotation=0, ha="right", va="center", fontsize=8)

@@ -337,7 +337,8 @@ def mnist_report(outcome: BenchOutcome, cfg: MnistBenchConfig, scorer: Scorer, c
 def reproduce_command(cfg: MnistBenchConfig, out_dir: Path) -> str:
     """The command line that reruns (or resumes) exactly this configuration."""
     preset = preset_name(cfg)
-    tail = f" --device {cfg.device} --workers {cfg.workers}" + (f" --batch-size {cfg.batch_size}" if cfg.batch_size else "")
+    tail = (f" --device {cfg.device} --workers {cfg.workers}" + (f" --batch-size {cfg.batch_size}" if cfg.batch_size else "")
+            + ("" if cfg.store_images == (preset != "gpu") else " --images" if cfg.store_images else " --no-images"))
     if preset is not None:
         return f"fvd bench mnist --preset {preset}{tail} --out {out_dir}"
     ints = lambda values: ",".join(str(v) for v in values)

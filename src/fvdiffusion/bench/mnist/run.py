@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fvdiffusion.bench.jsonl import ResultLog
-from fvdiffusion.bench.mnist.cells import SamplingModels, run_cell
+from fvdiffusion.bench.mnist.cells import SamplingModels, run_cell, without_images
 from fvdiffusion.bench.mnist.config import MnistBenchConfig
 from fvdiffusion.bench.mnist.methods import (
     SMC_FAMILIES, TUNING_SEED, PlannedMethod, describe, estimated_calls, plan, resolved, tuned_label, tuning_points,
@@ -201,11 +201,14 @@ def run_mnist_bench(cfg: MnistBenchConfig, out_dir: Path, scorer=None, progress_
                     on_cell: Callable[[dict[str, Any]], None] | None = None) -> BenchOutcome:
     """Run (or resume) the benchmark and return its outcome.
 
-    ``scorer`` (a ``scoring.Scorer``) picks the tuned settings; it is needed only when tuning.
+    ``scorer`` (a ``scoring.Scorer``) scores each finished cell into its row and picks the tuned
+    settings; it is needed when tuning or when ``store_images`` is off.
     ``compute=False`` only reads the file (cells not in it are left out). ``on_cell`` is called
     with each newly computed row after it is written. ``threads``: torch threads per worker
     process (default 1 when ``workers`` > 1).
     """
+    if scorer is None and (cfg.tune or not cfg.store_images):
+        raise ValueError("run_mnist_bench needs a scorer to tune or to keep rows without images")
     log = ResultLog(Path(out_dir) / RESULTS_FILE, KEY_FIELDS)
     done: dict[tuple, dict[str, Any]] = {log.key(r): r for r in log.rows}
     key = lambda t: (t.cls, t.seed, resolved(t.spec, t.seed, cfg, t.tuning))
@@ -253,6 +256,10 @@ def run_mnist_bench(cfg: MnistBenchConfig, out_dir: Path, scorer=None, progress_
             for future in finished:
                 task = in_flight.pop(future)
                 row = future.result()
+                if scorer is not None:  # scored now, so a row without images still reports
+                    row["scores"] = scorer.record(row, task.tuning)
+                if not cfg.store_images:
+                    row = without_images(row)
                 log.append(row)
                 done[key(task)] = row
                 running.discard(key(task))

@@ -12,14 +12,16 @@ comparison keeps that pairing.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from fvdiffusion.bench.grouped_metrics import GroupedSet, Reference, fid, kid
-from fvdiffusion.bench.mnist.cells import population_images
+from fvdiffusion.bench.mnist.cells import has_images, population_images
 from fvdiffusion.bench.mnist.config import MnistBenchConfig
 from fvdiffusion.bench.paired_stats import resample_counts
 
@@ -39,6 +41,39 @@ class CellScore:
     fid_replicates: dict[str, Tensor]
     kid_replicates: dict[str, Tensor]
     accuracy: float
+
+
+def _pack(values: Tensor) -> str:
+    """Bootstrap replicates as base64 float32 (a fifth of their JSON text; rounding far below the spread)."""
+    return base64.b64encode(values.to(torch.float32).numpy().tobytes()).decode("ascii")
+
+
+def _unpack(text: str) -> Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.float32).copy()).double()
+
+
+def score_record(score: CellScore, n_boot: int) -> dict[str, Any]:
+    """What a results.jsonl row keeps of its score, so that a report needs no images."""
+    return {"bootstrap": n_boot, "populations": score.populations, "accuracy": score.accuracy,
+            "spaces": {space: {"fid": score.fid[space], "kid": score.kid[space],
+                               "fid_replicates": _pack(score.fid_replicates[space]),
+                               "kid_replicates": _pack(score.kid_replicates[space])} for space in score.fid}}
+
+
+def score_from_record(record: dict[str, Any], spaces: tuple[str, ...], n_boot: int) -> CellScore:
+    """The stored score of a row, if it has every space asked for and as many bootstrap draws (else ValueError)."""
+    missing = [s for s in spaces if s not in record["spaces"]]
+    if missing or (n_boot and record["bootstrap"] != n_boot):
+        raise ValueError(f"a row without images stores scores for spaces {sorted(record['spaces'])} with "
+                         f"{record['bootstrap']} bootstrap draws; asked for {list(spaces)} with {n_boot}: rerun with "
+                         "those, or recompute the cell with images")
+    stored = {s: record["spaces"][s] for s in spaces}
+    return CellScore(populations=record["populations"], accuracy=record["accuracy"],
+                     fid={s: v["fid"] for s, v in stored.items()}, kid={s: v["kid"] for s, v in stored.items()},
+                     fid_replicates={s: _unpack(v["fid_replicates"]) if n_boot else torch.zeros(0)
+                                     for s, v in stored.items()},
+                     kid_replicates={s: _unpack(v["kid_replicates"]) if n_boot else torch.zeros(0)
+                                     for s, v in stored.items()})
 
 
 def bootstrap_counts(cls: int, seed: int, n_populations: int, n_boot: int) -> Tensor:
@@ -61,6 +96,7 @@ class Scorer:
         self._references: dict[tuple[str, int], Reference] = {}
         self._fid_checks: dict[tuple[str, int], Any] = {}
         self._cache: dict[tuple, CellScore] = {}
+        self._points: dict[tuple, CellScore] = {}
         self._eval_net = None
         self.unavailable: dict[str, str] = {}
         requested = cfg.feature_spaces or tuple(FEATURE_SPACES)
@@ -118,9 +154,22 @@ class Scorer:
     def points(self, row: dict[str, Any]) -> CellScore:
         """Points only (tuning needs no interval); replicates are empty."""
         key = (row["class"], row["seed"], row["resolved"])
-        return self._cache[key] if key in self._cache else self._score(row, 0)
+        if key in self._cache:
+            return self._cache[key]
+        if key not in self._points:
+            self._points[key] = self._score(row, 0)
+        return self._points[key]
+
+    def record(self, row: dict[str, Any], tuning: bool) -> dict[str, Any]:
+        """The score to store in a freshly computed row (points only for a tuning cell)."""
+        n_boot = 0 if tuning else self.cfg.bootstrap
+        return score_record(self.points(row) if tuning else self.score(row), n_boot)
 
     def _score(self, row: dict[str, Any], n_boot: int) -> CellScore:
+        if not has_images(row):
+            if "scores" not in row:
+                raise ValueError(f"row {row['label']} class {row['class']} seed {row['seed']} has neither images nor scores")
+            return score_from_record(row["scores"], self.spaces, n_boot)
         cls, images = row["class"], population_images(row)
         counts = (bootstrap_counts(cls, row["seed"], len(images), n_boot) if n_boot
                   else torch.zeros(0, len(images), dtype=torch.int64))
