@@ -129,6 +129,7 @@ def test_percentile_and_mean_intervals():
     (-30.0, -5.0, "consistent with the claim"),
     (-12.0, -3.0, "not supported"),
     (-5.0, 8.0, "not significantly different; the claim is not supported"),
+    (-25.0, 10.0, "not significantly different; too wide to decide"),
 ])
 def test_claim_verdicts(low, high, expected):
     assert expected in ClaimVerdict(Interval((low + high) / 2, low, high), -20.0, -14.0).text

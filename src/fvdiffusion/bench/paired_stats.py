@@ -144,6 +144,8 @@ class ClaimVerdict:
             claim = "the claim is not supported (the whole interval lies above the claimed range)"
         elif lo >= self.claimed_low and hi <= self.claimed_high:
             claim = "the interval lies inside the claimed range: it supports the claim"
+        elif lo <= 0 <= hi:
+            claim = "too wide to decide: the interval holds both the claimed range and no change"
         else:
             claim = "the interval overlaps the claimed range but is wider than it: consistent with the claim, not proof of it"
         return f"{direction}; {claim}"
