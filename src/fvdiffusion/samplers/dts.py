@@ -10,11 +10,25 @@ A rollout descends from the root. At a node it *expands* a new child, drawn from
 DDIM(η) kernel, while the node has fewer children than allowed (``max_children``, or
 min(max_children, ⌈C·visits^α⌉) with progressive widening) and the node budget has room for
 the whole new chain down to a leaf; otherwise it *selects* an existing child with probability
-softmax(λ V(child)) (argmax for dts*). After an expansion every deeper node is new, so the
-rollout keeps expanding to a leaf. The leaf's value is its reward and every node on the path
-backs up V(s) = (1/λ) log mean_c exp(λ V(c)) over its children (max when λ = inf, mean
-when λ = 0). Children are draws from the base kernel, so the plain mean estimates the soft
-value (1/λ) log E_p[exp(λ V)] and descending by softmax(λ V) targets p·exp(λ r).
+softmax(λ V(child)) mixed with a uniform pick (weight ``explore``). After an expansion every
+deeper node is new, so the rollout keeps expanding to a leaf.
+
+Soft values are consistent estimates of V(s) = (1/λ) log E_{p(x0|s)}[exp(λ r(x0))]. Children
+are base-kernel draws, so the target at s is the uniform mean over its children of
+exp(λ V(child)); a rollout that selected child c among n with probability P carries the
+importance weight 1/(n·P) for that choice, and V(s) is (1/λ) log of the mean, over every
+rollout through s, of w·exp(λ r) (w: the product of its weights below s; mean w·r when
+λ = 0). Each term is unbiased given the tree, however the rollouts were routed. (The
+nested backup log mean_c exp(λ V(c)) is not: the children the descents favour get refined
+and regress to the mean while the others keep their low first estimates, so it drifts low
+as rollouts grow.) The uniform share ``explore`` keeps every child revisited, so no estimate
+is stuck at an unlucky first leaf, and bounds each weight by 1/explore.
+
+The N final descents follow each child's share of the importance mass Σ w·exp(λ r) (w from
+the root) of the rollouts through it, so a descent ends at a leaf with probability ∝ the
+importance weights of the rollouts that reached it: self-normalised importance sampling of
+p·exp(λ r) over all rollouts. dts* (argmax descent) and λ = inf cannot weight a choice that
+had probability 0: they keep the nested backup (max at λ = inf) and descend by argmax.
 
 Rollouts run in batches of ``rollouts_per_batch`` that move level by level, so all the new
 nodes of a level cost one micro-batched denoiser call. Inside a level the decisions are made
@@ -22,8 +36,8 @@ one rollout at a time (rollouts already on a new chain first), so ``max_children
 node budget hold exactly. A rollout at a node whose only children are being created at
 this level (their values are not known yet) joins one of them uniformly at random.
 
-Every stored node at depth < K−1 has at least one child, so the N final descents (the same
-rule, without expansion) always end at a leaf: denoiser calls = nodes in the tree, reward
+Every stored node at depth < K−1 has at least one child, so the N final descents (without
+expansion) always end at a leaf: denoiser calls = nodes in the tree, reward
 calls = leaves in the tree, nothing else.
 """
 
@@ -56,6 +70,8 @@ class DTSConfig(CommonConfig):
     node_budget: most nodes the tree may hold; when reached, rollouts only descend.
     rollouts_per_batch: rollouts advanced together (None = n_particles).  greedy: dts*,
     argmax descent in rollouts and final samples.  lam: softmax(λ V); inf = argmax.  eta > 0.
+    explore: share of a uniform pick in the rollouts' selection (not dts*); > 0 keeps every
+    child's estimate converging (0.5 was best of {0.1, 0.25, 0.5, 0.75, 1} on the toy's tuning seed).
     """
 
     n_rollouts: int = 256
@@ -65,6 +81,7 @@ class DTSConfig(CommonConfig):
     node_budget: int = 100_000
     rollouts_per_batch: int | None = None
     greedy: bool = False
+    explore: float = 0.5
 
     allow_infinite_lambda = True
 
@@ -83,6 +100,7 @@ class DTSConfig(CommonConfig):
             check_int("rollouts_per_batch", self.rollouts_per_batch, 1)
         if not isinstance(self.greedy, bool):
             raise ConfigError(f"invalid greedy={self.greedy!r}: expected True or False")
+        check_float("explore", self.explore, 0.0, 1.0)
         require_stochastic_kernel(self.eta, "dts")
 
 
@@ -96,8 +114,10 @@ class DTSStarConfig(DTSConfig):
 class SearchTree:
     """Node storage, grown by doubling up to the node budget (never beyond it)."""
 
-    def __init__(self, sample_shape: tuple[int, ...], max_children: int, node_budget: int) -> None:
+    def __init__(self, sample_shape: tuple[int, ...], max_children: int, node_budget: int,
+                 empty_return: float = -math.inf) -> None:
         self.sample_shape = sample_shape
+        self.empty_return = empty_return
         self.max_children = max_children
         self.node_budget = node_budget
         self.n_nodes = 0
@@ -106,6 +126,10 @@ class SearchTree:
         self.children = torch.empty(0, max_children, dtype=torch.long)  # −1 = no child
         self.value = torch.empty(0, dtype=torch.float64)   # soft value V (leaf: reward, −inf if not finite)
         self.reward = torch.empty(0, dtype=torch.float64)  # leaf reward (NaN for inner nodes)
+        # the rollouts through the node: sum of their returns weighted from the node (see SoftMean),
+        # and log of the sum of their importance weights from the root (what the final descents follow)
+        self.returns = torch.empty(0, dtype=torch.float64)
+        self.log_mass = torch.empty(0, dtype=torch.float64)
         self.depth = torch.empty(0, dtype=torch.long)
         self.n_children: list[int] = []
         self.visits: list[int] = []
@@ -115,9 +139,9 @@ class SearchTree:
         return self.value.numel()
 
     def bytes_per_node(self) -> int:
-        """x̂0 and ε̂, the children row, value, reward, depth, and two list slots (children count, visits)."""
+        """x̂0, ε̂, the children row, value, reward, returns, mass, depth, two list slots (children count, visits)."""
         numel = math.prod(self.sample_shape)
-        return 2 * numel * self.x0_hat.element_size() + (self.max_children + 5) * _INDEX_BYTES
+        return 2 * numel * self.x0_hat.element_size() + (self.max_children + 7) * _INDEX_BYTES
 
     def add(self, parents: list[int], pred: Prediction, depth: int) -> Tensor:
         """Store new nodes (one per row of ``pred``) as children of ``parents`` (−1: the root)."""
@@ -129,6 +153,8 @@ class SearchTree:
         self.eps_hat[dev_ids] = pred.eps
         self.value[ids] = math.nan
         self.reward[ids] = math.nan
+        self.returns[ids] = self.empty_return
+        self.log_mass[ids] = -math.inf
         self.depth[ids] = depth
         linked = [(p, i) for p, i in zip(parents, ids.tolist()) if p >= 0]
         for p, i in linked:
@@ -153,6 +179,8 @@ class SearchTree:
         self.children = torch.cat([self.children, torch.full((extra, self.max_children), -1, dtype=torch.long)])
         self.value = torch.cat([self.value, torch.empty(extra, dtype=torch.float64)])
         self.reward = torch.cat([self.reward, torch.empty(extra, dtype=torch.float64)])
+        self.returns = torch.cat([self.returns, torch.empty(extra, dtype=torch.float64)])
+        self.log_mass = torch.cat([self.log_mass, torch.empty(extra, dtype=torch.float64)])
         self.depth = torch.cat([self.depth, torch.empty(extra, dtype=torch.long)])
 
     def child_table(self, nodes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -170,6 +198,10 @@ class _Batch:
     current: list[int]   # node of each rollout
     fresh: list[bool]    # on a new chain: every deeper node is created by this rollout
     reserved: int = 0    # nodes promised to fresh chains but not created yet
+    paths: list[list[int]] = field(default_factory=list)  # node of each rollout at each depth passed
+    # per depth passed, log[(1/n) / P(the child taken)]: the importance ratio of a uniform pick among
+    # the n existing children against the search pick made (0 when the child was new)
+    log_ratios: list[Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -184,6 +216,41 @@ class _Level:
     joiners: list[int] = field(default_factory=list)      # rollouts joining a child created now
 
 
+def _log_add_at(acc: Tensor, index: Tensor, log_terms: Tensor) -> None:
+    """acc[index[j]] = log(exp(acc[index[j]]) + exp(log_terms[j])) in place, repeated indices summed, stably."""
+    nodes, inverse = index.unique(return_inverse=True)
+    local = acc[nodes]
+    peak = local.scatter_reduce(0, inverse, log_terms, reduce="amax", include_self=True)
+    shift = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # nothing yet: stays −inf
+    total = (local - shift).exp().index_add(0, inverse, (log_terms - shift[inverse]).exp())
+    acc[nodes] = shift + total.log()
+
+
+@dataclass(frozen=True)
+class SoftMean:
+    """V(s) from the weighted returns of the rollouts through s: the soft mean (1/λ) log mean w·exp(λ r).
+
+    The accumulator is log Σ w·exp(λ r) for λ > 0 and Σ w·r for λ = 0 (the limit: V = mean w·r).
+    """
+
+    lam: float
+
+    @property
+    def empty(self) -> float:
+        return -math.inf if self.lam > 0 else 0.0
+
+    def accumulate(self, acc: Tensor, index: Tensor, log_weight: Tensor, reward: Tensor) -> None:
+        if self.lam > 0:
+            _log_add_at(acc, index, log_weight + self.lam * reward)
+        else:  # a worthless leaf (r = −inf) makes the mean −inf, as it would with λ > 0 in the limit
+            acc.index_add_(0, index, torch.where(torch.isneginf(reward), reward, log_weight.exp() * reward))
+
+    def value(self, acc: Tensor, visits: Tensor) -> Tensor:
+        if self.lam > 0:
+            return (acc - visits.log()) / self.lam
+        return acc / visits
+
+
 class TreeSearch:
     """The search state of one run: the tree, the cost context and the batch logic."""
 
@@ -194,9 +261,13 @@ class TreeSearch:
         self.timesteps = denoiser.schedule.timesteps(config.num_steps).tolist()
         self.alpha_bars = [float(denoiser.schedule.alpha_bar(t)) for t in self.timesteps]
         self.leaf_depth = config.num_steps - 1
-        self.tree = SearchTree(self.sample_shape, config.max_children, config.node_budget)
+        self.soft_mean = SoftMean(config.lam)
+        self.tree = SearchTree(self.sample_shape, config.max_children, config.node_budget, self.soft_mean.empty)
         self.rollouts = 0
         self.blocked_by_budget = 0  # expansions the node budget refused
+        # Boltzmann descent gives every child positive probability, so returns can be importance
+        # weighted; argmax descent (dts*, λ = inf) cannot be, and keeps the nested backup
+        self.weighted = not (config.greedy or math.isinf(config.lam))
 
     # --- nodes ------------------------------------------------------------------------
     def create(self, parents: list[int], x: Tensor, depth: int) -> Tensor:
@@ -218,18 +289,38 @@ class TreeSearch:
             return cfg.max_children
         return min(cfg.max_children, math.ceil(cfg.widening_c * self.tree.visits[node] ** cfg.widening_alpha))
 
-    def descent_probabilities(self, nodes: Tensor) -> tuple[Tensor, Tensor]:
-        """(children [n, C], probability of descending to each) under softmax(λ V) / argmax."""
+    def search_probabilities(self, nodes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(children [n, C], which exist, probability that a rollout selects each).
+
+        softmax(λ V) (argmax for dts*), mixed with a uniform pick (weight ``explore``) when the
+        returns are importance weighted: every child keeps being revisited, so its estimate
+        converges however unlucky its first leaf was, and no weight exceeds 1 / explore per level.
+        """
         kids, exists, values = self.tree.child_table(nodes)
+        probs = choice_probabilities(values, exists, self.config.lam, self.config.greedy)
+        if self.weighted and self.config.explore > 0:
+            uniform = exists.to(probs.dtype) / exists.sum(dim=1, keepdim=True)
+            probs = (1 - self.config.explore) * probs + self.config.explore * uniform
+        return kids, exists, probs
+
+    def descent_probabilities(self, nodes: Tensor) -> tuple[Tensor, Tensor]:
+        """(children [n, C], probability that a final descent takes each).
+
+        Weighted returns: each child's share of the importance mass, so a descent ends at a leaf
+        with probability ∝ the summed importance weights w·exp(λ r) of the rollouts that reached
+        it (self-normalised importance sampling over all rollouts). Otherwise softmax(λ V) / argmax.
+        """
+        kids, exists, values = self.tree.child_table(nodes)
+        if self.weighted:
+            return kids, choice_probabilities(self.tree.log_mass[kids], exists, 1.0)
         return kids, choice_probabilities(values, exists, self.config.lam, self.config.greedy)
 
     # --- rollouts ---------------------------------------------------------------------
     def run_batch(self, size: int) -> None:
         """``size`` rollouts from the root to leaves, then one backup of every node they passed."""
         batch = _Batch(current=[0] * size, fresh=[False] * size)
-        paths = []
         for depth in range(self.leaf_depth):
-            paths.append(batch.current)
+            batch.paths.append(batch.current)
             uniforms = self.ctx.rand(size)
             # drawn for every rollout, so the random stream never depends on who expands
             noise = self.ctx.randn((size, *self.sample_shape))
@@ -246,8 +337,11 @@ class TreeSearch:
             batch.current = following
         for leaf in batch.current:
             self.tree.visits[leaf] += 1
-        for nodes in reversed(paths):
-            self.backup(torch.tensor(sorted(set(nodes))))
+        if self.weighted:
+            self.backup(batch)
+        else:
+            for nodes in reversed(batch.paths):
+                self.backup_nested(torch.tensor(sorted(set(nodes))))
         self.rollouts += size
 
     def _decide(self, batch: "_Batch", depth: int) -> "_Level":
@@ -278,18 +372,49 @@ class TreeSearch:
     def _follow(self, batch: "_Batch", level: "_Level", uniforms: Tensor) -> list[int]:
         """The node each rollout moves to: its new child, a Boltzmann-chosen child, or a joined new child."""
         following = [level.new_ids.get(i, -1) for i in range(len(batch.current))]
+        log_ratio = torch.zeros(len(batch.current), dtype=torch.float64)
         if level.selectors:
-            kids, probs = self.descent_probabilities(torch.tensor([batch.current[i] for i in level.selectors]))
-            picks = kids[torch.arange(len(level.selectors)), draw_from(probs, uniforms[level.selectors])]
-            for i, child in zip(level.selectors, picks.tolist()):
+            kids, exists, probs = self.search_probabilities(torch.tensor([batch.current[i] for i in level.selectors]))
+            rows = torch.arange(len(level.selectors))
+            columns = draw_from(probs, uniforms[level.selectors])
+            n_existing = exists.sum(dim=1).to(torch.float64)
+            log_ratio[level.selectors] = -(n_existing.log() + probs[rows, columns].log())
+            for i, child in zip(level.selectors, kids[rows, columns].tolist()):
                 following[i] = child
+        batch.log_ratios.append(log_ratio)
         for i in level.joiners:
             options = level.pending[batch.current[i]]
             following[i] = options[int(float(uniforms[i]) * len(options))]
         return following
 
-    def backup(self, nodes: Tensor) -> None:
-        """V(s) = (1/λ) log mean_c exp(λ V(c)) over existing children (max at λ = inf, mean at λ = 0)."""
+    def backup(self, batch: "_Batch") -> None:
+        """Add each rollout's importance-weighted return to every node it passed, then refresh V there.
+
+        A rollout's return seen from node s is exp(λ r) · w, w = Π 1 / (n_d · P_d) over the choices
+        it made below s among n_d existing children with search probability P_d (a new child is a
+        base-kernel draw and needs no weight). Given the tree before the batch, w·exp(λ r) is an
+        unbiased estimate of the uniform-over-children value that the nested backup
+        (1/λ) log mean_c exp(λ V(c)) estimates, whatever routed the rollout. The nested mean is not:
+        rollouts refine the children whose first estimates were high (which then regress to the
+        mean) and leave the others at their low first estimates, so it drifts low as rollouts grow.
+        """
+        tree, est = self.tree, self.soft_mean
+        leaves = torch.tensor(batch.current)
+        reward = tree.value[leaves]  # the leaf's potential: its reward, −inf if not finite
+        log_weight = torch.zeros(len(leaves), dtype=torch.float64)
+        for nodes, log_ratio in zip(reversed(batch.paths), reversed(batch.log_ratios)):
+            log_weight = log_weight + log_ratio  # the choice made at this depth weighs the return from here up
+            est.accumulate(tree.returns, torch.tensor(nodes), log_weight, reward)
+        # from the root, w·exp(λ r) is the rollout's importance weight for the final descents
+        log_mass = torch.where(torch.isneginf(reward), reward, log_weight + self.config.lam * reward)
+        passed = torch.cat([torch.tensor(nodes) for nodes in batch.paths] + [leaves])
+        _log_add_at(tree.log_mass, passed, log_mass.repeat(len(batch.paths) + 1))
+        inner = torch.tensor(sorted({node for nodes in batch.paths for node in nodes}))
+        visits = torch.tensor([tree.visits[i] for i in inner.tolist()], dtype=torch.float64)
+        tree.value[inner] = est.value(tree.returns[inner], visits)
+
+    def backup_nested(self, nodes: Tensor) -> None:
+        """V(s) = (1/λ) log mean_c exp(λ V(c)) over existing children (max at λ = inf), for argmax descent."""
         _, exists, values = self.tree.child_table(nodes)
         values = torch.where(exists, values, torch.full_like(values, -math.inf))
         lam = self.config.lam
