@@ -102,10 +102,11 @@ def plot_lineages(summaries: list[LabelSummary], path: Path, labels: tuple[str, 
 def plot_sample_grid(outcome: BenchOutcome, summaries: list[LabelSummary], space: str, path: Path,
                      per_row: int = PREVIEW_IMAGES) -> Path | None:
     """The preview samples of each method's first population (first class and seed of the run), FID in the label."""
-    if not outcome.rows:
+    previewed = [r for r in outcome.rows if "preview" in r]  # rows written before previews existed have none
+    if not previewed:
         return None
-    cls, seed = outcome.rows[0]["class"], outcome.rows[0]["seed"]
-    stored = {r["label"]: r for r in outcome.rows if (r["class"], r["seed"]) == (cls, seed)}
+    cls, seed = previewed[0]["class"], previewed[0]["seed"]
+    stored = {r["label"]: r for r in previewed if (r["class"], r["seed"]) == (cls, seed)}
     order = [s for s in summaries if s.label in stored and s.group != "scaling" and s.same_as is None]
     if not order:
         return None
