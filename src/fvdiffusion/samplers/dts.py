@@ -139,7 +139,7 @@ class SearchTree:
         return self.value.numel()
 
     def bytes_per_node(self) -> int:
-        """x̂0, ε̂, the children row, value, reward, returns, mass, depth, two list slots (children count, visits)."""
+        """x̂0, ε̂, the children row, value, reward, returns, mass, depth, 2 list slots (children count, visits)."""
         numel = math.prod(self.sample_shape)
         return 2 * numel * self.x0_hat.element_size() + (self.max_children + 7) * _INDEX_BYTES
 
