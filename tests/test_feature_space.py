@@ -186,7 +186,7 @@ def test_train_features_cli_reports_bad_arguments_in_one_line(args, message):
     import typer
     from typer.testing import CliRunner
 
-    from fvdiffusion.train.commands import register
+    from fvdiffusion.cli.train import register
 
     app = typer.Typer()
     register(app)

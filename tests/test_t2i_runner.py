@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "t2i"))
 import tiny_diffusers  # noqa: E402
 from tiny_diffusers import one_thread  # noqa: E402,F401  (autouse fixture)
 
-from fvdiffusion.bench.t2i import read_prompts, register  # noqa: E402
+from fvdiffusion.bench.t2i import read_prompts  # noqa: E402
+from fvdiffusion.cli.t2i import register  # noqa: E402
 
 PROMPTS = ["a red apple", "the sea at night", "a cat and a dog"]
 
@@ -123,3 +124,10 @@ def test_refuses_to_mix_runs_with_different_settings(app, model_dir, prompts_txt
     out = tmp_path / "run"
     assert invoke(app, model_dir, prompts_txt, out).exit_code == 0
     one_line_error(invoke(app, model_dir, prompts_txt, out, "--lam", "3"), "lam")
+
+
+def test_cli_help_names_match_the_runner():
+    from fvdiffusion.bench import t2i as runner
+    from fvdiffusion.cli import t2i as command
+
+    assert command.REWARD_NAMES == tuple(runner.REWARDS) and command.DTYPE_NAMES == runner.DTYPES

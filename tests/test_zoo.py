@@ -300,7 +300,7 @@ def _train_cli(args: list[str]):
     import typer
     from typer.testing import CliRunner
 
-    from fvdiffusion.train.commands import register
+    from fvdiffusion.cli.train import register
 
     app = typer.Typer()
     register(app)

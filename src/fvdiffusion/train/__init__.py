@@ -1,4 +1,4 @@
 """The recipes that produced the zoo (``fvd train ...``): DDPM, classifiers, export, quality check.
 
-Submodules are imported on use; ``commands.register(app)`` adds the CLI group.
+Submodules are imported on use; the CLI group lives in :mod:`fvdiffusion.cli.train`.
 """

@@ -9,7 +9,8 @@ from typing import Any, List, Optional
 
 import typer
 
-from fvdiffusion.bench.options import parse_options
+from fvdiffusion.cli.errors import fail
+from fvdiffusion.cli.options import parse_options
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,6 @@ def register(app: typer.Typer) -> None:
         """
         import torch
 
-        from fvdiffusion.cli import _fail
         from fvdiffusion.loop import RewardError
         from fvdiffusion.zoo.loaders import WeightsError, WeightsMissingError
 
@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
                             parse_options(option), weights_dir, device)
             report = run_sample_job(job, out, progress=progress)
         except (ValueError, WeightsMissingError, WeightsError, RewardError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         for name, run in report["runs"].items():
             bad = f", NON-FINITE rewards {run['nonfinite_rewards']}" if run["nonfinite_rewards"] else ""
             typer.echo(f"{name}: reward {run['reward_mean']:.3f}, eval accuracy {run['eval_accuracy']:.2f}, "

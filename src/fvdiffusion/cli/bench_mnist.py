@@ -1,4 +1,4 @@
-"""The ``fvd bench`` command group and its ``mnist`` command (mounted by cli.py).
+"""The ``fvd bench`` command group and its ``mnist`` command.
 
 Heavy imports happen inside the command so that ``fvd --help`` stays fast.
 """
@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from fvdiffusion.cli.errors import fail
 
 DEFAULT_OUT = Path("benchmarks/mnist")
 
@@ -88,7 +90,7 @@ def mnist_command(
 
     if quick:
         if preset not in (None, "quick"):
-            _fail(f"--quick conflicts with --preset {preset}")
+            fail(f"--quick conflicts with --preset {preset}")
         preset = "quick"
     if threads is not None:
         torch.set_num_threads(threads)
@@ -108,25 +110,20 @@ def mnist_command(
         else:
             cfg = MnistBenchConfig(**{k: v for k, v in values.items() if v is not None})
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     out_dir = out or (DEFAULT_OUT / preset if preset else DEFAULT_OUT)
     try:
         scorer = Scorer(cfg)
         outcome = run_mnist_bench(cfg, out_dir, scorer, progress_bar=progress, compute=not report_only, threads=threads)
     except (ValueError, FileNotFoundError) as exc:  # missing data or weights, unusable device
-        _fail(str(exc))
+        fail(str(exc))
     if not outcome.rows:
-        _fail(f"no finished cells in {Path(out_dir) / 'results.jsonl'}")
+        fail(f"no finished cells in {Path(out_dir) / 'results.jsonl'}")
     summaries = summarise(outcome, scorer)
     report = mnist_report(outcome, cfg, scorer, reproduce_command(cfg, out_dir), summaries)
     (Path(out_dir) / "results.md").write_text(report)
     figures = write_figures(outcome, summaries, scorer.primary, out_dir)
     typer.echo(f"wrote {Path(out_dir) / 'results.md'} and {', '.join(str(p) for p in figures)}")
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(2)
 
 
 def register(app: typer.Typer) -> None:

@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from fvdiffusion.cli.errors import fail
+
 from fvdiffusion.train.classifier import ClassifierTrainConfig
 from fvdiffusion.train.ddpm import DDPMTrainConfig
 from fvdiffusion.train.feature_net import FeatureNetTrainConfig
@@ -170,14 +172,14 @@ def _setup(device: str, threads: int | None) -> None:
 
     if threads is not None:
         if threads < 1:
-            _fail(f"--threads must be >= 1, got {threads}")
+            fail(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     try:
         dev = torch.device(device)
     except RuntimeError:
-        _fail(f"--device: unknown device {device!r} (use cpu, cuda or cuda:N)")
+        fail(f"--device: unknown device {device!r} (use cpu, cuda or cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        _fail(f"--device {device}: CUDA is not available in this torch build / machine")
+        fail(f"--device {device}: CUDA is not available in this torch build / machine")
 
 
 def _checkpoint_on_sigterm() -> None:
@@ -189,7 +191,7 @@ def _build(factory, *args, **kwargs):
     try:
         return factory(*args, **kwargs)
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 def _run(fn):
@@ -199,7 +201,7 @@ def _run(fn):
     try:
         return fn()
     except (FileNotFoundError, WeightsError, DataCorruptError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 def _command_line(sub: str, **options) -> str:
@@ -208,8 +210,3 @@ def _command_line(sub: str, **options) -> str:
         if value is not None:
             parts += [f"--{name.replace('_', '-')}", str(value)]
     return " ".join(parts)
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(2)
