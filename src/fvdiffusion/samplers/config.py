@@ -34,6 +34,18 @@ def check_bool(name: str, value: Any) -> None:
         _fail(name, value, "True or False")
 
 
+def check_bool_fields(config: Any) -> None:
+    """Every field annotated ``bool`` (or ``bool | None``, then None too) must hold a real bool.
+
+    A string such as "False" is truthy; accepting it would silently flip the option.
+    """
+    for f in fields(config):
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        value = getattr(config, f.name)
+        if annotation == "bool" or (annotation in ("bool | None", "Optional[bool]") and value is not None):
+            check_bool(f.name, value)
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         _fail(name, value, f"one of {', '.join(choices)}")
@@ -67,6 +79,7 @@ class CommonConfig:
         check_int("seed", self.seed, 0)
         if self.batch_size is not None:
             check_int("batch_size", self.batch_size, 1)
+        check_bool_fields(self)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
