@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import fvdiffusion as fv
-from fvdiffusion.bench.jsonl import ResultLog
+from fvdiffusion.durable import RecordLog
 from fvdiffusion.bench.stats import fmt_pm, markdown_table, mean_std
 from fvdiffusion.bench.toy_problems import toy_problem
 from fvdiffusion.metrics.targets import evaluate_against_target
@@ -39,15 +39,16 @@ DEFAULT_METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("smc-ess0.5", "smc", {"ess_threshold": 0.5}, "resample when ESS < N/2"),
     MethodSpec("smc-every5", "smc", {"selection_interval": 5}),
     MethodSpec("vasr", "vasr", {}),
-    MethodSpec("fvd", "fvd", {}, "defaults: diff, excess parents, nu=0 under DDPM, every step"),
-    MethodSpec("fvd-nu1", "fvd", {"rebirth_noise": 1.0}, "ablation: full rebirth noise"),
+    MethodSpec("fvd", "fvd", {}, "defaults: diff, excess parents, every step, nu=0.5 scaled by copies"),
+    MethodSpec("fvd-nu0", "fvd", {"rebirth_noise": 0.0}, "ablation: plain clones"),
+    MethodSpec("fvd-nu1", "fvd", {"rebirth_noise": 1.0}, "ablation: full rebirth noise, not scaled"),
     MethodSpec("fvd-weighted", "fvd", {"parent_rule": "weighted"}, "ablation: killing rule"),
     MethodSpec("fvd-level", "fvd", {"potential": "level"}, "ablation: level potential"),
     MethodSpec("fvd-ctrl0.2", "fvd", {"target_dead_fraction": 0.2}, "absorption controller, alpha*=0.2"),
     MethodSpec("ddim:smc-multinomial", "smc", {"eta": 0.0}, "deterministic DDIM steps"),
-    MethodSpec("ddim:fvd", "fvd", {"eta": 0.0}, "default under DDIM: nu=0.25"),
+    MethodSpec("ddim:fvd", "fvd", {"eta": 0.0}, "default under DDIM: nu=1 scaled by copies"),
     MethodSpec("ddim:fvd-nu0", "fvd", {"eta": 0.0, "rebirth_noise": 0.0}, "ablation: plain clones"),
-    MethodSpec("ddim:fvd-nu1", "fvd", {"eta": 0.0, "rebirth_noise": 1.0}, "ablation: full rebirth noise"),
+    MethodSpec("ddim:fvd-nu1", "fvd", {"eta": 0.0, "rebirth_noise": 1.0}, "ablation: full rebirth noise, not scaled"),
 )
 
 # Value-based methods are swept over their budget so the table can say what they need to match FVD.
@@ -109,7 +110,7 @@ def run_cell(problem_name: str, spec: MethodSpec, seed: int, cfg: ToyBenchConfig
     row = {
         "problem": problem_name, "label": spec.label, "method": spec.method, "options": spec.options,
         "seed": seed, "resolved": resolved(spec, seed, cfg), **report.as_dict(), "reward_mean": float(res.rewards.mean()),
-        "distinct_lineages": res.distinct_lineages(), "genealogy": res.lineage.genealogy_curve(),
+        "distinct_lineages": res.distinct_lineages(), **res.diversity().as_dict(), "genealogy": res.lineage.genealogy_curve(),
         "denoiser_calls": res.cost.denoiser_calls, "reward_calls": res.cost.reward_calls, "wall_seconds": wall,
     }
     if keep_samples:
@@ -117,7 +118,7 @@ def run_cell(problem_name: str, spec: MethodSpec, seed: int, cfg: ToyBenchConfig
     return row
 
 
-def tune(cfg: ToyBenchConfig, log: ResultLog, progress: Callable[[str], None],
+def tune(cfg: ToyBenchConfig, log: RecordLog, progress: Callable[[str], None],
          used: list[dict[str, Any]]) -> dict[str, MethodSpec]:
     """Grid search on the tuning seed; returns the chosen fvd and smc settings."""
     chosen = {}
@@ -147,7 +148,7 @@ def run_toy_bench(cfg: ToyBenchConfig, out_dir: Path, progress_bar: bool = True)
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
-    log = ResultLog(out_dir / "results.jsonl", ("problem", "label", "seed", "resolved"))
+    log = RecordLog(out_dir / "results.jsonl", ("problem", "label", "seed", "resolved"))
     n_tune = sum(len(g) for g in TUNING_GRIDS.values()) * len(cfg.problems) if cfg.tune else 0
     n_main = (len(cfg.methods) + (2 if cfg.tune else 0)) * len(cfg.problems) * len(cfg.seeds)
     bar = tqdm(total=n_tune + n_main, desc="toy cells", disable=not progress_bar)
@@ -178,9 +179,9 @@ def toy_table(rows: list[dict[str, Any]], cfg: ToyBenchConfig) -> str:
     """One Markdown table per problem; rows in benchmark order, ± is the std over seeds."""
     out = [f"N = {cfg.n_particles} particles, {cfg.num_steps} steps, seeds {list(cfg.seeds)} "
            f"(tuning seed {TUNING_SEED} not reported). SW2 = sliced Wasserstein-2 to 8192 exact target "
-           "samples; floor = the same for an exact sample set of size N; lineages = distinct ancestors "
-           "of the final population at step K/2.\n"]
-    header = ["method", "SW2", "SW2 / floor", "mass on target", "mean err", "cov err", "reward", "lineages",
+           "samples; floor = the same for an exact sample set of size N; distinct = distinct final "
+           "samples (copies counted once); K/2 anc. = distinct step-K/2 ancestors among them.\n"]
+    header = ["method", "SW2", "SW2 / floor", "mass on target", "mean err", "cov err", "reward", "distinct", "K/2 anc.",
               "denoiser calls", "wall s", "note"]
     for problem in cfg.problems:
         prows = [r for r in rows if r["problem"] == problem]
@@ -193,7 +194,8 @@ def toy_table(rows: list[dict[str, Any]], cfg: ToyBenchConfig) -> str:
                 label, fmt_pm([r["sliced_w2"] for r in cell]), fmt_pm([r["floor_ratio"] for r in cell], 2),
                 fmt_pm(mass, 3) if mass else "–", fmt_pm([r["mean_error"] for r in cell]),
                 fmt_pm([r["cov_error"] for r in cell], 2), fmt_pm([r["reward_mean"] for r in cell], 2),
-                fmt_pm([r["distinct_lineages"] for r in cell], 0), cell[0]["denoiser_calls"],
+                fmt_pm([r.get("distinct_samples", float("nan")) for r in cell], 0),
+                fmt_pm([r.get("distinct_midpoint_ancestors", float("nan")) for r in cell], 0), cell[0]["denoiser_calls"],
                 f"{mean_std([r['wall_seconds'] for r in cell])[0]:.2f}", cell[0].get("note", ""),
             ])
         floor = mean_std([r["exact_floor"] for r in prows])[0]

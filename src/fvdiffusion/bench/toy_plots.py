@@ -46,7 +46,8 @@ def plot_toy(rows: list[dict[str, Any]], path: Path, scatter_problem: str = "gmm
         pts = torch.tensor(with_samples[label]["samples"])
         ax.scatter(pts[:, 0], pts[:, 1], s=2, c="crimson", alpha=0.5, linewidths=0)
         r = with_samples[label]
-        ax.set_title(f"{label}\nSW2 {r['sliced_w2']:.3f}  lineages {r['distinct_lineages']}", fontsize=9)
+        ax.set_title(f"{label}\nSW2 {r['sliced_w2']:.3f}  distinct {r.get('distinct_samples', '?')}"
+                     f"  K/2 anc. {r.get('distinct_midpoint_ancestors', '?')}", fontsize=9)
         ax.set_xlim(gx.min(), gx.max()), ax.set_ylim(gy.min(), gy.max())
         ax.set_xticks([]), ax.set_yticks([])
     lineage_problems = tuple(p for p in lineage_problems if any(r["problem"] == p for r in rows))
@@ -60,7 +61,7 @@ def plot_toy(rows: list[dict[str, Any]], path: Path, scatter_problem: str = "gmm
             k = torch.arange(len(mean), 0, -1)
             ax.plot(k, mean, label=label, ls="--" if label.startswith("ddim") else "-")
         ax.set_yscale("log"), ax.invert_xaxis()
-        ax.set_xlabel("denoising step k (K → 1)"), ax.set_ylabel("distinct step-k ancestors of final population")
+        ax.set_xlabel("denoising step k (K → 1)"), ax.set_ylabel("distinct step-k ancestors of the N final slots\n(copies count: see distinct above)", fontsize=8)
         ax.set_title(f"genealogy, {problem} (mean over seeds)", fontsize=10)
         ax.legend(fontsize=7)
     fig.suptitle(f"{scatter_problem}: samples (red) over the exact target density (green); grey = data density",
