@@ -180,7 +180,7 @@ def test_feature_net_configs_name_the_bad_field():
 
 @pytest.mark.parametrize("args, message", [
     (["features", "--steps", "0"], "steps must be a positive int"),
-    (["export", "--kind", "features", "--run", "no/such/run"], "no checkpoint"),
+    (["export", "--kind", "features", "--run", "no/such/run", "--out", "unused"], "no checkpoint"),
 ])
 def test_train_features_cli_reports_bad_arguments_in_one_line(args, message):
     import typer

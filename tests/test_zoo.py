@@ -312,7 +312,7 @@ def _train_cli(args: list[str]):
     [
         (["ddpm", "--device", "tpu9"], "unknown device"),
         (["ddpm", "--batch-size", "0"], "batch_size must be a positive int"),
-        (["export", "--kind", "ddpm", "--run", "no/such/run"], "no checkpoint"),
+        (["export", "--kind", "ddpm", "--run", "no/such/run", "--out", "unused"], "no checkpoint"),
         (["quality", "--ddpm", "no/such.safetensors"], "weights file not found"),
     ],
 )

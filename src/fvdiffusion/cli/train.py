@@ -121,7 +121,8 @@ def train_features_command(
 def export_command(
     kind: ExportKind = typer.Option(..., help="Which network the run trained."),
     run: Path = typer.Option(..., help="Run directory holding checkpoint.safetensors."),
-    out: Optional[Path] = typer.Option(None, help="Weights directory (default: the package's zoo/weights)."),
+    out: Path = typer.Option(..., help="Weights directory to write (required: an export never defaults to the "
+                             "installed package's weights)."),
     fp16: bool = typer.Option(False, "--fp16", help="Store weights as float16 (half the size)."),
     quality_samples: int = typer.Option(0, "--quality-samples", help="DDPM only: also measure sample quality "
                                         "with this many samples (uses the shipped eval net) and put it in the card."),
