@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 import fvdiffusion as fv
-from fvdiffusion.bench.jsonl import ResultLog
 from fvdiffusion.bench.stats import fmt_pm, markdown_table, mean_std
 from fvdiffusion.bench.toy_problems import ToyProblem, toy_problem
+from fvdiffusion.durable import RecordLog
 from fvdiffusion.metrics.targets import evaluate_against_target
 from fvdiffusion.schedule import VPSchedule
 
@@ -162,7 +162,7 @@ def run_suite(cfg: SuiteConfig, out_dir: Path, progress_bar: bool = True) -> lis
     """Tuning seed first, then the reported seeds; every cell appended to results.jsonl at once."""
     from tqdm.auto import tqdm
 
-    log = ResultLog(Path(out_dir) / "results.jsonl", KEY_FIELDS)
+    log = RecordLog(Path(out_dir) / "results.jsonl", KEY_FIELDS)
     grid = entries()
     seeds = (TUNING_SEED, *cfg.seeds)
     cells = [(s, sampler, problem, e) for s in seeds for sampler in cfg.samplers for problem in cfg.problems

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from fvdiffusion.bench.jsonl import ResultLog
 from fvdiffusion.bench.mnist.cells import SamplingModels, run_cell, without_images
 from fvdiffusion.bench.mnist.config import MnistBenchConfig
 from fvdiffusion.bench.mnist.methods import (
     SMC_FAMILIES, TUNING_SEED, PlannedMethod, describe, estimated_calls, plan, resolved, tuned_label, tuning_points,
 )
 from fvdiffusion.bench.toy import MethodSpec
+from fvdiffusion.durable import RecordLog
 
 KEY_FIELDS = ("class", "seed", "resolved")
 RESULTS_FILE = "results.jsonl"
@@ -209,7 +209,7 @@ def run_mnist_bench(cfg: MnistBenchConfig, out_dir: Path, scorer=None, progress_
     """
     if scorer is None and (cfg.tune or not cfg.store_images):
         raise ValueError("run_mnist_bench needs a scorer to tune or to keep rows without images")
-    log = ResultLog(Path(out_dir) / RESULTS_FILE, KEY_FIELDS)
+    log = RecordLog(Path(out_dir) / RESULTS_FILE, KEY_FIELDS)
     done: dict[tuple, dict[str, Any]] = {log.key(r): r for r in log.rows}
     key = lambda t: (t.cls, t.seed, resolved(t.spec, t.seed, cfg, t.tuning))
 
