@@ -1,6 +1,6 @@
 """Crash mid-write, then resume, for every resumable writer.
 
-Every runner (toy, suite, MNIST bench) writes its records through
+Every runner (toy, suite, MNIST bench, t2i) writes its records through
 ``fvdiffusion.durable.RecordLog``. For each one: finish a tiny run, replace the last record
 by the first half of its line (a crash mid-write), resume, and check that the torn line is
 gone from the file itself, the record it held is recomputed exactly once, every line parses,
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fvdiffusion.durable import CorruptRecordsError, RecordLog
-
 
 def tear_last_line(path: Path) -> dict:
     """Simulate a crash while the last record was being written; return that record."""
@@ -174,3 +175,55 @@ def test_mnist_bench_survives_a_crash_mid_write(tmp_path):
     computed.clear()
     third = run_mnist_bench(cfg, tmp_path, progress_bar=False, on_cell=lambda row: computed.append(key(row)))
     assert computed == [] and len(third.rows) == 3 and len(parsed_lines(path)) == 3
+
+
+# --- fvd t2i ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "t2i"))
+    import tiny_diffusers
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny_diffusers.sd_pipeline().save_pretrained(path)
+    yield path
+    torch.set_num_threads(before)
+
+
+def _t2i(tiny_sd, prompts: Path, out: Path, monkeypatch) -> list[str]:
+    from fvdiffusion.bench import t2i
+
+    calls = []
+    real = t2i.align
+    monkeypatch.setattr(t2i, "align", lambda pipe, prompt, *a, **k: calls.append(prompt) or real(pipe, prompt, *a, **k))
+    settings = t2i.T2ISettings(model=str(tiny_sd), reward="brightness", reward_model=None, method="fvd",
+                               particles=2, steps=2, seed=5, guidance=2.0, dtype="float32", options={"lam": 1.0})
+    t2i.run_t2i(settings, prompts, out, device="cpu", show_progress=False)
+    return calls
+
+
+def test_t2i_runner_survives_a_crash_mid_write(tiny_sd, tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\nthe sea at night\na cat\n")
+    out = tmp_path / "run"
+    assert _t2i(tiny_sd, prompts, out, monkeypatch) == ["a red apple", "the sea at night", "a cat"]
+    path = out / "metrics.jsonl"
+    torn = tear_last_line(path)
+    assert _t2i(tiny_sd, prompts, out, monkeypatch) == [torn["prompt"]]
+    assert [r["index"] for r in parsed_lines(path)] == [0, 1, 2]
+    assert _t2i(tiny_sd, prompts, out, monkeypatch) == []
+
+
+def test_an_edited_prompt_is_recomputed_and_leaves_no_stale_record(tiny_sd, tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\nthe sea at night\n")
+    out = tmp_path / "run"
+    _t2i(tiny_sd, prompts, out, monkeypatch)
+    prompts.write_text("a red apple\na green pear\n")  # prompt 1 edited between runs
+    assert _t2i(tiny_sd, prompts, out, monkeypatch) == ["a green pear"]
+    rows = parsed_lines(out / "metrics.jsonl")
+    assert [(r["index"], r["prompt"]) for r in rows] == [(0, "a red apple"), (1, "a green pear")]
+    assert all((out / p).is_file() for r in rows for p in r["images"])
+    assert _t2i(tiny_sd, prompts, out, monkeypatch) == []

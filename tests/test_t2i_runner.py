@@ -131,3 +131,50 @@ def test_cli_help_names_match_the_runner():
     from fvdiffusion.cli import t2i as command
 
     assert command.REWARD_NAMES == tuple(runner.REWARDS) and command.DTYPE_NAMES == runner.DTYPES
+
+
+# --- damaged prompt files and run files: typed errors naming the file --------------------
+
+@pytest.mark.parametrize("content, line", [
+    ('Prompts,Category\n"A red car,Colors\nA cat,Misc\nB dog,Misc\n', 2),   # quote never closed
+    ('Prompts,Category\nok,Colors\n"A red car,Colors\n"A cat",Misc\n', 3),  # closed only on a later line
+])
+def test_a_bad_csv_quote_is_an_error_naming_file_and_line_not_a_merged_prompt(tmp_path, content, line):
+    from fvdiffusion.bench.t2i import PromptFileError
+
+    path = tmp_path / "prompts.csv"
+    path.write_text(content)
+    with pytest.raises(PromptFileError) as err:
+        read_prompts(path)
+    assert str(path) in str(err.value) and f"line {line}" in str(err.value) and "\n" not in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize("name", ["prompts.txt", "prompts.csv"])
+def test_a_non_utf8_prompt_file_is_an_error_naming_the_file(tmp_path, name):
+    from fvdiffusion.bench.t2i import PromptFileError
+
+    path = tmp_path / name
+    path.write_bytes(b"Prompts\nok\ncaf\xe9 au lait\n")
+    with pytest.raises(PromptFileError, match="line 3 is not UTF-8") as err:
+        read_prompts(path)
+    assert str(path) in str(err.value) and isinstance(err.value, ValueError)
+
+
+def test_damaged_prompt_and_run_files_give_one_line_cli_errors(app, model_dir, prompts_txt, tmp_path):
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text('Prompts\n"never closed\nsecond\n')
+    one_line_error(invoke(app, model_dir, bad_csv, tmp_path / "o1"), "bad.csv")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9\n")
+    one_line_error(invoke(app, model_dir, latin, tmp_path / "o2"), "latin.txt")
+
+    out = tmp_path / "run"
+    assert invoke(app, model_dir, prompts_txt, out).exit_code == 0
+    settings = (out / "run.json").read_text()
+    (out / "run.json").write_text(settings[: len(settings) // 2])
+    one_line_error(invoke(app, model_dir, prompts_txt, out), "run.json")
+    (out / "run.json").write_text(settings)
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(metrics[0][:20] + "\n" + metrics[1] + "\n")  # damage that is not a crash
+    one_line_error(invoke(app, model_dir, prompts_txt, out), "metrics.jsonl")

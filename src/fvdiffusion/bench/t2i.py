@@ -3,9 +3,12 @@
 Reads a TXT file (one prompt per line) or a CSV with a ``Prompts`` column (DrawBench's
 format). For prompt i it runs ``align()`` with seed ``seed + i``, writes the ranked images
 to ``OUT/images/iiii/rr.png`` and appends one JSON line of metrics to ``OUT/metrics.jsonl``
-once the images are on disk. A rerun skips the prompts already recorded; ``OUT/run.json``
-holds the run's settings, and rerunning into the same directory with different settings is
-refused rather than mixing two runs in one file.
+once the images are on disk (a durable record file, :mod:`fvdiffusion.durable`: a torn last
+line left by a crash is cut off and that prompt redone). Records are keyed by the prompt's
+index *and text*: a rerun skips the prompts already recorded, and a prompt edited between
+runs is recomputed, its stale record dropped from the file. ``OUT/run.json`` holds the run's
+settings, and rerunning into the same directory with different settings is refused rather
+than mixing two runs in one file.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -21,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fvdiffusion.diffusers_align import UnsupportedPipelineError, align
+from fvdiffusion.durable import CorruptRecordsError, RecordLog
 from fvdiffusion.rewards import image_rewards, model_rewards
 from fvdiffusion.rewards.model_rewards import MissingExtraError, MissingWeightsError, require
 from fvdiffusion.samplers import ConfigError, make_config
@@ -30,8 +35,16 @@ SETTINGS_FILE = "run.json"
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-class RunnerError(Exception):
+class RunnerError(ValueError):
     """A user mistake in the runner's input; reported as one line, no traceback."""
+
+
+class PromptFileError(RunnerError):
+    """The prompt file cannot be read as prompts (encoding, CSV quoting); the message names the file."""
+
+
+class RunFileError(RunnerError):
+    """A file of an earlier run in OUT (run.json, metrics.jsonl) is corrupt; the message names the file."""
 
 
 # --- rewards by name ---------------------------------------------------------------------
@@ -59,16 +72,44 @@ def read_prompts(path: Path) -> list[str]:
     """Prompts from a TXT file (one per non-empty line) or a CSV with a ``Prompts`` column."""
     if not path.is_file():
         raise RunnerError(f"prompts file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise PromptFileError(f"{path}: line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                              "save the prompt file as UTF-8") from None
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted prompts may hold newlines
-        if "Prompts" not in (reader.fieldnames or []):
-            raise RunnerError(f"{path.name}: CSV has no 'Prompts' column (columns: {', '.join(reader.fieldnames or [])})")
-        prompts = [row["Prompts"].strip() for row in reader if (row["Prompts"] or "").strip()]
+        prompts = _csv_prompts(path, text)
     else:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise RunnerError(f"{path.name}: no prompts found")
+    return prompts
+
+
+def _csv_prompts(path: Path, text: str) -> list[str]:
+    # strict: an unterminated or stray quote is an error, never the rest of the file merged into one prompt
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)  # quoted prompts may hold newlines
+    try:
+        fieldnames = reader.fieldnames or []
+    except csv.Error as exc:
+        raise PromptFileError(f"{path}: line 1: bad CSV header ({exc})") from None
+    if "Prompts" not in fieldnames:
+        raise RunnerError(f"{path.name}: CSV has no 'Prompts' column (columns: {', '.join(fieldnames)})")
+    prompts = []
+    start = reader.line_num + 1  # the line the next record starts on
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise PromptFileError(f"{path}: line {start}: malformed CSV record ({exc}; an unterminated or "
+                                  "stray '\"' in a quoted field?)") from None
+        if (row["Prompts"] or "").strip():
+            prompts.append(row["Prompts"].strip())
+        start = reader.line_num + 1
     return prompts
 
 
@@ -94,7 +135,14 @@ def check_settings(out: Path, settings: T2ISettings) -> None:
     if not path.is_file():
         return
     current = _settings_json(settings)
-    stored = json.loads(path.read_text())
+    try:
+        stored = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunFileError(f"{path}: not a valid settings file ({exc}); restore it, or use another --out "
+                           "to start a new run") from None
+    if not isinstance(stored, dict):
+        raise RunFileError(f"{path}: not a valid settings file (a JSON object expected); restore it, or use "
+                           "another --out to start a new run")
     changed = [k for k in current if stored.get(k) != current[k]]
     if changed:
         k = changed[0]
@@ -107,34 +155,41 @@ def save_settings(out: Path, settings: T2ISettings) -> None:
     """Record the settings once the model and reward have loaded (a failed start leaves no claim on OUT)."""
     path = out / SETTINGS_FILE
     if not path.is_file():
-        path.write_text(json.dumps(_settings_json(settings), indent=2) + "\n")
+        _write_durably(path, (json.dumps(_settings_json(settings), indent=2) + "\n").encode("utf-8"))
 
 
 def _settings_json(settings: T2ISettings) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(settings)))  # normalised as it reads back from the file
 
 
-def load_done(metrics: Path) -> set[tuple[int, str]]:
-    """(index, prompt) of the prompts already recorded; drops a half-written last line."""
-    if not metrics.is_file():
-        return set()
-    raw = metrics.read_bytes()
-    lines = raw.split(b"\n")
-    if lines and lines[-1]:  # interrupted mid-line: cut back to the last complete record
-        metrics.write_bytes(raw[: len(raw) - len(lines[-1])])
-    done = set()
-    for number, line in enumerate(lines[:-1], start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            done.add((int(record["index"]), str(record["prompt"])))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise RunnerError(f"{metrics}: line {number} is not a metrics record ({exc})") from exc
-    return done
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write a whole file atomically: temporary file, fsync, replace."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def open_metrics(metrics: Path) -> RecordLog:
+    """The run's records, keyed by (index, prompt text): an edited prompt is not done."""
+    try:
+        log = RecordLog(metrics, ("index", "prompt"))
+    except CorruptRecordsError as exc:
+        raise RunFileError(str(exc)) from None
+    for number, record in enumerate(log.rows, start=1):
+        if not isinstance(record.get("index"), int) or not isinstance(record.get("prompt"), str):
+            raise RunFileError(f"{metrics}: record {number} is not a metrics record (no index or prompt)")
+    return log
 
 
 # --- the run -----------------------------------------------------------------------------
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
 
 def resolve_device(device: str) -> str:
     if device == "auto":
@@ -142,15 +197,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_pipeline(model: str, dtype: str, device: str) -> Any:
+def load_pipeline(model: str, dtype: str, device: str, revision: Optional[str] = None) -> Any:
+    """A diffusers pipeline from a local directory or a hub id, safetensors weights only.
+
+    ``use_safetensors=True``: a pipeline that ships only pickled ``.bin`` weights is refused
+    instead of unpickled (diffusers >= 0.31 applies this to every sub-model). ``revision``
+    pins a hub id to a commit hash, branch or tag (ignored for a local directory).
+    """
     diffusers = require("diffusers", "diffusers")
     # float32 is the default; `torch_dtype` is the name every diffusers version accepts
-    kwargs = {} if dtype == "float32" else {"torch_dtype": getattr(torch, dtype)}
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    if dtype != "float32":
+        kwargs["torch_dtype"] = getattr(torch, dtype)
+    if revision is not None:
+        kwargs["revision"] = revision
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, **kwargs)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RunnerError(f"could not load pipeline {model!r}: {first_line}") from exc
+        raise RunnerError(f"could not load pipeline {model!r} (safetensors weights only): {first_line}") from exc
     return pipe.to(device)
 
 
@@ -174,8 +239,8 @@ def run_t2i(
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, settings)
     metrics = out / METRICS_FILE
-    done = load_done(metrics)
-    todo = [(i, p) for i, p in enumerate(prompts) if (i, p) not in done]
+    log = open_metrics(metrics)
+    todo = [(i, p) for i, p in enumerate(prompts) if not log.done(index=i, prompt=p)]
     if not todo:
         return metrics
 
@@ -183,21 +248,23 @@ def run_t2i(
     reward = REWARDS[settings.reward](settings.reward_model, device)
     pipe = load_pipeline(settings.model, settings.dtype, device)
     save_settings(out, settings)
-    with metrics.open("a", encoding="utf-8") as sink:
-        for index, prompt in tqdm(todo, desc="prompts", initial=len(prompts) - len(todo), total=len(prompts),
-                                  disable=not show_progress):
-            seed = settings.seed + index
-            aligned = align(pipe, prompt, reward, method=settings.method, n_particles=settings.particles,
-                            num_inference_steps=settings.steps, seed=seed, guidance_scale=settings.guidance,
-                            batch_size=batch_size, **settings.options)
-            image_dir = out / "images" / f"{index:04d}"
-            image_dir.mkdir(parents=True, exist_ok=True)
-            paths = []
-            for rank, image in enumerate(aligned.images):
-                image.save(image_dir / f"{rank:02d}.png")
-                paths.append(str((image_dir / f"{rank:02d}.png").relative_to(out)))
-            record = {"index": index, "prompt": prompt, "seed": seed, "device": device, **aligned.result.summary(),
-                      "rewards": aligned.rewards.tolist(), "images": paths}
-            sink.write(json.dumps(record) + "\n")
-            sink.flush()
+    for index, prompt in tqdm(todo, desc="prompts", initial=len(prompts) - len(todo), total=len(prompts),
+                              disable=not show_progress):
+        seed = settings.seed + index
+        aligned = align(pipe, prompt, reward, method=settings.method, n_particles=settings.particles,
+                        num_inference_steps=settings.steps, seed=seed, guidance_scale=settings.guidance,
+                        batch_size=batch_size, **settings.options)
+        # a record of the prompt this index held before an edit would point at the images about
+        # to be overwritten: drop it first (atomic rewrite), so no stale record survives a crash
+        log.keep_where(lambda r: r["index"] != index or r["prompt"] == prompt)
+        image_dir = out / "images" / f"{index:04d}"
+        image_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for rank, image in enumerate(aligned.images):
+            image.save(image_dir / f"{rank:02d}.png")
+            _fsync_file(image_dir / f"{rank:02d}.png")
+            paths.append(str((image_dir / f"{rank:02d}.png").relative_to(out)))
+        record = {"index": index, "prompt": prompt, "seed": seed, "device": device, **aligned.result.summary(),
+                  "rewards": aligned.rewards.tolist(), "images": paths}
+        log.append(record)  # one whole line, fsynced: the prompt counts as done only now
     return metrics
