@@ -3,6 +3,8 @@
 Each is an optional extra, imported only when the reward is built; a missing package raises
 :class:`MissingExtraError` (an ImportError) naming the extra to install, and weights that can
 be neither found locally nor downloaded raise :class:`MissingWeightsError` (an OSError).
+Hub models load safetensors weights only (``use_safetensors=True``: a model shipping only
+pickled ``.bin`` weights is refused) and take an optional ``revision`` to pin a commit.
 Like the weight-free rewards, each takes images [B, 3, H, W] in [0, 1] and returns [B];
 the prompt-aware ones take the prompt string as ``cond``. Preprocessing (resize, centre
 crop, normalise) runs in torch on the batch, so rewards stay on the device and batched.
@@ -68,24 +70,31 @@ def _features(output: Any) -> Tensor:
     return output if isinstance(output, Tensor) else output.pooler_output
 
 
-def _load_pretrained(loader: Any, name_or_path: str | Path) -> Any:
+def _load_pretrained(loader: Any, name_or_path: str | Path, revision: str | None = None, weights: bool = True) -> Any:
+    """``loader.from_pretrained`` with safetensors weights only (``weights``: a model, not a tokenizer) and
+    an optional hub ``revision`` (a commit hash, branch or tag; ignored for a local directory)."""
+    kwargs: dict[str, Any] = {"use_safetensors": True} if weights else {}
+    if revision is not None:
+        kwargs["revision"] = revision
     try:
-        return loader.from_pretrained(str(name_or_path))
+        return loader.from_pretrained(str(name_or_path), **kwargs)
     except OSError as exc:
         raise MissingWeightsError(
-            f"could not load {str(name_or_path)!r} (neither a local directory nor reachable on the Hugging Face hub): {exc}"
+            f"could not load {str(name_or_path)!r} (neither a local directory nor reachable on the Hugging Face hub, "
+            f"or no safetensors weights): {exc}"
         ) from exc
 
 
 class _ClipBackbone:
     """A transformers CLIPModel (+ tokenizer) with batched tensor preprocessing."""
 
-    def __init__(self, name_or_path: str | Path, extra: str, device: str | torch.device | None) -> None:
+    def __init__(self, name_or_path: str | Path, extra: str, device: str | torch.device | None,
+                 revision: str | None = None) -> None:
         transformers = require("transformers", extra)
-        self.model = _load_pretrained(transformers.CLIPModel, name_or_path).eval()
+        self.model = _load_pretrained(transformers.CLIPModel, name_or_path, revision).eval()
         if device is not None:
             self.model.to(device)
-        self.tokenizer = _load_pretrained(transformers.AutoTokenizer, name_or_path)
+        self.tokenizer = _load_pretrained(transformers.AutoTokenizer, name_or_path, revision, weights=False)
         self.image_size = int(self.model.config.vision_config.image_size)
         self._text_cache: tuple[str, Tensor] | None = None
 
@@ -112,13 +121,14 @@ class CLIPScore:
 
     Unlike the CLIPScore metric this is not clipped at 0, so that selection still sees a
     signal among poorly matching images. ``model`` is a hub id or a local directory holding
-    a CLIPModel and its tokenizer.
+    a CLIPModel (safetensors weights) and its tokenizer; ``revision`` pins a hub id.
     """
 
     name = "clip"
 
-    def __init__(self, model: str | Path = DEFAULT_CLIP, device: str | torch.device | None = None) -> None:
-        self.clip = _ClipBackbone(model, "clip", device)
+    def __init__(self, model: str | Path = DEFAULT_CLIP, device: str | torch.device | None = None,
+                 revision: str | None = None) -> None:
+        self.clip = _ClipBackbone(model, "clip", device, revision)
 
     def __call__(self, images: Tensor, cond: Any = None) -> Tensor:
         text = self.clip.text_features(prompt_from(cond, "CLIPScore"))
@@ -135,12 +145,14 @@ class AestheticScore:
     ``layers.{0,2,4,6,7}.{weight,bias}``, as in ``sac+logos+ava1-l14-linearMSE``); the
     published file is a pickle, which this library does not load — convert it once with
     ``safetensors.torch.save_file(torch.load(path, weights_only=True), out)``. ``clip_model``
-    must be the CLIP it was trained on (ViT-L/14 for the LAION predictor). Prompt-free.
+    must be the CLIP it was trained on (ViT-L/14 for the LAION predictor); ``clip_revision``
+    pins it when it is a hub id. Prompt-free.
     """
 
     name = "aesthetic"
 
-    def __init__(self, mlp_weights: str | Path, clip_model: str | Path = DEFAULT_CLIP, device: str | torch.device | None = None) -> None:
+    def __init__(self, mlp_weights: str | Path, clip_model: str | Path = DEFAULT_CLIP, device: str | torch.device | None = None,
+                 clip_revision: str | None = None) -> None:
         safetensors_torch = require("safetensors.torch", "aesthetic")
         path = Path(mlp_weights)
         if not path.is_file():
@@ -149,7 +161,7 @@ class AestheticScore:
         expected = {f"layers.{i}.{p}" for i in _AESTHETIC_LAYERS for p in ("weight", "bias")}
         if set(state) != expected:
             raise ValueError(f"{path.name}: expected keys {sorted(expected)}, got {sorted(state)}")
-        self.clip = _ClipBackbone(clip_model, "aesthetic", device)
+        self.clip = _ClipBackbone(clip_model, "aesthetic", device, clip_revision)
         self.mlp = _laion_mlp(state).to(self.clip.device).eval()
         embed_dim = state["layers.0.weight"].shape[1]
         projection_dim = int(self.clip.model.config.projection_dim)
@@ -178,8 +190,10 @@ def _laion_mlp(state: dict[str, Tensor]) -> torch.nn.Sequential:
 class ImageRewardScore:
     """ImageReward (Xu et al. 2023): BLIP image–text features scored by a human-preference MLP.
 
-    Uses the ``image-reward`` package's model (``ImageReward.load``, which downloads and
-    unpickles its own checkpoint) but runs the forward pass on tensor batches: images are
+    Uses the ``image-reward`` package's model (``ImageReward.load``, which downloads its own
+    checkpoint and reads it with ``torch.load``: under torch >= 2.6, this project's floor,
+    that is ``weights_only=True`` by default, so the pickle cannot run code; the package has
+    no revision pin) but runs the forward pass on tensor batches: images are
     resized to 224 in torch instead of through PIL, so scores differ from the package's
     ``model.score`` on files by resampling differences only.
     """
