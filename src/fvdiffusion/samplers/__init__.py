@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fvdiffusion.samplers.base import BaseConfig, BestOfNConfig, sample_base, sample_bon
-from fvdiffusion.samplers.config import CommonConfig, ConfigError
+from fvdiffusion.samplers.config import CommonConfig, ConfigError, did_you_mean
 from fvdiffusion.samplers.fvd import FVDConfig, sample_fvd
 from fvdiffusion.samplers.smc import SMCConfig, sample_smc
 from fvdiffusion.samplers.vasr import VASRConfig, sample_vasr
@@ -40,7 +40,7 @@ def register_method(method: Method) -> None:
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise ConfigError(f"invalid method={name!r}: expected one of {', '.join(METHODS)}")
+        raise ConfigError(f"invalid method={name!r}: expected one of {', '.join(METHODS)}{did_you_mean(name, METHODS)}")
     return METHODS[name]
 
 
@@ -49,9 +49,10 @@ def make_config(method: str, **options) -> CommonConfig:
     spec = get_method(method)
     unknown = sorted(set(options) - spec.config_class.field_names())
     if unknown:
+        valid = spec.config_class.field_names()
         raise ConfigError(
-            f"invalid option {unknown[0]!r} for method {method!r}: valid options are "
-            f"{', '.join(sorted(spec.config_class.field_names()))}"
+            f"invalid option {unknown[0]!r} for method {method!r}{did_you_mean(unknown[0], valid)}: "
+            f"valid options are {', '.join(sorted(valid))}"
         )
     return spec.config_class(**options)
 

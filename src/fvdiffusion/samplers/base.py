@@ -10,7 +10,7 @@ from fvdiffusion.loop import RunContext, StepInfo, plain_trace, run_particle_loo
 from fvdiffusion.population import ParticleState, gather
 from fvdiffusion.result import SampleResult
 from fvdiffusion.samplers.common import make_result
-from fvdiffusion.samplers.config import CommonConfig, check_int
+from fvdiffusion.samplers.config import CommonConfig, ConfigError, check_int
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class BestOfNConfig(CommonConfig):
         super().__post_init__()
         check_int("top_k", self.top_k, 1)
         if self.top_k > self.n_particles:
-            raise ValueError(f"invalid top_k={self.top_k}: expected <= n_particles ({self.n_particles})")
+            raise ConfigError(f"invalid top_k={self.top_k}: expected <= n_particles ({self.n_particles})")
 
 
 def _no_selection(ctx: RunContext, info: StepInfo, state: ParticleState):

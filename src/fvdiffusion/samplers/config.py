@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -46,9 +48,20 @@ def check_bool_fields(config: Any) -> None:
             check_bool(f.name, value)
 
 
+def did_you_mean(name: Any, candidates: Iterable[str]) -> str:
+    """" (did you mean 'x'?)" for the closest candidate to a misspelt ``name``, or ""."""
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        _fail(name, value, f"one of {', '.join(choices)}")
+        _fail(name, value, f"one of {', '.join(choices)}{did_you_mean(value, choices)}")
+
+
+NONFINITE_DENOISER = ("raise", "kill")
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,9 @@ class CommonConfig:
     ancestral, 0 = deterministic DDIM).  lam: reward scale λ ≥ 0 (π* ∝ p·exp(λ r); may be
     inf for argmax variants that accept it).  seed: the one seed of the run.  batch_size:
     micro-batch for denoiser and reward calls (None = whole population at once; results do
-    not depend on it).
+    not depend on it).  nonfinite_denoiser: what a NaN/±inf denoiser output does — "raise"
+    (DenoiserError naming the step and the count) or "kill" (those particles die and are
+    reborn as copies of survivors, counted and warned once; an error only if none is left).
     """
 
     n_particles: int = 64
@@ -68,6 +83,7 @@ class CommonConfig:
     lam: float = 1.0
     seed: int = 0
     batch_size: int | None = None
+    nonfinite_denoiser: str = "raise"
 
     allow_infinite_lambda = False  # class-level: argmax methods (svdd, dts*) switch it on
 
@@ -79,10 +95,16 @@ class CommonConfig:
         check_int("seed", self.seed, 0)
         if self.batch_size is not None:
             check_int("batch_size", self.batch_size, 1)
+        check_choice("nonfinite_denoiser", self.nonfinite_denoiser, NONFINITE_DENOISER)
         check_bool_fields(self)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field, except a fault policy at its default: it cannot change a healthy run, and
+        stored results keyed by this dict must not all rerun because such a field was added."""
+        values = asdict(self)
+        if values["nonfinite_denoiser"] == "raise":
+            del values["nonfinite_denoiser"]
+        return values
 
     @classmethod
     def field_names(cls) -> set[str]:
