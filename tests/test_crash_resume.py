@@ -1,6 +1,6 @@
-"""Crash mid-write, then resume, for every resumable writer.
+"""Crash mid-write, then resume, for every resumable writer; training resumes bit for bit.
 
-Every runner (toy, suite, MNIST bench, t2i) writes its records through
+Every runner (toy, suite, MNIST bench, t2i, training log) writes its records through
 ``fvdiffusion.durable.RecordLog``. For each one: finish a tiny run, replace the last record
 by the first half of its line (a crash mid-write), resume, and check that the torn line is
 gone from the file itself, the record it held is recomputed exactly once, every line parses,
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +19,9 @@ import pytest
 import torch
 
 from fvdiffusion.durable import CorruptRecordsError, RecordLog
+
+TINY_UNET = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention=True, num_heads=2, num_groups=4)
+
 
 def tear_last_line(path: Path) -> dict:
     """Simulate a crash while the last record was being written; return that record."""
@@ -227,3 +231,205 @@ def test_an_edited_prompt_is_recomputed_and_leaves_no_stale_record(tiny_sd, tmp_
     assert [(r["index"], r["prompt"]) for r in rows] == [(0, "a red apple"), (1, "a green pear")]
     assert all((out / p).is_file() for r in rows for p in r["images"])
     assert _t2i(tiny_sd, prompts, out, monkeypatch) == []
+
+
+# --- training log -----------------------------------------------------------------------
+
+def _ddpm_config(steps: int = 6, **overrides):
+    from fvdiffusion.train.ddpm import DDPMTrainConfig
+    from fvdiffusion.zoo.unet import UNetConfig
+
+    values = dict(steps=steps, batch_size=3, warmup_steps=2, model=UNetConfig(**TINY_UNET), log_every=1,
+                  checkpoint_every=2)
+    values.update(overrides)
+    return DDPMTrainConfig(**values)
+
+
+def _images() -> torch.Tensor:
+    return torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in parsed_lines(run_dir / "train_log.jsonl")]
+
+
+def test_training_log_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    from fvdiffusion.train import ddpm
+    from fvdiffusion.train.checkpoint import load_checkpoint
+
+    steps_run = []
+    real = ddpm.ddpm_loss
+    monkeypatch.setattr(ddpm, "ddpm_loss", lambda *a: steps_run.append(1) or real(*a))
+    ddpm.train_ddpm(_ddpm_config(4), tmp_path / "straight", _images(), progress=False)
+    ddpm.train_ddpm(_ddpm_config(3), tmp_path / "run", _images(), progress=False)
+    log = tmp_path / "run" / "train_log.jsonl"
+    torn = tear_last_line(log)  # killed while logging step 3 (its checkpoint is the one of step 3)
+    assert torn["step"] == 3 and load_checkpoint(tmp_path / "run").step == 3
+    steps_run.clear()
+    ddpm.train_ddpm(_ddpm_config(4), tmp_path / "run", _images(), resume=True, progress=False)
+    assert len(steps_run) == 1  # only step 4 ran
+    # the torn window of step 3 is not redone (the checkpoint is past it) and is gone from the file;
+    # every other window is logged exactly once, with the uninterrupted run's value
+    straight = dict(_losses(tmp_path / "straight"))
+    assert _losses(tmp_path / "run") == [(s, straight[s]) for s in (1, 2, 4)]
+    steps_run.clear()
+    ddpm.train_ddpm(_ddpm_config(4), tmp_path / "run", _images(), resume=True, progress=False)
+    assert steps_run == [] and [s for s, _ in _losses(tmp_path / "run")] == [1, 2, 4]
+
+
+def test_training_log_windows_after_the_checkpoint_are_redone_once(tmp_path):
+    from fvdiffusion.train.checkpoint import load_checkpoint
+    from fvdiffusion.train.ddpm import train_ddpm
+
+    train_ddpm(_ddpm_config(5), tmp_path / "straight", _images(), progress=False)
+    # a run killed hard (SIGKILL) after logging step 5, its last checkpoint at step 4
+    train_ddpm(_ddpm_config(5), tmp_path / "run", _images(), progress=False)
+    train_ddpm(_ddpm_config(4), tmp_path / "ck4", _images(), progress=False)
+    (tmp_path / "run" / "checkpoint.safetensors").write_bytes((tmp_path / "ck4" / "checkpoint.safetensors").read_bytes())
+    assert load_checkpoint(tmp_path / "run").step == 4 and _losses(tmp_path / "run")[-1][0] == 5
+    train_ddpm(_ddpm_config(5), tmp_path / "run", _images(), resume=True, progress=False)
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "straight")  # step 5 once, same value
+
+
+# --- training: Ctrl-C / SIGTERM resume bit for bit --------------------------------------
+
+def _state(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "checkpoint.safetensors"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ddpm_interrupted_mid_step_resumes_bit_for_bit(tmp_path, monkeypatch, signum):
+    from fvdiffusion.train import ddpm
+    from fvdiffusion.train.checkpoint import load_checkpoint
+    from fvdiffusion.train.resumable import TrainingInterrupted
+
+    config = _ddpm_config(6, log_every=2, checkpoint_every=100)
+    ddpm.train_ddpm(config, tmp_path / "straight", _images(), progress=False)
+
+    calls = []
+    real = ddpm.ddpm_loss
+
+    def loss_then_signal(*args):
+        calls.append(1)
+        if len(calls) == 4:  # the signal lands in the middle of step 4 (generator already drawn)
+            os.kill(os.getpid(), signum)
+        return real(*args)
+
+    monkeypatch.setattr(ddpm, "ddpm_loss", loss_then_signal)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        ddpm.train_ddpm(config, tmp_path / "run", _images(), progress=False)
+    monkeypatch.undo()
+    interrupted_at = load_checkpoint(tmp_path / "run").step
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    ddpm.train_ddpm(config, tmp_path / "run", _images(), resume=True, progress=False)
+
+    resumed, straight = _state(tmp_path / "run"), _state(tmp_path / "straight")
+    assert resumed.keys() == straight.keys()
+    differ = [k for k in straight if not torch.equal(resumed[k], straight[k])]
+    assert differ == []  # model, EMA, Adam moments, RNG: bit for bit
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "straight")  # the log too (window 3-4 straddled)
+    assert interrupted_at == 4  # step 4 was finished, not cut in half
+    assert isinstance(stopped.value, TrainingInterrupted)
+    assert f"{signal.Signals(signum).name}: stopped at step 4" in str(stopped.value)
+
+
+def test_a_second_signal_aborts_at_once_without_writing_a_checkpoint(tmp_path, monkeypatch):
+    from fvdiffusion.train import ddpm
+    from fvdiffusion.train.resumable import TrainingInterrupted
+
+    calls = []
+    real = ddpm.ddpm_loss
+
+    def loss_then_two_signals(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(ddpm, "ddpm_loss", loss_then_two_signals)
+    with pytest.raises(KeyboardInterrupt) as err:
+        ddpm.train_ddpm(_ddpm_config(6), tmp_path, _images(), progress=False)
+    assert not isinstance(err.value, TrainingInterrupted)
+    from fvdiffusion.train.checkpoint import load_checkpoint
+    assert load_checkpoint(tmp_path).step == 2  # the last step-boundary checkpoint, untouched
+
+
+# --- training: bad configs, divergence, corrupt checkpoints -----------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("lr", float("inf")), ("lr", float("nan")), ("lr", 0.0), ("lr", -1e-3), ("steps", 0), ("steps", True),
+    ("batch_size", 2.5), ("batch_size", 0), ("log_every", -1), ("checkpoint_every", 0), ("warmup_steps", -1),
+    ("seed", -1), ("ema_decay", 1.0), ("ema_decay", float("nan")), ("grad_clip", float("inf")),
+    ("weight_decay", float("nan")), ("max_minutes", float("inf")), ("max_minutes", 0.0),
+])
+def test_ddpm_config_rejects_bad_fields_naming_them(field, value):
+    with pytest.raises(ValueError, match=f"DDPMTrainConfig.{field} "):
+        _ddpm_config(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lr", float("inf")), ("steps", 0), ("batch_size", True), ("weight_decay", float("inf")),
+    ("max_scale", 1.0), ("max_rotation_deg", float("nan")), ("seed", -2), ("warmup_steps", 1200),
+])
+def test_classifier_config_rejects_bad_fields_naming_them(field, value):
+    from fvdiffusion.train.classifier import ClassifierTrainConfig
+
+    with pytest.raises(ValueError, match=f"ClassifierTrainConfig.{field} "):
+        ClassifierTrainConfig.for_kind("reward", **{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("lr", float("nan")), ("steps", -3), ("weight_decay", -1.0)])
+def test_feature_net_config_rejects_bad_fields_naming_them(field, value):
+    from fvdiffusion.train.feature_net import FeatureNetTrainConfig
+
+    with pytest.raises(ValueError, match=f"FeatureNetTrainConfig.{field} "):
+        FeatureNetTrainConfig(**{field: value})
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
+    from fvdiffusion.train import ddpm
+    from fvdiffusion.train.checkpoint import load_checkpoint
+    from fvdiffusion.train.resumable import TrainingDiverged
+
+    calls = []
+    real = ddpm.ddpm_loss
+    monkeypatch.setattr(ddpm, "ddpm_loss",
+                        lambda *a: calls.append(1) or (real(*a) * (float("nan") if len(calls) == 3 else 1.0)))
+    with pytest.raises(TrainingDiverged, match="not finite at step 3") as err:
+        ddpm.train_ddpm(_ddpm_config(6, log_every=2, checkpoint_every=2), tmp_path, _images(), progress=False)
+    assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
+    assert load_checkpoint(tmp_path).step == 2  # nothing written from the diverged state
+    assert [r["step"] for r in parsed_lines(tmp_path / "train_log.jsonl")] == [2]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "header", "nan"])
+def test_a_corrupt_checkpoint_is_a_typed_error_naming_the_file(tmp_path, damage):
+    from fvdiffusion.train.checkpoint import CheckpointError
+    from fvdiffusion.train.ddpm import train_ddpm
+
+    train_ddpm(_ddpm_config(2), tmp_path, _images(), progress=False)
+    path = tmp_path / "checkpoint.safetensors"
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "garbage":
+        raw = bytearray(b"\x07" * 64)
+    elif damage == "header":
+        raw[8:40] = b"#" * 32
+    if damage != "nan":
+        path.write_bytes(bytes(raw))
+    else:  # a well-formed file whose weights hold NaN
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata()
+        tensors = _state(tmp_path)
+        tensors["model.stem.weight"][0] = float("nan")
+        save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError) as err:
+        train_ddpm(_ddpm_config(4), tmp_path, _images(), resume=True, progress=False)
+    assert str(path) in str(err.value) and "\n" not in str(err.value) and isinstance(err.value, ValueError)

@@ -10,7 +10,9 @@ scales: near-copies, not copies).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import signal
 import statistics
 
 import pytest
@@ -139,23 +141,23 @@ def test_missing_and_corrupt_feature_net_files_are_one_line_errors(tmp_path):
 # --- the recipe ---------------------------------------------------------------------------
 
 def test_feature_net_training_resumes_exactly_and_fits_the_feature_scale(tmp_path, monkeypatch):
-    from fvdiffusion.train import feature_net as recipe
+    from fvdiffusion.train import resumable
 
     images = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     config = FeatureNetTrainConfig(steps=6, batch_size=4, warmup_steps=1, log_every=1,
                                    model=FeatureNetConfig(channels1=4, channels2=8, latent_dim=3))
 
-    class InterruptingBar(recipe.tqdm):
+    class InterruptingBar(resumable.tqdm):
         steps_seen = 0  # a disabled tqdm does not count, so count here
 
         def update(self, n=1):
             super().update(n)
             InterruptingBar.steps_seen += n
-            if InterruptingBar.steps_seen == 3:
-                raise KeyboardInterrupt
+            if InterruptingBar.steps_seen == 3:  # Ctrl-C: the loop stops at the next step boundary
+                os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(recipe, "tqdm", InterruptingBar)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(resumable, "tqdm", InterruptingBar)
+    with pytest.raises(resumable.TrainingInterrupted, match="SIGINT: stopped at step 3"):
         train_feature_net(config, tmp_path / "resumed", images, progress=False)
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "resumed").step == 3

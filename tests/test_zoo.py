@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -237,23 +239,23 @@ def test_ddpm_resume_refuses_a_different_model(tmp_path):
 def test_interrupted_classifier_run_resumes_exactly(tmp_path, monkeypatch):
     # the classifier's cosine schedule depends on the total steps, so interrupt a 5-step run
     # after 3 steps (Ctrl-C writes a checkpoint) instead of running a shorter one
-    from fvdiffusion.train import classifier as classifier_module
+    from fvdiffusion.train import resumable
 
     gen = torch.Generator().manual_seed(0)
     data = (torch.rand(16, 1, 28, 28, generator=gen) * 2 - 1, torch.randint(0, 10, (16,), generator=gen))
     config = ClassifierTrainConfig.for_kind("reward", steps=5, batch_size=4, warmup_steps=1)
 
-    class InterruptingBar(classifier_module.tqdm):
+    class InterruptingBar(resumable.tqdm):
         steps_seen = 0  # a disabled tqdm does not count, so count here
 
         def update(self, n=1):
             super().update(n)
             InterruptingBar.steps_seen += n
-            if InterruptingBar.steps_seen == 3:
-                raise KeyboardInterrupt
+            if InterruptingBar.steps_seen == 3:  # Ctrl-C: the loop stops at the next step boundary
+                os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(classifier_module, "tqdm", InterruptingBar)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(resumable, "tqdm", InterruptingBar)
+    with pytest.raises(resumable.TrainingInterrupted, match="SIGINT: stopped at step 3"):
         train_classifier(config, tmp_path / "resumed", data, None, progress=False)
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "resumed").step == 3

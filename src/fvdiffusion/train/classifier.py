@@ -10,18 +10,14 @@ reference split is only scored at the end, never used for choices during trainin
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from fvdiffusion.train.checkpoint import (
-    LossWindow, device_label, has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint,
-)
+from fvdiffusion.train.resumable import SEED_MAX, ResumableRun, check_float, check_int
 from fvdiffusion.zoo.classifiers import EvalNet, RewardClassifier
 
 KINDS = ("reward", "eval")
@@ -46,19 +42,19 @@ class ClassifierTrainConfig:
     log_every: int = 25
 
     def __post_init__(self) -> None:
+        owner = "ClassifierTrainConfig"
         if self.kind not in KINDS:
-            raise ValueError(f"ClassifierTrainConfig.kind must be one of {KINDS}, got {self.kind!r}")
+            raise ValueError(f"{owner}.kind must be one of {KINDS}, got {self.kind!r}")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ClassifierTrainConfig.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"ClassifierTrainConfig.warmup_steps must be an int in [0, steps), got {self.warmup_steps!r}")
-        if not self.lr > 0:
-            raise ValueError(f"ClassifierTrainConfig.lr must be > 0, got {self.lr!r}")
-        for name in ("weight_decay", "max_rotation_deg", "max_shift_px", "max_scale"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"ClassifierTrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+            check_int(owner, name, getattr(self, name))
+        check_int(owner, "warmup_steps", self.warmup_steps, low=0, high=self.steps - 1)
+        check_int(owner, "seed", self.seed, low=0, high=SEED_MAX)
+        check_float(owner, "lr", self.lr, 0.0, strict=True)
+        for name in ("weight_decay", "max_rotation_deg", "max_shift_px"):
+            check_float(owner, name, getattr(self, name), 0.0)
+        check_float(owner, "max_scale", self.max_scale, 0.0, below=1.0)  # the scale 1 ± max_scale stays > 0
+        if not isinstance(self.augment, bool):
+            raise ValueError(f"{owner}.augment must be a bool, got {self.augment!r}")
 
     @classmethod
     def for_kind(cls, kind: str, **overrides) -> "ClassifierTrainConfig":
@@ -145,63 +141,33 @@ def train_classifier(
     meta = {"kind": f"classifier/{config.kind}", "config": config.to_dict(),
             "model": model.config.to_dict(), "num_train_images": int(images.shape[0])}
 
-    step, elapsed_before, last_loss = 0, 0.0, None
-    if not resume and has_checkpoint(run_dir):
-        raise ValueError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-    if resume and has_checkpoint(run_dir):
-        ckpt = load_checkpoint(run_dir)
-        if ckpt.meta.get("kind") != meta["kind"] or ckpt.meta.get("config", {}).get("seed") != config.seed:
-            raise ValueError(f"resume: {run_dir} holds a {ckpt.meta.get('kind')!r} run with another kind or seed")
-        model.load_state_dict(ckpt.model)
-        restore_optimizer(optimizer, ckpt.optimizer_state)
-        generator.set_state(ckpt.rng_state)
-        step, elapsed_before = ckpt.step, float(ckpt.meta.get("elapsed_s", 0.0))
-        last_loss = ckpt.meta.get("loss")
-        meta["command"] = ckpt.meta.get("command")
-    if command:
-        meta["command"] = command
+    run = ResumableRun(run_dir, dev, meta, model, optimizer, generator, progress=progress)
+    run.start(resume, check=lambda saved: _check_resumable(saved, config, run_dir), command=command)
 
-    start = time.monotonic()
-    window = LossWindow(dev)
-    bar = tqdm(total=config.steps, initial=step, desc=f"{config.kind} classifier", disable=not progress,
-               dynamic_ncols=True)
+    def train_step(step: int) -> Tensor:
+        idx = torch.randint(images.shape[0], (config.batch_size,), generator=generator, device=dev)
+        x = images[idx]
+        if config.augment:
+            x = augment(x, config, generator)
+        # dropout draws from the global RNG: seed it per step so a resumed run matches
+        torch.manual_seed(config.seed * 1_000_003 + step)
+        loss = F.cross_entropy(model(x), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
 
-    def checkpoint(extra: dict | None = None) -> Path:
-        info = {**meta, "elapsed_s": round(elapsed_before + time.monotonic() - start, 1), "loss": last_loss,
-                "device": device_label(dev), **(extra or {})}
-        return save_checkpoint(run_dir, step, info, model, optimizer, generator)
-
-    model.train()
-    try:
-        while step < config.steps:
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine_lr(config, step)
-            idx = torch.randint(images.shape[0], (config.batch_size,), generator=generator, device=dev)
-            x = images[idx]
-            if config.augment:
-                x = augment(x, config, generator)
-            # dropout draws from the global RNG: seed it per step so a resumed run matches
-            torch.manual_seed(config.seed * 1_000_003 + step)
-            loss = F.cross_entropy(model(x), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            window.add(loss)
-            if step % config.log_every == 0 or step == config.steps:
-                last_loss = window.report(run_dir, bar, step, elapsed_before + time.monotonic() - start)
-            if step % config.checkpoint_every == 0:
-                checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        raise
-    finally:
-        bar.close()
-
+    run.run(config.steps, train_step, lambda step: warmup_cosine_lr(config, step), log_every=config.log_every,
+            checkpoint_every=config.checkpoint_every, desc=f"{config.kind} classifier")
     ref_acc = accuracy(model, reference[0], reference[1]) if reference is not None else None
-    path = checkpoint({"reference_accuracy": ref_acc})
-    return ClassifierSummary(run_dir, step, elapsed_before + time.monotonic() - start, last_loss, ref_acc, path)
+    path = run.checkpoint({"reference_accuracy": ref_acc})
+    return ClassifierSummary(run_dir, run.step, run.elapsed_s, run.last_loss, ref_acc, path)
+
+
+def _check_resumable(saved: dict, config: ClassifierTrainConfig, run_dir: Path) -> None:
+    if saved.get("config", {}).get("seed") != config.seed:
+        raise ValueError(f"resume: {run_dir} holds a {saved.get('kind')!r} run with another seed "
+                         f"({saved.get('config', {}).get('seed')!r}, not {config.seed})")
 
 
 def warmup_cosine_lr(config, step: int) -> float:

@@ -8,19 +8,15 @@ The reference split is only scored at the end (reconstruction MSE), never used f
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
-from fvdiffusion.train.checkpoint import (
-    LossWindow, device_label, has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint,
-)
 from fvdiffusion.train.classifier import warmup_cosine_lr
+from fvdiffusion.train.resumable import SEED_MAX, ResumableRun, check_float, check_int
 from fvdiffusion.zoo.feature_net import FeatureNet, FeatureNetConfig
 
 RUN_KIND = "feature_net"
@@ -39,17 +35,15 @@ class FeatureNetTrainConfig:
     model: FeatureNetConfig = FeatureNetConfig()
 
     def __post_init__(self) -> None:
+        owner = "FeatureNetTrainConfig"
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"FeatureNetTrainConfig.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(
-                f"FeatureNetTrainConfig.warmup_steps must be an int in [0, steps), got {self.warmup_steps!r}")
-        if not self.lr > 0:
-            raise ValueError(f"FeatureNetTrainConfig.lr must be > 0, got {self.lr!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"FeatureNetTrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+            check_int(owner, name, getattr(self, name))
+        check_int(owner, "warmup_steps", self.warmup_steps, low=0, high=self.steps - 1)
+        check_int(owner, "seed", self.seed, low=0, high=SEED_MAX)
+        check_float(owner, "lr", self.lr, 0.0, strict=True)
+        check_float(owner, "weight_decay", self.weight_decay, 0.0)
+        if not isinstance(self.model, FeatureNetConfig):
+            raise ValueError(f"{owner}.model must be a FeatureNetConfig, got {type(self.model).__name__}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "model": self.model.to_dict()}
@@ -107,53 +101,24 @@ def train_feature_net(
     generator = torch.Generator(device=dev).manual_seed(config.seed)
     meta = {"kind": RUN_KIND, "config": config.to_dict(), "num_train_images": int(images.shape[0])}
 
-    step, elapsed_before, last_loss = 0, 0.0, None
-    if not resume and has_checkpoint(run_dir):
-        raise ValueError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-    if resume and has_checkpoint(run_dir):
-        ckpt = load_checkpoint(run_dir)
-        if ckpt.meta.get("kind") != RUN_KIND or ckpt.meta.get("config") != meta["config"]:
-            raise ValueError(f"resume: {run_dir} holds a {ckpt.meta.get('kind')!r} run with another config")
-        model.load_state_dict(ckpt.model)
-        restore_optimizer(optimizer, ckpt.optimizer_state)
-        generator.set_state(ckpt.rng_state)
-        step, elapsed_before, last_loss = ckpt.step, float(ckpt.meta.get("elapsed_s", 0.0)), ckpt.meta.get("loss")
-    if command:
-        meta["command"] = command
+    def check(saved: dict) -> None:
+        if saved.get("config") != meta["config"]:
+            raise ValueError(f"resume: {run_dir} holds a {saved.get('kind')!r} run with another config")
 
-    start = time.monotonic()
-    window = LossWindow(dev)
-    bar = tqdm(total=config.steps, initial=step, desc="feature net", disable=not progress, dynamic_ncols=True)
+    run = ResumableRun(run_dir, dev, meta, model, optimizer, generator, progress=progress)
+    run.start(resume, check=check, command=command)
 
-    def checkpoint(extra: dict | None = None) -> Path:
-        info = {**meta, "elapsed_s": round(elapsed_before + time.monotonic() - start, 1), "loss": last_loss,
-                "device": device_label(dev), **(extra or {})}
-        return save_checkpoint(run_dir, step, info, model, optimizer, generator)
+    def train_step(step: int) -> Tensor:
+        x = images[torch.randint(images.shape[0], (config.batch_size,), generator=generator, device=dev)]
+        loss = F.mse_loss(model(x), x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
 
-    model.train()
-    try:
-        while step < config.steps:
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine_lr(config, step)
-            x = images[torch.randint(images.shape[0], (config.batch_size,), generator=generator, device=dev)]
-            loss = F.mse_loss(model(x), x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            window.add(loss)
-            if step % config.log_every == 0 or step == config.steps:
-                last_loss = window.report(run_dir, bar, step, elapsed_before + time.monotonic() - start)
-            if step % config.checkpoint_every == 0:
-                checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        raise
-    finally:
-        bar.close()
-
+    run.run(config.steps, train_step, lambda step: warmup_cosine_lr(config, step), log_every=config.log_every,
+            checkpoint_every=config.checkpoint_every, desc="feature net")
     model.set_feature_scale(images)
     ref_mse = reconstruction_mse(model, reference) if reference is not None else None
-    path = checkpoint({"reference_mse": ref_mse})
-    return FeatureNetSummary(run_dir, step, elapsed_before + time.monotonic() - start, last_loss, ref_mse, path)
+    path = run.checkpoint({"reference_mse": ref_mse})
+    return FeatureNetSummary(run_dir, run.step, run.elapsed_s, run.last_loss, ref_mse, path)
