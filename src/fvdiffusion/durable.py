@@ -18,7 +18,6 @@ One implementation for every resumable writer in the project: the benchmark runn
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,12 +26,6 @@ from typing import Any, Iterable
 
 class CorruptRecordsError(ValueError):
     """A record file holds an invalid line that is not a torn last line (message names file and line)."""
-
-
-def fingerprint(value: Any) -> str:
-    """A short stable hash of a JSON-able value (sorted keys): a record key for arbitrary inputs."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _canonical(value: Any) -> Any:
