@@ -74,7 +74,7 @@ def test_langevin_move_keeps_p_t_and_separates_clones():
     x = p_t.sample(2048, torch.Generator().manual_seed(0))
     cfg = FVDConfig(n_particles=2048, num_steps=10, rebirth="langevin", langevin_step=0.2, langevin_steps=1)
     ctx = RunContext.create(den, problem.reward, cfg)
-    pred = ctx.denoise(x, t, alpha_bar)
+    pred, _ = ctx.denoise(x, t, alpha_bar)
     state = initial_state(x)
     state = type(state)(x=x, x0_hat=pred.x0, eps_hat=pred.eps, reward=state.reward, log_weight=state.log_weight,
                         root=state.root)

@@ -44,7 +44,13 @@ class Lineage:
     steps: list[int] = field(default_factory=list)
 
     def record(self, step: int, parents: Tensor) -> None:
-        self.parents.append(parents.detach().cpu().long())
+        """Add a selection at ``step``; a second one at the same step (e.g. the rebirth of particles
+        whose denoiser output was NaN, then the policy's selection) is composed into one record."""
+        parents = parents.detach().cpu().long()
+        if self.steps and self.steps[-1] == step:
+            self.parents[-1] = self.parents[-1][parents]
+            return
+        self.parents.append(parents)
         self.steps.append(step)
 
     def ancestors_at(self, step: int) -> Tensor:
@@ -172,6 +178,7 @@ class SampleResult:
             "distinct_lineages": self.distinct_lineages(),
             **self.diversity().as_dict(),
             "nonfinite_rewards": int(self.extras.get("health", {}).get("nonfinite_rewards", 0)),
+            "nonfinite_denoiser": int(self.extras.get("health", {}).get("nonfinite_denoiser", 0)),
             **{f"cost_{k}": v for k, v in self.cost.as_dict().items() if k != "extra"},
             **{f"cost_{k}": v for k, v in self.cost.extra.items()},
         }

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fvdiffusion.loop import RunContext, potentials_from, run_with_cost
+from fvdiffusion.loop import DenoiserError, RunContext, potentials_from, refuse_overflow, run_with_cost, tilt
 from fvdiffusion.population import ParticleState
 from fvdiffusion.result import SampleResult, StepTrace
 from fvdiffusion.samplers import Method, register_method
@@ -60,6 +60,7 @@ from fvdiffusion.samplers.svdd import choice_probabilities, draw_from, ess_fract
 from fvdiffusion.schedule import Prediction, ddim_step
 
 _INDEX_BYTES = 8  # long / float64 per-node fields and Python list slots
+SEARCH = " in the tree search"  # where a λ overflow happened, for its error message
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,9 @@ class SoftMean:
 
     def accumulate(self, acc: Tensor, index: Tensor, log_weight: Tensor, reward: Tensor) -> None:
         if self.lam > 0:
-            _log_add_at(acc, index, log_weight + self.lam * reward)
+            tilted = tilt(self.lam, reward, SEARCH)
+            terms = refuse_overflow(log_weight + tilted, log_weight, tilted, lam=self.lam, where=SEARCH)
+            _log_add_at(acc, index, terms)
         else:  # a worthless leaf (r = −inf) makes the mean −inf, as it would with λ > 0 in the limit
             acc.index_add_(0, index, torch.where(torch.isneginf(reward), reward, log_weight.exp() * reward))
 
@@ -271,11 +274,20 @@ class TreeSearch:
 
     # --- nodes ------------------------------------------------------------------------
     def create(self, parents: list[int], x: Tensor, depth: int) -> Tensor:
-        """Denoise the new states (one call each), store them, and score them if they are leaves."""
-        pred = self.ctx.denoise(x, self.timesteps[depth], self.alpha_bars[depth])
+        """Denoise the new states (one call each), store them, and score them if they are leaves.
+
+        Under nonfinite_denoiser="kill" a node whose output is NaN/inf is stored dead: as a leaf it
+        is not scored and has value −inf (no weight), and the chain below an inner one is NaN
+        too, so it ends in such leaves; the final descents only reach them if nothing else is left.
+        """
+        k, t = self.config.num_steps - depth, self.timesteps[depth]
+        pred, dead = self.ctx.denoise(x, t, self.alpha_bars[depth], k, what="tree nodes")
+        if dead is not None and depth == 0:
+            raise self.ctx.all_killed(k, t, 1, "tree nodes (the root)")
         ids = self.tree.add(parents, pred, depth)
         if depth == self.leaf_depth:
-            reward = self.ctx.evaluate_reward(pred.x0, 1)  # the leaf's sample is its x̂0 (σ = 0 last step)
+            # the leaf's sample is its x̂0 (σ = 0 last step)
+            reward = self.ctx.rewards_where_alive(pred.x0, 1, dead)
             self.tree.reward[ids] = reward
             self.tree.value[ids] = potentials_from(reward)[0]
         return ids
@@ -297,7 +309,7 @@ class TreeSearch:
         converges however unlucky its first leaf was, and no weight exceeds 1 / explore per level.
         """
         kids, exists, values = self.tree.child_table(nodes)
-        probs = choice_probabilities(values, exists, self.config.lam, self.config.greedy)
+        probs = choice_probabilities(values, exists, self.config.lam, self.config.greedy, SEARCH)
         if self.weighted and self.config.explore > 0:
             uniform = exists.to(probs.dtype) / exists.sum(dim=1, keepdim=True)
             probs = (1 - self.config.explore) * probs + self.config.explore * uniform
@@ -313,7 +325,7 @@ class TreeSearch:
         kids, exists, values = self.tree.child_table(nodes)
         if self.weighted:
             return kids, choice_probabilities(self.tree.log_mass[kids], exists, 1.0)
-        return kids, choice_probabilities(values, exists, self.config.lam, self.config.greedy)
+        return kids, choice_probabilities(values, exists, self.config.lam, self.config.greedy, SEARCH)
 
     # --- rollouts ---------------------------------------------------------------------
     def run_batch(self, size: int) -> None:
@@ -406,7 +418,10 @@ class TreeSearch:
             log_weight = log_weight + log_ratio  # the choice made at this depth weighs the return from here up
             est.accumulate(tree.returns, torch.tensor(nodes), log_weight, reward)
         # from the root, w·exp(λ r) is the rollout's importance weight for the final descents
-        log_mass = torch.where(torch.isneginf(reward), reward, log_weight + self.config.lam * reward)
+        lam, worthless = self.config.lam, torch.isneginf(reward)
+        tilted = torch.where(worthless, reward, tilt(lam, reward, SEARCH))
+        log_mass = torch.where(worthless, reward, refuse_overflow(log_weight + tilted, log_weight, tilted, lam=lam,
+                                                                  where=SEARCH))
         passed = torch.cat([torch.tensor(nodes) for nodes in batch.paths] + [leaves])
         _log_add_at(tree.log_mass, passed, log_mass.repeat(len(batch.paths) + 1))
         inner = torch.tensor(sorted({node for nodes in batch.paths for node in nodes}))
@@ -424,7 +439,7 @@ class TreeSearch:
         elif lam == 0:
             v = torch.where(exists, values, torch.zeros_like(values)).sum(dim=1) / count
         else:
-            v = (torch.logsumexp(lam * values, dim=1) - count.log()) / lam
+            v = (torch.logsumexp(tilt(lam, values, SEARCH), dim=1) - count.log()) / lam
         self.tree.value[nodes] = v
 
     # --- reading the tree -------------------------------------------------------------
@@ -512,6 +527,11 @@ def sample_dts(denoiser, reward, config: DTSConfig, cond=None, progress: bool = 
         leaves = paths[-1]
         tree = search.tree
         dev_leaves = leaves.to(tree.x0_hat.device)
+        if ctx.health.nonfinite_denoiser and not bool(torch.isfinite(tree.x0_hat[dev_leaves]).all()):
+            raise DenoiserError(f"{method}: the final descents reached leaves whose denoiser output was NaN/inf "
+                                f"(nonfinite_denoiser='kill': {ctx.health.nonfinite_denoiser} of "
+                                f"{ctx.health.denoiser_values} tree nodes were bad and no leaf with a finite "
+                                f"reward was left to prefer)")
         rewards = tree.reward[leaves]
         state = ParticleState(x=tree.x0_hat[dev_leaves], x0_hat=tree.x0_hat[dev_leaves],
                               eps_hat=tree.eps_hat[dev_leaves], reward=rewards,

@@ -15,7 +15,7 @@ import torch
 
 from fvdiffusion import selection
 from fvdiffusion.loop import (
-    RunContext, StepInfo, plain_trace, potentials_from, run_particle_loop, run_with_cost,
+    RunContext, StepInfo, plain_trace, potentials_from, refuse_overflow, run_particle_loop, run_with_cost, tilt,
 )
 from fvdiffusion.population import ParticleState, gather
 from fvdiffusion.result import SampleResult
@@ -121,17 +121,18 @@ class FVDPolicy:
         self.log_kappa = 0.0
         self.selections = 0
 
-    def potential(self, reward: torch.Tensor, r_prev: torch.Tensor) -> torch.Tensor:
-        lam = self.config.lam
+    def potential(self, reward: torch.Tensor, r_prev: torch.Tensor, k: int) -> torch.Tensor:
+        lam, where = self.config.lam, f" at step k={k}" if k else " on the final samples"
         if self.config.potential == "level":
-            return lam * reward
+            return tilt(lam, reward, where)
         # λ_prev = 0 before the first selection, so r_prev's NaN-free zeros never matter there
-        return lam * reward - self.lam_prev * r_prev
+        now, before = tilt(lam, reward, where), tilt(self.lam_prev, r_prev, where)
+        return refuse_overflow(now - before, now, before, lam=lam, where=where)
 
     def birth_death(self, ctx: RunContext, state: ParticleState, reward: torch.Tensor, k: int):
         """Select on the potential of ``reward``; returns the new state and the step statistics."""
         r_prev = state.aux.get("r_prev", torch.zeros_like(reward))
-        log_potential, nonfinite = potentials_from(self.potential(reward, r_prev))
+        log_potential, nonfinite = potentials_from(self.potential(reward, r_prev, k))
         log_potential = math.exp(self.log_kappa) * log_potential
         log_potential = ctx.guard_all_dead(log_potential, k)
         outcome = selection.fleming_viot(log_potential, ctx.generator, parent_rule=self.config.parent_rule)
@@ -198,17 +199,21 @@ class FVDPolicy:
             return state
         sigma = math.sqrt(1 - info.alpha_bar)
         delta = cfg.langevin_step * sigma**2
-        x, eps = state.x[rows], state.eps_hat[rows]
+        x, eps, x0 = state.x[rows], state.eps_hat[rows], state.x0_hat[rows]
         for xi in xi_all:
             # score of p_t is −ε̂/σ: x ← x + δ·score + √(2δ)·ξ
-            x = x - delta / sigma * eps + math.sqrt(2 * delta) * xi[rows]
-            pred = ctx.denoise(x, info.t, info.alpha_bar)
-            eps = pred.eps
+            x_new = x - delta / sigma * eps + math.sqrt(2 * delta) * xi[rows]
+            pred, dead = ctx.denoise(x_new, info.t, info.alpha_bar, info.k, what="Langevin moves")
+            if dead is None:
+                x, eps, x0 = x_new, pred.eps, pred.x0
+            else:  # nonfinite_denoiser="kill": a move whose output is NaN/inf is rejected, the clone stays put
+                stay = dead.to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+                x, eps, x0 = (torch.where(stay, old, new) for old, new in ((x, x_new), (eps, pred.eps), (x0, pred.x0)))
         return replace(
             state,
             x=state.x.index_copy(0, rows, x),
-            x0_hat=state.x0_hat.index_copy(0, rows, pred.x0),
-            eps_hat=state.eps_hat.index_copy(0, rows, pred.eps),
+            x0_hat=state.x0_hat.index_copy(0, rows, x0),
+            eps_hat=state.eps_hat.index_copy(0, rows, eps),
         )
 
 

@@ -15,7 +15,7 @@ import torch
 
 from fvdiffusion import selection
 from fvdiffusion.loop import (
-    RunContext, StepInfo, plain_trace, potentials_from, run_particle_loop, run_with_cost,
+    RunContext, StepInfo, plain_trace, potentials_from, refuse_overflow, run_particle_loop, run_with_cost, tilt,
 )
 from fvdiffusion.population import ParticleState, gather
 from fvdiffusion.result import SampleResult
@@ -49,17 +49,17 @@ class SMCConfig(SelectionScheduleMixin, CommonConfig):
             check_float("ess_threshold", self.ess_threshold, 0.0, 1.0)
 
 
-def _increment(cfg: SMCConfig, state: ParticleState, reward: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def _increment(cfg: SMCConfig, state: ParticleState, reward: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
     """log G_k for every particle, and the per-particle statistics the potential carries."""
-    lam = cfg.lam
+    lam, where = cfg.lam, f" at step k={k}"
     if cfg.potential == "diff":
         prev = state.aux.get("r_prev", torch.zeros_like(reward))
-        return lam * (reward - prev), {"r_prev": reward}
+        return tilt(lam, reward - prev, where), {"r_prev": reward}
     if cfg.potential == "max":
         running = torch.maximum(state.aux.get("r_max", torch.full_like(reward, -float("inf"))), reward)
-        return lam * running, {"r_max": running}
+        return tilt(lam, running, where), {"r_max": running}
     total = state.aux.get("r_sum", torch.zeros_like(reward)) + reward
-    return lam * total, {"r_sum": total}
+    return tilt(lam, total, where), {"r_sum": total}
 
 
 def resample(ctx: RunContext, state: ParticleState, scheme: str, k: int) -> tuple[ParticleState, float]:
@@ -81,10 +81,13 @@ class SMCPolicy:
         if not in_window(cfg, info.index, cfg.num_steps):
             return state, plain_trace(info, state, cfg.lam, ess=selection.ess(state.log_weight))
         reward = ctx.evaluate_reward(state.x0_hat, info.k)
-        inc, carried = _increment(cfg, state, reward)
+        inc, carried = _increment(cfg, state, reward, info.k)
         inc, nonfinite = potentials_from(inc)
-        log_g = state.aux.get("log_g_sum", torch.zeros_like(reward)) + inc
-        state = replace(state, reward=reward, log_weight=state.log_weight + inc)
+        where = f" at step k={info.k}"
+        log_g_sum = state.aux.get("log_g_sum", torch.zeros_like(reward))
+        log_g = refuse_overflow(log_g_sum + inc, log_g_sum, inc, lam=cfg.lam, where=where)
+        log_w = refuse_overflow(state.log_weight + inc, state.log_weight, inc, lam=cfg.lam, where=where)
+        state = replace(state, reward=reward, log_weight=log_w)
         state = state.with_aux(log_g_sum=log_g, **carried)
         log_w_used = ctx.guard_all_dead(state.log_weight, info.k)
         ess = selection.ess(log_w_used)
@@ -102,8 +105,10 @@ class SMCPolicy:
 def final_correction(cfg: CommonConfig, state: ParticleState, final_reward: torch.Tensor) -> torch.Tensor:
     """Weights for p·exp(λ r(x0)): current weights × exp(λ r(x0) − Σ log G along the lineage)."""
     log_g = state.aux.get("log_g_sum", torch.zeros_like(final_reward))
-    corrected, _ = potentials_from(state.log_weight + cfg.lam * final_reward - log_g)
-    return corrected
+    tilted = tilt(cfg.lam, final_reward, " on the final samples")
+    corrected = refuse_overflow(state.log_weight + tilted - log_g, state.log_weight, tilted, log_g, lam=cfg.lam,
+                                where=" on the final samples")
+    return potentials_from(corrected)[0]
 
 
 def sample_smc(denoiser, reward, config: SMCConfig, cond=None, progress: bool = False) -> SampleResult:

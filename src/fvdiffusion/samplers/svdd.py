@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fvdiffusion.loop import RunContext, StepInfo, plain_trace, potentials_from, run_with_cost
+from fvdiffusion.loop import RunContext, StepInfo, plain_trace, potentials_from, run_with_cost, tilt
 from fvdiffusion.population import ParticleState
 from fvdiffusion.result import SampleResult
 from fvdiffusion.samplers import Method, register_method
@@ -53,12 +53,13 @@ class SVDDConfig(CommonConfig):
         require_stochastic_kernel(self.eta, "svdd")
 
 
-def choice_probabilities(values: Tensor, exists: Tensor, lam: float, greedy: bool = False) -> Tensor:
+def choice_probabilities(values: Tensor, exists: Tensor, lam: float, greedy: bool = False, where: str = "") -> Tensor:
     """softmax(λ · values) over the columns that exist, per row: [n, C] float64.
 
     values [n, C] float64 (−inf or NaN = worthless), exists [n, C] bool (every row has a True).
     λ = inf or ``greedy`` puts all mass on the first argmax; λ = 0 is uniform. A row whose
-    existing values are all worthless is uniform over its existing columns.
+    existing values are all worthless is uniform over its existing columns. A finite λ so large
+    that λ·value overflows is refused (ConfigError naming lam, ``where`` it happened).
     """
     worthless = torch.isnan(values) | torch.isneginf(values)
     v = torch.where(exists & ~worthless, values, torch.full_like(values, -math.inf))
@@ -66,7 +67,7 @@ def choice_probabilities(values: Tensor, exists: Tensor, lam: float, greedy: boo
     v = torch.where(all_worthless & exists, torch.zeros_like(v), v)
     if greedy or math.isinf(lam):
         return torch.nn.functional.one_hot(v.argmax(dim=1), values.shape[1]).to(torch.float64)
-    logits = v * lam if lam > 0 else torch.where(torch.isfinite(v), torch.zeros_like(v), v)
+    logits = tilt(lam, v, where) if lam > 0 else torch.where(torch.isfinite(v), torch.zeros_like(v), v)
     return torch.softmax(logits, dim=1)
 
 
@@ -91,8 +92,10 @@ def sample_svdd(denoiser, reward, config: SVDDConfig, cond=None, progress: bool 
 
     def body() -> SampleResult:
         x = ctx.randn((n, *sample_shape))
-        pred = ctx.denoise(x, timesteps[0], float(schedule.alpha_bar(timesteps[0])))
+        pred, dead = ctx.denoise(x, timesteps[0], float(schedule.alpha_bar(timesteps[0])), config.num_steps)
         kept_reward = torch.full((n,), math.nan, dtype=torch.float64)
+        if dead is not None:
+            x, pred, kept_reward = _rebirth_killed(ctx, dead, x, pred, kept_reward, config.num_steps, timesteps[0])
         for index, t in enumerate(timesteps):
             t_prev = timesteps[index + 1] if index + 1 < len(timesteps) else -1
             info = StepInfo(k=config.num_steps - index, index=index, t=t, alpha_bar=float(schedule.alpha_bar(t)),
@@ -105,15 +108,23 @@ def sample_svdd(denoiser, reward, config: SVDDConfig, cond=None, progress: bool 
             noise = ctx.randn((n * m, *sample_shape))  # one draw for the whole population
             candidates = ddim_step(pred.x0.repeat_interleave(m, dim=0), pred.eps.repeat_interleave(m, dim=0),
                                    info.alpha_bar, info.alpha_bar_prev, config.eta, noise)
-            cand_pred = ctx.denoise(candidates, t_prev, info.alpha_bar_prev)
-            cand_reward = ctx.evaluate_reward(cand_pred.x0, info.k)
+            cand_pred, cand_dead = ctx.denoise(candidates, t_prev, info.alpha_bar_prev, info.k, what="candidates")
+            cand_reward = ctx.rewards_where_alive(cand_pred.x0, info.k, cand_dead)
             potentials, nonfinite = potentials_from(cand_reward.view(n, m))
-            probs = choice_probabilities(potentials, torch.ones(n, m, dtype=torch.bool), lam)
+            # killed candidates are never chosen; a particle whose candidates all died is reborn below
+            exists = torch.ones(n, m, dtype=torch.bool) if cand_dead is None else ~cand_dead.view(n, m)
+            dead = None if cand_dead is None else ~exists.any(dim=1)
+            if cand_dead is not None:
+                nonfinite -= int(cand_dead.sum())  # denoiser faults, not reward faults
+                exists = exists | dead[:, None]
+            probs = choice_probabilities(potentials, exists, lam, where=f" at step k={info.k}")
             rows = torch.arange(n) * m + draw_from(probs, ctx.rand(n))
             dev_rows = rows.to(candidates.device)
             x = candidates[dev_rows]
             pred = Prediction(x0=cand_pred.x0[dev_rows], eps=cand_pred.eps[dev_rows])
             kept_reward = cand_reward[rows]
+            if dead is not None and bool(dead.any()):
+                x, pred, kept_reward = _rebirth_killed(ctx, dead, x, pred, kept_reward, info.k, t_prev, "candidates")
             ctx.record(plain_trace(info, _population(x, pred, kept_reward), lam, selected=m > 1,
                                    ess=ess_fraction(probs), nonfinite_rewards=nonfinite))
         final = _population(x, pred, kept_reward)
@@ -122,6 +133,20 @@ def sample_svdd(denoiser, reward, config: SVDDConfig, cond=None, progress: bool 
         return make_result(ctx, "svdd", final, rewards, torch.zeros(n, dtype=torch.float64), extras)
 
     return run_with_cost(ctx, body)
+
+
+def _rebirth_killed(ctx: RunContext, dead: Tensor, x: Tensor, pred: Prediction, reward: Tensor, k: int, t: int,
+                    what: str = "particles") -> tuple[Tensor, Prediction, Tensor]:
+    """nonfinite_denoiser="kill": each dead particle becomes a copy of a uniformly drawn live one (in the lineage)."""
+    if bool(dead.all()):
+        raise ctx.all_killed(k, t, dead.numel() if what == "particles" else dead.numel() * ctx.config.n_candidates,
+                             what)
+    alive = torch.nonzero(~dead).flatten()
+    ancestors = torch.arange(dead.numel())
+    ancestors[dead] = alive[torch.randint(alive.numel(), (int(dead.sum()),), generator=ctx.generator)]
+    ctx.lineage.record(k, ancestors)
+    dev = ancestors.to(x.device)
+    return x[dev], Prediction(x0=pred.x0[dev], eps=pred.eps[dev]), reward[ancestors]
 
 
 def _population(x: Tensor, pred: Prediction, reward: Tensor) -> ParticleState:

@@ -13,7 +13,7 @@ import torch
 
 from fvdiffusion import selection
 from fvdiffusion.loop import (
-    RunContext, StepInfo, plain_trace, potentials_from, run_particle_loop, run_with_cost,
+    RunContext, StepInfo, plain_trace, potentials_from, refuse_overflow, run_particle_loop, run_with_cost, tilt,
 )
 from fvdiffusion.population import ParticleState, gather
 from fvdiffusion.result import SampleResult
@@ -42,9 +42,13 @@ class VASRPolicy:
             return state, plain_trace(info, state, cfg.lam, ess=selection.ess(state.log_weight))
         reward = ctx.evaluate_reward(state.x0_hat, info.k)
         prev = state.aux.get("r_prev", torch.zeros_like(reward))
-        inc, nonfinite = potentials_from(cfg.lam * (reward - prev))
-        log_w = ctx.guard_all_dead(state.log_weight + inc, info.k)
-        log_mass = ctx.guard_all_dead(potentials_from(log_w + cfg.lam * reward)[0], info.k)
+        where = f" at step k={info.k}"
+        inc, nonfinite = potentials_from(tilt(cfg.lam, reward - prev, where))
+        log_w = refuse_overflow(state.log_weight + inc, state.log_weight, inc, lam=cfg.lam, where=where)
+        log_w = ctx.guard_all_dead(log_w, info.k)
+        tilted = tilt(cfg.lam, reward, where)
+        log_mass = refuse_overflow(log_w + tilted, log_w, tilted, lam=cfg.lam, where=where)
+        log_mass = ctx.guard_all_dead(potentials_from(log_mass)[0], info.k)
         outcome = selection.systematic(selection.normalize(log_mass), ctx.generator)
         new_log_w = (log_w - log_mass)[outcome.ancestors]
         state = replace(state, reward=reward, log_weight=log_w)
@@ -64,7 +68,10 @@ def sample_vasr(denoiser, reward, config: VASRConfig, cond=None, progress: bool 
         state = run_particle_loop(ctx, VASRPolicy(config))
         final_reward = ctx.evaluate_reward(state.x, None)
         prev = state.aux.get("r_prev", torch.zeros_like(final_reward))
-        log_w, _ = potentials_from(state.log_weight + config.lam * (final_reward - prev))
+        where = " on the final samples"
+        inc = tilt(config.lam, final_reward - prev, where)
+        log_w, _ = potentials_from(refuse_overflow(state.log_weight + inc, state.log_weight, inc, lam=config.lam,
+                                                   where=where))
         state = replace(state, x0_hat=state.x, reward=final_reward, log_weight=log_w)
         extras = {}
         if config.final_selection:
