@@ -38,7 +38,7 @@ def test_compare_writes_one_figure(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--class", "11"], "--class must be a digit 0-9, got 11"),
-    (["--particles", "0"], "invalid n_particles=0"),
+    (["--particles", "0"], "--particles must be >= 1, got 0"),
     (["--method", "nope"], "invalid method='nope'"),
     (["--option", "rebirth_noise=2"], "invalid rebirth_noise=2"),
     (["--option", "oops"], "--option expects KEY=VALUE"),

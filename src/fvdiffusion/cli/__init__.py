@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from fvdiffusion.cli import bench_mnist, sample, suite, t2i, toy, train
+from fvdiffusion.cli.errors import version_callback
 
 app = typer.Typer(
     help="Inference-time reward alignment of diffusion models with particle populations "
@@ -18,6 +19,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                 help="Print the package version and exit."),
+) -> None:
+    """Inference-time reward alignment of diffusion models with particle populations
+    (Fleming-Viot Diffusion and baselines)."""
+
 
 for _module in (toy, suite, sample, bench_mnist, t2i, train):
     _module.register(app)

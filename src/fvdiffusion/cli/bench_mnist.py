@@ -10,7 +10,10 @@ from typing import Optional
 
 import typer
 
-from fvdiffusion.cli.errors import fail
+from fvdiffusion.cli.errors import (
+    check_device, check_fits, check_out, check_range, fail, handles_errors, set_threads,
+)
+from fvdiffusion.cli.sample import MNIST_BYTES_PER_PARTICLE
 
 DEFAULT_OUT = Path("benchmarks/mnist")
 
@@ -22,13 +25,14 @@ def _int_list(text: Optional[str], name: str) -> Optional[tuple[int, ...]]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=name) from None
+        fail(f"{name}: expected comma-separated integers, got {text!r}")
 
 
 def _name_list(text: Optional[str]) -> Optional[tuple[str, ...]]:
     return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+@handles_errors
 def mnist_command(
     preset: Optional[str] = typer.Option(None, help="quick (minutes on a CPU, for smoke tests), cpu (the CPU-reduced "
                                          "benchmark, about 45 min with --workers 2), gpu (the full benchmark on cuda). "
@@ -64,14 +68,15 @@ def mnist_command(
     feature_spaces: Optional[str] = typer.Option(None, "--feature-spaces", help="FID/KID feature spaces, "
                                                  "comma-separated (default: every installed one)."),
     bootstrap: Optional[int] = typer.Option(None, help="Bootstrap draws of the populations (default 1000)."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default cpu; gpu preset cuda)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N that this machine has (default cpu; "
+                                         "gpu preset cuda)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Micro-batch for every network call "
                                              "(default: whole population; results do not depend on it)."),
     workers: Optional[int] = typer.Option(None, help="Cells run in this many processes (default 1; cpu preset 2)."),
     images: Optional[bool] = typer.Option(None, "--images/--no-images", help="Keep every sample in results.jsonl "
                                           "(default on; gpu preset off: rows then keep their scores and a preview)."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads per process (default: torch's choice with "
-                                          "one worker, 1 with several)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads per process, >= 1 (default: torch's "
+                                          "choice with one worker, 1 with several)."),
     report_only: bool = typer.Option(False, "--report-only", help="Write results.md and figures from the existing "
                                      "results.jsonl without running any cell."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
@@ -82,8 +87,6 @@ def mnist_command(
 
     Resumable: finished (method, class, seed) cells in OUT/results.jsonl are not rerun.
     """
-    import torch
-
     from fvdiffusion.bench.mnist import MnistBenchConfig, mnist_report, reproduce_command, run_mnist_bench, summarise
     from fvdiffusion.bench.mnist.plots import write_figures
     from fvdiffusion.bench.mnist.scoring import Scorer
@@ -92,8 +95,9 @@ def mnist_command(
         if preset not in (None, "quick"):
             fail(f"--quick conflicts with --preset {preset}")
         preset = "quick"
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_threads(threads)
+    if device is not None:
+        check_device(device)
     values = dict(
         classes=_int_list(classes, "--classes"), seeds=_int_list(seeds, "--seeds"),
         samples_per_cell=samples_per_cell, min_populations=populations, n_particles=particles, num_steps=steps,
@@ -104,19 +108,21 @@ def mnist_command(
         tuning_samples_per_cell=tuning_samples, feature_spaces=_name_list(feature_spaces), bootstrap=bootstrap,
         device=device, batch_size=batch_size, workers=workers, store_images=images,
     )
-    try:
-        if preset is not None:
-            cfg = MnistBenchConfig.preset(preset, **values)
-        else:
-            cfg = MnistBenchConfig(**{k: v for k, v in values.items() if v is not None})
-    except ValueError as exc:
-        fail(str(exc))
+    if preset is not None:
+        cfg = MnistBenchConfig.preset(preset, **values)
+    else:
+        cfg = MnistBenchConfig(**{k: v for k, v in values.items() if v is not None})
+    if device is None and not report_only:  # the preset's device (gpu: cuda) must exist to compute
+        check_device(cfg.device, f"--device (preset {preset})")
+    for steps_value in (cfg.num_steps, *cfg.scaling_steps):
+        check_range("--steps" if steps_value == cfg.num_steps else "--scaling-steps", steps_value, 1, 1000,
+                    "the shipped DDPM has 1000 training steps")
+    check_fits("--particles", cfg.n_particles * cfg.workers, MNIST_BYTES_PER_PARTICLE, cfg.device,
+               what=f"particle, {cfg.workers} worker(s) at once")
     out_dir = out or (DEFAULT_OUT / preset if preset else DEFAULT_OUT)
-    try:
-        scorer = Scorer(cfg)
-        outcome = run_mnist_bench(cfg, out_dir, scorer, progress_bar=progress, compute=not report_only, threads=threads)
-    except (ValueError, FileNotFoundError) as exc:  # missing data or weights, unusable device
-        fail(str(exc))
+    check_out(out_dir)
+    scorer = Scorer(cfg)
+    outcome = run_mnist_bench(cfg, out_dir, scorer, progress_bar=progress, compute=not report_only, threads=threads)
     if not outcome.rows:
         fail(f"no finished cells in {Path(out_dir) / 'results.jsonl'}")
     summaries = summarise(outcome, scorer)

@@ -1,12 +1,274 @@
-"""The one error path of the ``fvd`` command: a failure the user can fix is one line ``error: ...``, exit 2."""
+"""The one error path of the ``fvd`` command.
+
+Every command is wrapped in :func:`handles_errors`, and every input check below ends in
+:func:`fail`: a failure the user can fix is **one line** ``error: ...`` on stderr that names
+the flag or the file, exit code 2, and no traceback. The checks run before anything is
+loaded or computed (``--device``, ``--threads``, ``--out``, sizes, non-finite numbers);
+what only the library can see (a corrupt file, a bad config value, a reward that raises)
+arrives as a typed exception and is turned into the same one line at the boundary.
+
+Set ``FVD_DEBUG=1`` to get the traceback of a reported error instead.
+"""
 
 from __future__ import annotations
 
-from typing import NoReturn
+import functools
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, NoReturn, TypeVar
 
 import typer
 
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CliError(Exception):
+    """A user error found by the CLI itself; the message is the line after ``error:``."""
+
 
 def fail(message: str) -> NoReturn:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(2)
+    """Report ``message`` as the one line ``error: ...`` and exit 2."""
+    raise CliError(message)
+
+
+def one_line(text: str) -> str:
+    """Collapse a (possibly multi-line) message into one line."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _print_error(message: str) -> None:
+    typer.secho(f"error: {one_line(message)}", err=True, fg=typer.colors.RED)
+
+
+# --- the exceptions that are the user's to fix ------------------------------------------------
+
+# Library error types that are not ValueError or OSError (those are expected failures
+# already: ConfigError, WeightsError, CheckpointError, DenoiserError, RunnerError, ...),
+# looked up only in modules that are already imported: an exception cannot come from a
+# module that was never loaded, and `fvd --help` stays free of torch.
+_LIBRARY_ERRORS: tuple[tuple[str, str], ...] = (
+    ("fvdiffusion.loop", "RewardError"),                           # RuntimeError: a reward raised
+    ("fvdiffusion.diffusers_align", "UnsupportedPipelineError"),    # TypeError
+    ("fvdiffusion.rewards.model_rewards", "MissingExtraError"),     # ImportError: names the extra
+    ("safetensors", "SafetensorError"),                             # a bare Exception
+)
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    found = []
+    for module, name in _LIBRARY_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            found.append(cls)
+    return tuple(found)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if isinstance(oom, type) and isinstance(exc, oom):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def describe(exc: BaseException) -> str | None:
+    """The one-line message for an expected failure, or None for a bug (which keeps its traceback)."""
+    message = _message(exc)
+    return None if message is None else one_line(message)
+
+
+def _message(exc: BaseException) -> str | None:
+    if isinstance(exc, CliError):
+        return str(exc)
+    if _is_out_of_memory(exc):
+        first = one_line(str(exc))[:300]
+        return f"out of memory ({first}); lower --particles or set a smaller --batch-size"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    if isinstance(exc, OSError):
+        if exc.filename is not None and exc.strerror:
+            return f"{exc.filename}: {exc.strerror}"
+        return str(exc) or type(exc).__name__
+    if isinstance(exc, (ValueError, *_library_errors())):
+        text = one_line(str(exc))
+        if type(exc).__module__.startswith("safetensors"):
+            return f"corrupt safetensors file: {text}"
+        return text or type(exc).__name__
+    return None
+
+
+def handles_errors(command: F) -> F:
+    """Decorate a command: expected failures become ``error: ...`` (exit 2), never a traceback.
+
+    KeyboardInterrupt (Ctrl-C, or SIGTERM where a command maps it) ends with one line and
+    exit 130; a training run that stopped at a step boundary says how to resume.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt as exc:
+            typer.secho(f"interrupted: {one_line(str(exc)) or 'stopped by the user'}", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as exc:
+            message = describe(exc)
+            if message is None or os.environ.get("FVD_DEBUG"):
+                raise
+            _print_error(message)
+            raise typer.Exit(EXIT_USAGE) from None
+
+    wrapper.__fvd_handles_errors__ = True  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+# --- input checks, run before anything is loaded -----------------------------------------------
+
+def check_device(device: str, flag: str = "--device", allow_auto: bool = False) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps`` that this machine has (``auto`` if allowed); returns it."""
+    import torch
+
+    if allow_auto and device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        fail(f"{flag} {device}: unknown device (use cpu, cuda, cuda:N or mps" + (", or auto)" if allow_auto else ")"))
+    if dev.type == "cpu":
+        return device
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"{flag} {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            fail(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            fail(f"{flag} {device}: MPS is not available on this machine")
+        return device
+    fail(f"{flag} {device}: not a device to compute on (use cpu, cuda, cuda:N or mps)")
+
+
+def set_threads(threads: int | None, flag: str = "--threads") -> None:
+    """Validate ``--threads`` (an integer >= 1) and set torch's CPU threads; None keeps torch's choice."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        fail(f"{flag} must be an integer >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def check_out(path: Path, flag: str = "--out", kind: str = "dir") -> Path:
+    """Fail now, before any compute, if ``path`` could not be written later.
+
+    ``kind="dir"``: a directory that exists or can be created and written into.
+    ``kind="file"``: a file whose directory exists or can be created, and that is not a directory.
+    Nothing is created here.
+    """
+    path = Path(path)
+    if kind == "dir" and path.exists() and not path.is_dir():
+        fail(f"{flag} {path}: exists and is not a directory")
+    if kind == "file" and path.is_dir():
+        fail(f"{flag} {path}: is a directory, expected a file name")
+    # the nearest existing ancestor must be a writable directory (mkdir fails under a file)
+    probe = path if (kind == "dir" and path.exists()) else path.parent
+    probe = probe if str(probe) else Path(".")
+    while not probe.exists():
+        if probe.is_symlink():  # a dangling link
+            fail(f"{flag} {path}: {probe} is a broken symbolic link")
+        probe = probe.parent
+    if not probe.is_dir():
+        fail(f"{flag} {path}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        fail(f"{flag} {path}: {probe} is not writable")
+    if kind == "file" and path.exists() and not os.access(path, os.W_OK):
+        fail(f"{flag} {path}: the file is not writable")
+    return path
+
+
+def check_finite(flag: str, value: float | None, allow_inf: bool = False) -> None:
+    """A float flag must be a number (never NaN), and finite unless ``allow_inf``."""
+    if value is None:
+        return
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        fail(f"{flag} must be a finite number, got {value}")
+
+
+def check_range(flag: str, value: int | None, low: int, high: int | None = None, why: str = "") -> None:
+    """An integer flag in [low, high]."""
+    if value is None:
+        return
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        fail(f"{flag} must be {bound}, got {value}" + (f" ({why})" if why else ""))
+
+
+def available_memory(device: str = "cpu") -> int:
+    """Bytes that can still be allocated on ``device`` (host: MemAvailable and the cgroup limit)."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    limits = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        raw = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if raw != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            limits.append(max(int(raw) - used, 0))
+    except (OSError, ValueError):
+        pass
+    if not limits:
+        try:
+            limits.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            return sys.maxsize
+    return min(limits)
+
+
+def check_fits(flag: str, count: int, bytes_each: int, device: str = "cpu", what: str = "particle") -> None:
+    """Refuse a size whose working set (``count`` x a conservative ``bytes_each``) exceeds free memory."""
+    need = count * bytes_each
+    have = available_memory(device)
+    if need > have:
+        fail(f"{flag} {count}: needs about {_human(need)} ({_human(bytes_each)} per {what}), "
+             f"more than the {_human(have)} free on {device}")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("fvdiffusion")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            text = "unknown"
+        typer.echo(f"fvd (fvdiffusion) {text}")
+        raise typer.Exit(0)

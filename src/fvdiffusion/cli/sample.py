@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
-from fvdiffusion.cli.errors import fail
-from fvdiffusion.cli.options import parse_options
+from fvdiffusion.cli.errors import (
+    check_device, check_finite, check_fits, check_out, check_range, handles_errors, set_threads,
+)
+from fvdiffusion.cli.options import options_for, parse_options
+
+# CLI flags that set config fields: `--option lam=...` is refused with the flag to use
+SAMPLE_FLAGS = {"n_particles": "--particles", "num_steps": "--steps", "eta": "--eta", "lam": "--lam",
+                "seed": "--seed", "batch_size": "--batch-size"}
+# A particle's working set: 1x28x28 float32 images in the state, x0 prediction, noise and
+# candidate copies, lineage and the result (a generous bound; network activations are
+# bounded separately by --batch-size).
+MNIST_BYTES_PER_PARTICLE = 28 * 28 * 4 * 32
+DEFAULT_EVAL_BATCH = 256  # eval-net micro-batch when --batch-size is not given
 
 
 @dataclass(frozen=True)
@@ -34,35 +44,49 @@ class SampleJob:
             raise ValueError("--compare needs at least one method")
 
 
+def batched_argmax(net: Callable[[Any], Any], images: Any, batch_size: int) -> Any:
+    """``net(images).argmax(1)`` computed ``batch_size`` images at a time (memory bounded by the batch)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([net(chunk).argmax(1) for chunk in images.split(batch_size)])
+
+
+def validate_job(job: SampleJob) -> None:
+    """Every method's full config, built before anything is loaded (names the bad field)."""
+    import fvdiffusion as fv
+
+    for method in job.methods:
+        fv.make_config(method, n_particles=job.particles, num_steps=job.steps, seed=job.seed, eta=job.eta,
+                       lam=job.lam, batch_size=job.batch_size, **options_for(method, job.options))
+
+
 def run_sample_job(job: SampleJob, out: Path, progress: bool = True) -> dict[str, Any]:
     """Sample with every method of the job; writes the PNG(s) and metrics JSON into ``out``."""
     import torch
 
     import fvdiffusion as fv
     from fvdiffusion.bench.images import save_grid, save_rows
+    from fvdiffusion.jsonsafe import strict_json_dumps
     from fvdiffusion.rewards.classifier import ClassifierReward
     from fvdiffusion.zoo.loaders import default_path, load_ddpm, load_eval_net, load_reward_classifier
 
     def weights(kind: str) -> Path | None:
         return None if job.weights_dir is None else job.weights_dir / default_path(kind).name
 
+    validate_job(job)  # before spending any compute
     denoiser = load_ddpm(weights("ddpm"), device=job.device)
     reward = ClassifierReward(load_reward_classifier(weights("reward_classifier"), device=job.device),
                               job.target_class)
     judge = load_eval_net(weights("eval_net"), device=job.device)
-    # validate every method's options before spending any compute
-    for method in job.methods:
-        fv.make_config(method, n_particles=job.particles, num_steps=job.steps, seed=job.seed, eta=job.eta,
-                       lam=job.lam, batch_size=job.batch_size, **_options_for(method, job.options))
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"class": job.target_class, "runs": {}}
     rows = []
     for method in job.methods:
         res = fv.sample(method, denoiser, reward, n_particles=job.particles, num_steps=job.steps, seed=job.seed,
                         eta=job.eta, lam=job.lam, batch_size=job.batch_size, progress=progress,
-                        **_options_for(method, job.options))
-        with torch.no_grad():
-            predicted = judge(res.samples.clamp(-1, 1)).argmax(1)
+                        **options_for(method, job.options))
+        predicted = batched_argmax(judge, res.samples.clamp(-1, 1), job.batch_size or DEFAULT_EVAL_BATCH)
         accuracy = float((predicted == job.target_class).float().mean())
         order = torch.argsort(res.rewards, descending=True)
         save_grid(res.samples[order], out / f"{method}.png", ncols=8)
@@ -74,66 +98,67 @@ def run_sample_job(job: SampleJob, out: Path, progress: bool = True) -> dict[str
     if len(job.methods) > 1:
         save_rows(rows, out / "compare.png")
         report["compare"] = "compare.png"
-    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "metrics.json").write_text(strict_json_dumps(report, indent=2) + "\n")
     return report
 
 
-def _options_for(method: str, options: dict[str, Any]) -> dict[str, Any]:
-    """--option values apply to every compared method that has that field."""
-    import fvdiffusion as fv
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None or value != value else format(value, spec)
 
-    if not options:
-        return {}
-    fields = fv.METHODS[method].config_class.field_names() if method in fv.METHODS else set()
-    return {k: v for k, v in options.items() if k in fields}
+
+@handles_errors
+def sample_command(
+    target_class: int = typer.Option(7, "--class", help="Digit 0-9 to align to: r(x) = log p(class | x0)."),
+    method: str = typer.Option("fvd", help="base, bon, smc, vasr, fvd, svdd, dts or dts*."),
+    compare: Optional[str] = typer.Option(None, help="Comma-separated methods (e.g. fvd,smc,base): "
+                                          "runs each and writes compare.png with a row per method."),
+    particles: int = typer.Option(64, help="Particles N."),
+    steps: int = typer.Option(50, help="Denoising steps K (at most the DDPM's 1000 training steps)."),
+    seed: int = typer.Option(0),
+    eta: float = typer.Option(1.0, help="DDIM eta (1 = DDPM ancestral, 0 = deterministic DDIM)."),
+    lam: float = typer.Option(1.0, help="Reward scale lambda (1 targets the class-conditional law; inf only "
+                              "for argmax methods)."),
+    batch_size: Optional[int] = typer.Option(None, help="Micro-batch for the UNet, the classifier and the "
+                                             f"evaluation net (default: whole population; eval {DEFAULT_EVAL_BATCH})."),
+    option: List[str] = typer.Option([], "--option", help="Method option KEY=VALUE (repeat), "
+                                     "e.g. --option rebirth_noise=0.5 --option scheme=systematic."),
+    weights_dir: Optional[Path] = typer.Option(None, help="Directory with ddpm / reward_classifier / "
+                                               "eval_net .safetensors (default: the shipped ones)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    out: Path = typer.Option(Path("runs/sample"), help="Output directory."),
+    progress: bool = typer.Option(True, help="Show a progress bar per method."),
+) -> None:
+    """Align the shipped MNIST DDPM to one class and write a sample grid and metrics.json.
+
+    Everything runs offline from the weights shipped in the package.
+    """
+    set_threads(threads)
+    device = check_device(device)
+    check_out(out)
+    check_finite("--eta", eta)
+    check_finite("--lam", lam, allow_inf=True)
+    check_range("--particles", particles, 1)
+    check_range("--steps", steps, 1, 1000, "the shipped DDPM has 1000 training steps")
+    check_range("--batch-size", batch_size, 1)
+    check_fits("--particles", particles, MNIST_BYTES_PER_PARTICLE, device)
+    methods = tuple(m.strip() for m in compare.split(",") if m.strip()) if compare else (method,)
+    flag = "--compare" if compare else "--method"
+    options = parse_options(option, methods, SAMPLE_FLAGS) if option else {}
+    if not methods:
+        raise ValueError(f"{flag} needs at least one method")
+    job = SampleJob(target_class, methods, particles, steps, seed, eta, lam, batch_size, options, weights_dir, device)
+    report = run_sample_job(job, out, progress=progress)
+    for name, run in report["runs"].items():
+        bad = f", NON-FINITE rewards {run['nonfinite_rewards']}" if run["nonfinite_rewards"] else ""
+        typer.echo(f"{name}: reward {_fmt(run['reward_mean'], '.3f')}, eval accuracy {run['eval_accuracy']:.2f}, "
+                   f"distinct samples {run['distinct_samples']}, K/2 ancestors among them "
+                   f"{run['distinct_midpoint_ancestors']}, denoiser calls {run['cost_denoiser_calls']}, "
+                   f"{run['cost_wall_seconds']:.1f} s{bad}")
+    typer.echo(f"wrote {out / 'metrics.json'} and " +
+               ", ".join(str(out / run["grid"]) for run in report["runs"].values()) +
+               (f", {out / 'compare.png'}" if "compare" in report else ""))
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("sample")
-    def sample_command(
-        target_class: int = typer.Option(7, "--class", help="Digit 0-9 to align to: r(x) = log p(class | x0)."),
-        method: str = typer.Option("fvd", help="base, bon, smc, vasr, fvd, svdd, dts or dts*."),
-        compare: Optional[str] = typer.Option(None, help="Comma-separated methods (e.g. fvd,smc,base): "
-                                              "runs each and writes compare.png with a row per method."),
-        particles: int = typer.Option(64, help="Particles N."),
-        steps: int = typer.Option(50, help="Denoising steps K."),
-        seed: int = typer.Option(0),
-        eta: float = typer.Option(1.0, help="DDIM eta (1 = DDPM ancestral, 0 = deterministic DDIM)."),
-        lam: float = typer.Option(1.0, help="Reward scale lambda (1 targets the class-conditional law)."),
-        batch_size: Optional[int] = typer.Option(None, help="Micro-batch for the UNet and classifier."),
-        option: List[str] = typer.Option([], "--option", help="Method option KEY=VALUE (repeat), "
-                                         "e.g. --option rebirth_noise=0.5 --option scheme=systematic."),
-        weights_dir: Optional[Path] = typer.Option(None, help="Directory with ddpm / reward_classifier / "
-                                                   "eval_net .safetensors (default: the shipped ones)."),
-        device: str = typer.Option("cpu", help="cpu or cuda."),
-        threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
-        out: Path = typer.Option(Path("runs/sample"), help="Output directory."),
-        progress: bool = typer.Option(True, help="Show a progress bar per method."),
-    ) -> None:
-        """Align the shipped MNIST DDPM to one class and write a sample grid and metrics.json.
-
-        Everything runs offline from the weights shipped in the package.
-        """
-        import torch
-
-        from fvdiffusion.loop import RewardError
-        from fvdiffusion.zoo.loaders import WeightsError, WeightsMissingError
-
-        if threads is not None:
-            torch.set_num_threads(threads)
-        try:
-            methods = tuple(m.strip() for m in compare.split(",") if m.strip()) if compare else (method,)
-            job = SampleJob(target_class, methods, particles, steps, seed, eta, lam, batch_size,
-                            parse_options(option), weights_dir, device)
-            report = run_sample_job(job, out, progress=progress)
-        except (ValueError, WeightsMissingError, WeightsError, RewardError) as exc:
-            fail(str(exc))
-        for name, run in report["runs"].items():
-            bad = f", NON-FINITE rewards {run['nonfinite_rewards']}" if run["nonfinite_rewards"] else ""
-            typer.echo(f"{name}: reward {run['reward_mean']:.3f}, eval accuracy {run['eval_accuracy']:.2f}, "
-                       f"distinct samples {run['distinct_samples']}, K/2 ancestors among them "
-                       f"{run['distinct_midpoint_ancestors']}, denoiser calls {run['cost_denoiser_calls']}, "
-                       f"{run['cost_wall_seconds']:.1f} s{bad}")
-        typer.echo(f"wrote {out / 'metrics.json'} and " +
-                   ", ".join(str(out / run["grid"]) for run in report["runs"].values()) +
-                   (f", {out / 'compare.png'}" if "compare" in report else ""))
+    app.command("sample")(sample_command)

@@ -7,13 +7,15 @@ from typing import List
 
 import typer
 
-from fvdiffusion.cli.errors import fail
+from fvdiffusion.cli.errors import check_out, handles_errors, set_threads
+from fvdiffusion.cli.toy import check_toy_sizes
 
 
+@handles_errors
 def suite(
     out: Path = typer.Option(Path("benchmarks/suite"), help="Directory for results.jsonl and table.md."),
     particles: int = typer.Option(1024, help="Particles N."),
-    steps: int = typer.Option(50, help="Denoising steps K."),
+    steps: int = typer.Option(50, help="Denoising steps K (at most the schedule's 1000 training steps)."),
     seeds: List[int] = typer.Option([1, 2, 3], "--seed", help="Reported seeds (repeat). Seed 0 is the tuning seed."),
     threads: int = typer.Option(1, help="torch threads (small tensors: 1 is fastest)."),
 ) -> None:
@@ -21,15 +23,21 @@ def suite(
 
     Resumable: finished cells in OUT/results.jsonl are not rerun.
     """
-    import torch
+    set_threads(threads)
+    check_out(out)
 
-    from fvdiffusion.bench.tuning_suite import SuiteConfig, default_command, run_suite, suite_report
+    import fvdiffusion as fv
+    from fvdiffusion.bench.tuning_suite import (
+        SAMPLERS, SuiteConfig, default_command, entries, run_suite, suite_report,
+    )
 
-    torch.set_num_threads(threads)
-    try:
-        cfg = SuiteConfig(seeds=tuple(seeds), n_particles=particles, num_steps=steps)
-    except ValueError as exc:
-        fail(str(exc))
+    cfg = SuiteConfig(seeds=tuple(seeds), n_particles=particles, num_steps=steps)
+    check_toy_sizes(particles, steps, list(cfg.seeds), list(cfg.problems))
+    for entry in entries():  # every cell's config is valid before the first cell runs
+        for eta in SAMPLERS.values():
+            for seed in (0, *cfg.seeds):
+                fv.make_config(entry.method, n_particles=particles, num_steps=steps, seed=seed, eta=eta,
+                               **entry.options)
     rows = run_suite(cfg, out)
     (out / "table.md").write_text(suite_report(rows, cfg, default_command(cfg, out)))
     typer.echo(f"wrote {out / 'table.md'}")

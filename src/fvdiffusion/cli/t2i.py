@@ -7,16 +7,25 @@ from typing import Optional
 
 import typer
 
-from fvdiffusion.cli.errors import fail
+from fvdiffusion.cli.errors import (
+    check_device, check_finite, check_fits, check_out, check_range, handles_errors, set_threads,
+)
 
 # the names of fvdiffusion.bench.t2i.REWARDS and DTYPES (that module imports torch; kept equal by a test)
 REWARD_NAMES = ("brightness", "colourfulness", "jpeg", "clip", "aesthetic", "imagereward")
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# CLI flags that set config fields: `--option lam=...` is refused with the flag to use
+T2I_FLAGS = {"n_particles": "--particles", "num_steps": "--steps", "lam": "--lam", "seed": "--seed",
+             "batch_size": "--batch-size"}
+# A particle's working set outside the networks: a 4x128x128 float32 latent (SD-XL size) in the
+# state, x0, noise and candidate copies, plus its decoded 3x1024x1024 image (a generous bound)
+LATENT_BYTES_PER_PARTICLE = 4 * 128 * 128 * 4 * 32 + 3 * 1024 * 1024 * 4
 
 
+@handles_errors
 def t2i(
     model: str = typer.Option(..., help="diffusers pipeline: a local directory or a hub id"),
-    prompts: Path = typer.Option(..., help="TXT (one prompt per line) or CSV with a 'Prompts' column"),
+    prompts: Path = typer.Option(..., help="TXT (one prompt per line) or CSV with a 'Prompts' column, UTF-8"),
     reward: str = typer.Option(..., help=f"one of: {', '.join(REWARD_NAMES)}"),
     out: Path = typer.Option(..., help="output directory (images/, metrics.jsonl, run.json)"),
     method: str = typer.Option("fvd", help="sampling method (see fvdiffusion.METHODS)"),
@@ -25,30 +34,33 @@ def t2i(
     seed: int = typer.Option(0, help="base seed; prompt i uses seed + i"),
     batch_size: Optional[int] = typer.Option(None, help="micro-batch for UNet, VAE and reward (results do not change)"),
     guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
-    lam: float = typer.Option(1.0, help="reward scale λ"),
+    lam: float = typer.Option(1.0, help="reward scale λ (inf only for argmax methods)"),
     option: list[str] = typer.Option([], help="method option KEY=VALUE, repeatable (e.g. rebirth_noise=0.5)"),
     reward_model: Optional[str] = typer.Option(None, help="CLIP model id/path (clip), predictor .safetensors (aesthetic), or ImageReward name"),
-    device: str = typer.Option("auto", help="torch device; auto = cuda if available"),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N, mps, or auto = cuda if available"),
     dtype: str = typer.Option("float32", help=f"pipeline dtype: {', '.join(DTYPE_NAMES)}"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
     progress: bool = typer.Option(True, help="show a progress bar over prompts"),
 ) -> None:
     """Reward-align a diffusers text-to-image pipeline over a prompt file (resumable)."""
-    from fvdiffusion.bench.t2i import RunnerError, T2ISettings, run_t2i
-    from fvdiffusion.cli.options import OptionError, parse_options
-    from fvdiffusion.diffusers_align import UnsupportedPipelineError
-    from fvdiffusion.rewards.model_rewards import MissingExtraError, MissingWeightsError
-    from fvdiffusion.samplers import ConfigError
+    set_threads(threads)
+    device = check_device(device, allow_auto=True)
+    check_out(out)
+    check_finite("--guidance", guidance)
+    check_finite("--lam", lam, allow_inf=True)
+    check_range("--particles", particles, 1)
+    check_range("--steps", steps, 1)
+    check_range("--batch-size", batch_size, 1)
+    check_fits("--particles", particles, LATENT_BYTES_PER_PARTICLE, device)
 
-    try:
-        options = parse_options(option)
-        if "lam" in options:
-            raise RunnerError("pass λ with --lam, not --option lam=…")
-        settings = T2ISettings(model=model, reward=reward, reward_model=reward_model, method=method,
-                               particles=particles, steps=steps, seed=seed, guidance=guidance, dtype=dtype,
-                               options={**options, "lam": lam})
-        metrics = run_t2i(settings, prompts, out, batch_size=batch_size, device=device, show_progress=progress)
-    except (RunnerError, OptionError, ConfigError, MissingExtraError, MissingWeightsError, UnsupportedPipelineError) as exc:
-        fail(str(exc))
+    from fvdiffusion.bench.t2i import T2ISettings, run_t2i
+    from fvdiffusion.cli.options import parse_options
+
+    options = parse_options(option, (method,), T2I_FLAGS) if option else {}
+    settings = T2ISettings(model=model, reward=reward, reward_model=reward_model, method=method,
+                           particles=particles, steps=steps, seed=seed, guidance=guidance, dtype=dtype,
+                           options={**options, "lam": lam})
+    metrics = run_t2i(settings, prompts, out, batch_size=batch_size, device=device, show_progress=progress)
     typer.echo(f"metrics: {metrics}")
 
 

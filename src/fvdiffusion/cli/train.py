@@ -5,7 +5,6 @@ Option defaults are read from the recipe configs, so the CLI and the Python API 
 
 from __future__ import annotations
 
-import json
 import signal
 from enum import Enum
 from pathlib import Path
@@ -13,11 +12,19 @@ from typing import Optional
 
 import typer
 
-from fvdiffusion.cli.errors import fail
-
+from fvdiffusion.cli.errors import (
+    check_device, check_finite, check_fits, check_out, check_range, handles_errors, set_threads,
+)
 from fvdiffusion.train.classifier import ClassifierTrainConfig
 from fvdiffusion.train.ddpm import DDPMTrainConfig
 from fvdiffusion.train.feature_net import FeatureNetTrainConfig
+
+
+# Memory bounds used to refuse sizes that cannot fit, before anything is loaded (generous:
+# a training image carries the activations and gradients of the small MNIST networks; a
+# sample the DDPM's state and the evaluation's copies).
+TRAIN_BYTES_PER_IMAGE = 2_000_000
+SAMPLE_BYTES = 28 * 28 * 4 * 8
 
 
 class ClassifierKind(str, Enum):
@@ -43,12 +50,13 @@ def register(app: typer.Typer) -> None:
     app.add_typer(train_app, name="train")
 
 
+@handles_errors
 def train_ddpm_command(
     steps: int = typer.Option(DDPMTrainConfig.steps, help="Total optimisation steps (a resumed run continues up to this)."),
     batch_size: int = typer.Option(DDPMTrainConfig.batch_size, "--batch-size"),
     lr: float = typer.Option(DDPMTrainConfig.lr, help="AdamW learning rate (constant after a linear warm-up)."),
     seed: int = typer.Option(DDPMTrainConfig.seed),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     out: Path = typer.Option(Path("runs/ddpm"), help="Run directory (checkpoint + log)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out (fresh if none)."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop and checkpoint after this wall time."),
@@ -58,16 +66,18 @@ def train_ddpm_command(
     """Train the unconditional MNIST DDPM (eps-prediction, linear VP schedule, EMA)."""
     from fvdiffusion.train.ddpm import train_ddpm
 
-    _setup(device, threads)
-    config = _build(DDPMTrainConfig, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                    max_minutes=max_minutes, checkpoint_every=checkpoint_every)
+    device = _setup(device, threads, out, lr, batch_size)
+    check_finite("--max-minutes", max_minutes)
+    config = DDPMTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                             max_minutes=max_minutes, checkpoint_every=checkpoint_every)
     command = _command_line("ddpm", steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
                             max_minutes=max_minutes)
     _checkpoint_on_sigterm()
-    summary = _run(lambda: train_ddpm(config, out, device=device, resume=resume, command=command))
+    summary = train_ddpm(config, out, device=device, resume=resume, command=command)
     typer.echo(f"ddpm: step {summary.step}, loss {summary.loss}, {summary.elapsed_s:.0f} s; checkpoint {summary.checkpoint}")
 
 
+@handles_errors
 def train_classifier_command(
     kind: ClassifierKind = typer.Option(..., help="reward: the reward classifier; eval: the evaluation network."),
     steps: int = typer.Option(ClassifierTrainConfig.steps, help="Optimisation steps."),
@@ -83,18 +93,19 @@ def train_classifier_command(
     """Train the reward classifier or the evaluation network on clean MNIST digits."""
     from fvdiffusion.train.classifier import train_classifier
 
-    _setup(device, threads)
-    overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, **({} if seed is None else {"seed": seed})}
-    config = _build(ClassifierTrainConfig.for_kind, kind.value, **overrides)
     out = out or Path(f"runs/{kind.value}_classifier")
+    device = _setup(device, threads, out, lr, batch_size)
+    overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, **({} if seed is None else {"seed": seed})}
+    config = ClassifierTrainConfig.for_kind(kind.value, **overrides)
     command = _command_line("classifier", kind=kind.value, steps=config.steps, batch_size=batch_size, lr=lr,
                             seed=config.seed, device=device)
     _checkpoint_on_sigterm()
-    summary = _run(lambda: train_classifier(config, out, device=device, resume=resume, command=command))
+    summary = train_classifier(config, out, device=device, resume=resume, command=command)
     typer.echo(f"{kind.value} classifier: step {summary.step}, reference accuracy {summary.reference_accuracy:.4f}, "
                f"{summary.elapsed_s:.0f} s; checkpoint {summary.checkpoint}")
 
 
+@handles_errors
 def train_features_command(
     steps: int = typer.Option(FeatureNetTrainConfig.steps, help="Optimisation steps."),
     batch_size: int = typer.Option(FeatureNetTrainConfig.batch_size, "--batch-size"),
@@ -109,15 +120,16 @@ def train_features_command(
     """Train the feature autoencoder (no augmentation) whose latent is the 'ae' FID/KID space."""
     from fvdiffusion.train.feature_net import train_feature_net
 
-    _setup(device, threads)
-    config = _build(FeatureNetTrainConfig, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    device = _setup(device, threads, out, lr, batch_size)
+    config = FeatureNetTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     command = _command_line("features", steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device)
     _checkpoint_on_sigterm()
-    summary = _run(lambda: train_feature_net(config, out, device=device, resume=resume, command=command))
+    summary = train_feature_net(config, out, device=device, resume=resume, command=command)
     typer.echo(f"feature net: step {summary.step}, reference reconstruction MSE {summary.reference_mse:.4f}, "
                f"{summary.elapsed_s:.0f} s; checkpoint {summary.checkpoint}")
 
 
+@handles_errors
 def export_command(
     kind: ExportKind = typer.Option(..., help="Which network the run trained."),
     run: Path = typer.Option(..., help="Run directory holding checkpoint.safetensors."),
@@ -132,12 +144,16 @@ def export_command(
     """Write shipped weights (EMA for the DDPM) and a model card from a training run."""
     from fvdiffusion.train.export import export_run
 
-    _setup(device, threads)
-    result = _run(lambda: export_run(kind.value, run, out_dir=out, fp16=fp16, quality_samples=quality_samples,
-                                     device=device))
+    set_threads(threads)
+    device = check_device(device)
+    check_out(out)
+    check_range("--quality-samples", quality_samples, 0)
+    check_fits("--quality-samples", quality_samples, SAMPLE_BYTES, device, what="sample")
+    result = export_run(kind.value, run, out_dir=out, fp16=fp16, quality_samples=quality_samples, device=device)
     typer.echo(f"wrote {result.weights} ({result.weights.stat().st_size / 1e6:.2f} MB) and {result.card}")
 
 
+@handles_errors
 def quality_command(
     n: int = typer.Option(1000, help="Number of samples."),
     steps: int = typer.Option(50, help="DDPM ancestral sampling steps."),
@@ -150,59 +166,43 @@ def quality_command(
     threads: Optional[int] = typer.Option(None),
 ) -> None:
     """Measure unconditional DDPM sample quality with the evaluation network."""
+    from fvdiffusion.jsonsafe import strict_json_dumps
     from fvdiffusion.train.export import update_card_quality
     from fvdiffusion.train.quality import ddpm_quality
     from fvdiffusion.zoo.loaders import default_path, load_ddpm, load_eval_net
 
-    _setup(device, threads)
-    report = _run(lambda: ddpm_quality(load_ddpm(ddpm, device=device), load_eval_net(device=device),
-                                       n=n, steps=steps, seed=seed))
-    text = json.dumps(report.to_dict(), indent=2)
+    set_threads(threads)
+    device = check_device(device)
+    if out is not None:
+        check_out(out, kind="file")
+    check_range("--n", n, 1)
+    check_range("--steps", steps, 1, 1000, "the DDPM has 1000 training steps")
+    check_fits("--n", n, SAMPLE_BYTES, device, what="sample")
+    report = ddpm_quality(load_ddpm(ddpm, device=device), load_eval_net(device=device), n=n, steps=steps, seed=seed)
+    text = strict_json_dumps(report.to_dict(), indent=2)
     typer.echo(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
     if update_card:
         card = (ddpm or default_path("ddpm")).with_suffix(".md")
-        _run(lambda: update_card_quality(card, report.to_dict()))
+        update_card_quality(card, report.to_dict())
         typer.echo(f"updated {card}")
 
 
-def _setup(device: str, threads: int | None) -> None:
-    import torch
-
-    if threads is not None:
-        if threads < 1:
-            fail(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        fail(f"--device: unknown device {device!r} (use cpu, cuda or cuda:N)")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {device}: CUDA is not available in this torch build / machine")
+def _setup(device: str, threads: int | None, out: Path, lr: float, batch_size: int) -> str:
+    """The checks every training command makes before any data or model is loaded."""
+    set_threads(threads)
+    device = check_device(device)
+    check_out(out)
+    check_finite("--lr", lr)
+    check_fits("--batch-size", batch_size, TRAIN_BYTES_PER_IMAGE, device, what="training image")
+    return device
 
 
 def _checkpoint_on_sigterm() -> None:
     # `kill PID` raises KeyboardInterrupt in the loop, which writes a final checkpoint
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-
-def _build(factory, *args, **kwargs):
-    try:
-        return factory(*args, **kwargs)
-    except ValueError as err:
-        fail(str(err))
-
-
-def _run(fn):
-    from fvdiffusion.zoo.loaders import WeightsError
-    from fvdiffusion.zoo.mnist_data import DataCorruptError
-
-    try:
-        return fn()
-    except (FileNotFoundError, WeightsError, DataCorruptError, ValueError) as err:
-        fail(str(err))
 
 
 def _command_line(sub: str, **options) -> str:
