@@ -178,3 +178,24 @@ def test_damaged_prompt_and_run_files_give_one_line_cli_errors(app, model_dir, p
     metrics = (out / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text(metrics[0][:20] + "\n" + metrics[1] + "\n")  # damage that is not a crash
     one_line_error(invoke(app, model_dir, prompts_txt, out), "metrics.jsonl")
+
+
+def test_metrics_records_are_strict_json(app, model_dir, prompts_txt, tmp_path, monkeypatch):
+    """A non-finite reward is written as null, never a bare NaN (metrics.jsonl is read by other tools)."""
+    import math
+
+    from fvdiffusion.bench import t2i as runner
+
+    real_align = runner.align
+
+    def align_with_a_nan_reward(*args, **kwargs):
+        aligned = real_align(*args, **kwargs)
+        aligned.rewards[0] = math.nan
+        return aligned
+
+    monkeypatch.setattr(runner, "align", align_with_a_nan_reward)
+    out = tmp_path / "run"
+    assert invoke(app, model_dir, prompts_txt, out).exit_code == 0
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+        assert record["rewards"][0] is None

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from fvdiffusion.diffusers_align import UnsupportedPipelineError, align
 from fvdiffusion.durable import CorruptRecordsError, RecordLog
+from fvdiffusion.jsonsafe import finite_or_none
 from fvdiffusion.rewards import image_rewards, model_rewards
 from fvdiffusion.rewards.model_rewards import MissingExtraError, MissingWeightsError, require
 from fvdiffusion.samplers import ConfigError, make_config
@@ -266,5 +267,5 @@ def run_t2i(
             paths.append(str((image_dir / f"{rank:02d}.png").relative_to(out)))
         record = {"index": index, "prompt": prompt, "seed": seed, "device": device, **aligned.result.summary(),
                   "rewards": aligned.rewards.tolist(), "images": paths}
-        log.append(record)  # one whole line, fsynced: the prompt counts as done only now
+        log.append(finite_or_none(record))  # strict JSON (NaN -> null); one whole fsynced line: done only now
     return metrics
