@@ -274,6 +274,25 @@ def test_every_library_error_type_becomes_one_line():
         assert message is not None and "\n" not in message and "first line" in message, (cls, message)
 
 
+def test_an_interrupted_command_ends_with_one_line_and_exit_130():
+    import typer
+
+    from fvdiffusion.cli.errors import handles_errors
+
+    host = typer.Typer()
+
+    @host.command()
+    @handles_errors
+    def train() -> None:
+        raise KeyboardInterrupt("SIGINT: stopped at step 3 and wrote run/checkpoint.safetensors; "
+                                "run the same command with --resume to continue")
+
+    result = runner.invoke(host, [])
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("interrupted: SIGINT: stopped at step 3")
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch):
     """Only expected failures become one line: an unexpected exception type is not hidden."""
     from fvdiffusion.cli import errors
