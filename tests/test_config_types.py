@@ -25,3 +25,9 @@ def test_bool_fields_reject_strings_and_ints(method):
 def test_the_methods_with_final_selection_are_covered():
     have = [m for m in fv.METHODS if "final_selection" in _bool_fields(m)]
     assert {"smc", "vasr", "fvd"} <= set(have)
+
+
+def test_seed_beyond_64_bits_is_a_config_error():
+    with pytest.raises(ConfigError, match="seed"):
+        make_config("fvd", seed=2**63)
+    make_config("fvd", seed=2**63 - 1)

@@ -17,6 +17,9 @@ def _fail(field_name: str, value: Any, expected: str) -> None:
     raise ConfigError(f"invalid {field_name}={value!r}: expected {expected}")
 
 
+SEED_MAX = 2**63 - 1
+
+
 def check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         _fail(name, value, f"an integer >= {minimum}")
@@ -93,6 +96,8 @@ class CommonConfig:
         check_float("eta", self.eta, 0.0, 1.0)
         check_float("lam", self.lam, 0.0, math.inf, allow_inf=self.allow_infinite_lambda)
         check_int("seed", self.seed, 0)
+        if self.seed > SEED_MAX:
+            _fail("seed", self.seed, f"an integer <= {SEED_MAX} (torch generators take 64-bit seeds)")
         if self.batch_size is not None:
             check_int("batch_size", self.batch_size, 1)
         check_choice("nonfinite_denoiser", self.nonfinite_denoiser, NONFINITE_DENOISER)
