@@ -93,6 +93,8 @@ CASES = [
     pytest.param(lambda f: ["toy", "--steps", "0", "--out", str(f["root"] / "t")], "--steps", id="toy-steps-0"),
     pytest.param(lambda f: ["toy", "--steps", "5000", "--out", str(f["root"] / "t")], "--steps", id="toy-steps-5000"),
     pytest.param(lambda f: ["toy", "--seed", "-1", "--out", str(f["root"] / "t")], "--seed", id="toy-seed-neg"),
+    pytest.param(lambda f: ["toy", "--seed", str(2**64), "--out", str(f["root"] / "t")], "--seed", id="toy-seed-huge"),
+    pytest.param(lambda f: ["sample", "--seed", str(2**64), *TINY], "seed", id="sample-seed-huge"),
     pytest.param(lambda f: ["toy", "--particles", str(10**12), "--out", str(f["root"] / "t")], "--particles",
                  id="toy-particles-1e12"),
     pytest.param(lambda f: ["suite", "--steps", "0", "--out", str(f["root"] / "su")], "--steps", id="suite-steps-0"),

@@ -19,8 +19,10 @@ def check_toy_sizes(particles: int, steps: int, seeds: List[int], problems: List
     from fvdiffusion.bench.toy_problems import toy_problem
     from fvdiffusion.schedule import VPSchedule
 
+    from fvdiffusion.samplers.config import SEED_MAX
+
     for seed in seeds:
-        check_range("--seed", seed, 0)
+        check_range("--seed", seed, 0, SEED_MAX)
     check_range("--particles", particles, 2)
     check_range("--steps", steps, 1, VPSchedule.linear(1000).num_train_timesteps,
                 "the toy schedule has 1000 training steps")
