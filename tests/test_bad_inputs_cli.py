@@ -106,6 +106,10 @@ CASES = [
     pytest.param(lambda f: ["sample", "--steps", "5000", "--particles", "4"], "--steps", id="sample-steps-5000"),
     pytest.param(lambda f: ["sample", "--batch-size", "0", *TINY], "--batch-size", id="sample-batch-0"),
     pytest.param(lambda f: ["sample", "--seed", "-1", *TINY], "seed", id="sample-seed-neg"),
+    pytest.param(lambda f: ["bench", "mnist", "--bootstrap", str(10**13), "--out", str(f["root"] / "m")],
+                 "--bootstrap", id="mnist-bootstrap-1e13"),
+    pytest.param(lambda f: ["bench", "mnist", "--particles", str(10**12), "--out", str(f["root"] / "m")],
+                 "--particles", id="mnist-particles-1e12"),
     pytest.param(lambda f: ["train", "ddpm", "--batch-size", str(10**12)], "--batch-size", id="train-batch-1e12"),
     pytest.param(lambda f: ["train", "quality", "--n", str(10**13)], "--n", id="quality-n-1e13"),
     # --- --option -----------------------------------------------------------------------------------

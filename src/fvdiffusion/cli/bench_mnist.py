@@ -32,6 +32,17 @@ def _name_list(text: Optional[str]) -> Optional[tuple[str, ...]]:
     return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _bootstrap_bytes_per_draw(cfg) -> int:
+    """Counts over the cell's populations (int64, a few copies) and one statistic per feature space."""
+    import math
+
+    from fvdiffusion.bench.mnist.config import BON_KEEP_FRACTION
+
+    keep = max(1, int(cfg.n_particles * BON_KEEP_FRACTION))
+    populations = max(cfg.min_populations, math.ceil(max(cfg.samples_per_cell, cfg.tuning_samples) / keep))
+    return 8 * populations * 4 + 64 * 8
+
+
 @handles_errors
 def mnist_command(
     preset: Optional[str] = typer.Option(None, help="quick (minutes on a CPU, for smoke tests), cpu (the CPU-reduced "
@@ -119,6 +130,7 @@ def mnist_command(
                     "the shipped DDPM has 1000 training steps")
     check_fits("--particles", cfg.n_particles * cfg.workers, MNIST_BYTES_PER_PARTICLE, cfg.device,
                what=f"particle, {cfg.workers} worker(s) at once")
+    check_fits("--bootstrap", cfg.bootstrap, _bootstrap_bytes_per_draw(cfg), "cpu", what="bootstrap draw")
     out_dir = out or (DEFAULT_OUT / preset if preset else DEFAULT_OUT)
     check_out(out_dir)
     scorer = Scorer(cfg)
