@@ -233,6 +233,32 @@ def test_no_traceback_reaches_stderr_of_the_real_process(argv, needle):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["sample", "--threads", "abc"], "--threads"),          # typer cannot parse it
+    (["sample", "--bogus"], "--bogus"),                     # no such option
+    (["train", "export"], "--kind"),                        # missing required option
+    (["nonsense"], "nonsense"),                             # no such command
+])
+def test_usage_errors_are_one_line_too(argv, needle, capsys):
+    from fvdiffusion.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert stop.value.code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+
+
+def test_help_and_no_arguments_exit_0(capsys):
+    from fvdiffusion.cli import main
+
+    for argv in ([], ["toy", "--help"]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 0 and "Usage" in capsys.readouterr().out
+
+
 # --- every command goes through the one error path ------------------------------------------
 
 def _commands(typer_app):

@@ -35,8 +35,30 @@ for _module in (toy, suite, sample, bench_mnist, t2i, train):
     _module.register(app)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The console entry point: typer's usage errors (a flag that does not parse, a missing
+    required flag, an unknown option) become the same one ``error:`` line, exit 2, as every
+    other user mistake, instead of typer's multi-line box."""
+    import sys
+
+    try:
+        code = app(args=argv, prog_name="fvd", standalone_mode=False)
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        code = 130
+    except typer.TyperException as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            code = 0
+        else:
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            typer.echo("error: " + " ".join(message.split()) + where, err=True)
+            code = getattr(exc, "exit_code", 2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
