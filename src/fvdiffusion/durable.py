@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from fvdiffusion.jsonsafe import finite_or_none, strict_json_dumps
+
 
 class CorruptRecordsError(ValueError):
     """A record file holds an invalid line that is not a torn last line (message names file and line)."""
@@ -116,7 +118,8 @@ class RecordLog:
 
     def append(self, row: dict[str, Any]) -> None:
         """Write ``row`` as one whole line and make it durable (flush + fsync) before returning."""
-        data = (json.dumps(row) + "\n").encode("utf-8")
+        row = finite_or_none(row)  # strict JSON: a NaN metric is stored (and read back) as null
+        data = (strict_json_dumps(row) + "\n").encode("utf-8")
         created = not self.path.exists()
         if created:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +145,7 @@ class RecordLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with tmp.open("wb") as fh:
-            fh.write("".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
+            fh.write("".join(strict_json_dumps(r) + "\n" for r in kept).encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
