@@ -199,3 +199,25 @@ def test_metrics_records_are_strict_json(app, model_dir, prompts_txt, tmp_path, 
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
         assert record["rewards"][0] is None
+
+
+def test_the_last_prompts_seed_is_checked_before_loading(app, model_dir, prompts_txt, tmp_path):
+    # two prompts: seed 2**63 - 1 is valid for prompt 0 but prompt 1 would run with 2**63
+    args = ["t2i", "--model", str(model_dir), "--prompts", str(prompts_txt), "--reward", "brightness",
+            "--seed", str(2**63 - 1), "--out", str(tmp_path / "o"), "--no-progress"]
+    one_line_error(CliRunner().invoke(app, args), "seed")
+    assert not (tmp_path / "o" / "run.json").exists()
+
+
+def test_revision_reaches_the_pipeline_loader(app, model_dir, prompts_txt, tmp_path, monkeypatch):
+    from fvdiffusion.bench import t2i as runner
+
+    seen = {}
+
+    def loader(model, dtype, device, revision=None):
+        seen["revision"] = revision
+        raise runner.RunnerError("stop after the loader")
+
+    monkeypatch.setattr(runner, "load_pipeline", loader)
+    one_line_error(invoke(app, model_dir, prompts_txt, tmp_path / "o", "--revision", "abc123"), "stop after")
+    assert seen == {"revision": "abc123"}

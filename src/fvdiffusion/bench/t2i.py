@@ -128,6 +128,7 @@ class T2ISettings:
     guidance: float
     dtype: str
     options: dict[str, Any] = field(default_factory=dict)
+    revision: Optional[str] = None  # hub commit / tag of the pipeline (None: the default branch)
 
 
 def check_settings(out: Path, settings: T2ISettings) -> None:
@@ -237,6 +238,9 @@ def run_t2i(
     # validate the method and its options before anything slow is loaded
     make_config(settings.method, n_particles=settings.particles, num_steps=settings.steps, seed=settings.seed,
                 batch_size=batch_size, **settings.options)
+    if prompts:  # prompt i runs with seed + i: the last one must be a valid seed too
+        make_config(settings.method, n_particles=settings.particles, num_steps=settings.steps,
+                    seed=settings.seed + len(prompts) - 1, batch_size=batch_size, **settings.options)
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, settings)
     metrics = out / METRICS_FILE
@@ -247,7 +251,7 @@ def run_t2i(
 
     device = resolve_device(device)
     reward = REWARDS[settings.reward](settings.reward_model, device)
-    pipe = load_pipeline(settings.model, settings.dtype, device)
+    pipe = load_pipeline(settings.model, settings.dtype, device, revision=settings.revision)
     save_settings(out, settings)
     for index, prompt in tqdm(todo, desc="prompts", initial=len(prompts) - len(todo), total=len(prompts),
                               disable=not show_progress):

@@ -40,6 +40,8 @@ def t2i(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N, mps, or auto = cuda if available"),
     dtype: str = typer.Option("float32", help=f"pipeline dtype: {', '.join(DTYPE_NAMES)}"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
+    revision: Optional[str] = typer.Option(None, help="hub revision (commit hash or tag) of --model to pin; "
+                                           "ignored for a local directory"),
     progress: bool = typer.Option(True, help="show a progress bar over prompts"),
 ) -> None:
     """Reward-align a diffusers text-to-image pipeline over a prompt file (resumable)."""
@@ -59,7 +61,7 @@ def t2i(
     options = parse_options(option, (method,), T2I_FLAGS) if option else {}
     settings = T2ISettings(model=model, reward=reward, reward_model=reward_model, method=method,
                            particles=particles, steps=steps, seed=seed, guidance=guidance, dtype=dtype,
-                           options={**options, "lam": lam})
+                           options={**options, "lam": lam}, revision=revision)
     metrics = run_t2i(settings, prompts, out, batch_size=batch_size, device=device, show_progress=progress)
     typer.echo(f"metrics: {metrics}")
 
