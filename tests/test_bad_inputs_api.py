@@ -240,3 +240,13 @@ def test_unknown_method_suggests_the_nearest_name(gmm2d):
     with pytest.raises(ConfigError) as info:
         fv.sample("fvdd", den, problem.reward)
     assert_one_line(info.value, "invalid method='fvdd'", "did you mean 'fvd'?")
+
+
+def test_fvd_absorption_controller_kappa_stays_bounded(gmm2d):
+    """A huge controller gain used to push log kappa past exp()'s range (OverflowError mid-run)."""
+    from fvdiffusion.samplers.fvd import MAX_LOG_KAPPA
+
+    problem, den = gmm2d
+    res = fv.sample("fvd", den, problem.reward, n_particles=32, num_steps=10, seed=0, lam=problem.lam,
+                    target_dead_fraction=0.9, controller_gain=1e6)
+    assert math.isfinite(res.extras["final_kappa"]) and res.extras["final_kappa"] <= math.exp(MAX_LOG_KAPPA)

@@ -36,6 +36,8 @@ DEFAULT_KERNEL_STOCHASTIC: dict[str, object] = {"rebirth": "renoise", "rebirth_n
                                                 "nu_schedule": "constant", "nu_by_copies": True}
 DEFAULT_KERNEL_DDIM: dict[str, object] = {"rebirth": "renoise", "rebirth_noise": 1.0,
                                           "nu_schedule": "constant", "nu_by_copies": True}
+MAX_LOG_KAPPA = 50.0  # bound on the absorption controller's log kappa
+
 # What an unset kernel field means once the user has set another one: the plain kernel.
 NEUTRAL_KERNEL: dict[str, object] = {"rebirth": "renoise", "rebirth_noise": 0.0,
                                      "nu_schedule": "constant", "nu_by_copies": False}
@@ -133,7 +135,9 @@ class FVDPolicy:
         """Select on the potential of ``reward``; returns the new state and the step statistics."""
         r_prev = state.aux.get("r_prev", torch.zeros_like(reward))
         log_potential, nonfinite = potentials_from(self.potential(reward, r_prev, k))
-        log_potential = math.exp(self.log_kappa) * log_potential
+        kappa = math.exp(self.log_kappa)
+        log_potential = refuse_overflow(kappa * log_potential, log_potential, lam=self.config.lam,
+                                        where=f" at step k={k} (controller kappa={kappa:.3g})")
         log_potential = ctx.guard_all_dead(log_potential, k)
         outcome = selection.fleming_viot(log_potential, ctx.generator, parent_rule=self.config.parent_rule)
         state = replace(state, reward=reward)
@@ -145,7 +149,9 @@ class FVDPolicy:
         self.selections += 1
         if self.config.target_dead_fraction is not None:
             gain = self.config.controller_gain / self.selections**0.6
-            self.log_kappa += gain * (self.config.target_dead_fraction - dead)
+            # bounded so that exp() cannot overflow: kappa in [e^-50, e^50] spans any useful scale
+            self.log_kappa = min(MAX_LOG_KAPPA, max(-MAX_LOG_KAPPA,
+                                 self.log_kappa + gain * (self.config.target_dead_fraction - dead)))
         return state, outcome, selection.ess(log_potential), dead, nonfinite
 
     def __call__(self, ctx: RunContext, info: StepInfo, state: ParticleState):
