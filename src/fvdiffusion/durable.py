@@ -37,7 +37,24 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Make a file's written bytes durable (before it is renamed into place)."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write a whole file atomically: temporary file beside it, fsync, replace, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some platforms cannot open directories; the data itself is synced
@@ -128,7 +145,7 @@ class RecordLog:
             fh.flush()
             os.fsync(fh.fileno())
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         self.rows.append(row)
         self._done.add(self.key(row))
 
@@ -149,6 +166,6 @@ class RecordLog:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self.rows = kept
         self._done = {self.key(r) for r in kept}

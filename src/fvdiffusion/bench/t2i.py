@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,12 +23,12 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from fvdiffusion.diffusers_align import UnsupportedPipelineError, align
-from fvdiffusion.durable import CorruptRecordsError, RecordLog
+from fvdiffusion.diffusers_align import align
+from fvdiffusion.durable import CorruptRecordsError, RecordLog, fsync_file, write_atomically
 from fvdiffusion.jsonsafe import finite_or_none
 from fvdiffusion.rewards import image_rewards, model_rewards
-from fvdiffusion.rewards.model_rewards import MissingExtraError, MissingWeightsError, require
-from fvdiffusion.samplers import ConfigError, make_config
+from fvdiffusion.rewards.model_rewards import require
+from fvdiffusion.samplers import make_config
 
 METRICS_FILE = "metrics.jsonl"
 SETTINGS_FILE = "run.json"
@@ -157,21 +156,13 @@ def save_settings(out: Path, settings: T2ISettings) -> None:
     """Record the settings once the model and reward have loaded (a failed start leaves no claim on OUT)."""
     path = out / SETTINGS_FILE
     if not path.is_file():
-        _write_durably(path, (json.dumps(_settings_json(settings), indent=2) + "\n").encode("utf-8"))
+        write_atomically(path, (json.dumps(_settings_json(settings), indent=2) + "\n").encode("utf-8"))
 
 
 def _settings_json(settings: T2ISettings) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(settings)))  # normalised as it reads back from the file
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write a whole file atomically: temporary file, fsync, replace."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def open_metrics(metrics: Path) -> RecordLog:
@@ -188,9 +179,6 @@ def open_metrics(metrics: Path) -> RecordLog:
 
 # --- the run -----------------------------------------------------------------------------
 
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def resolve_device(device: str) -> str:
@@ -267,7 +255,7 @@ def run_t2i(
         paths = []
         for rank, image in enumerate(aligned.images):
             image.save(image_dir / f"{rank:02d}.png")
-            _fsync_file(image_dir / f"{rank:02d}.png")
+            fsync_file(image_dir / f"{rank:02d}.png")
             paths.append(str((image_dir / f"{rank:02d}.png").relative_to(out)))
         record = {"index": index, "prompt": prompt, "seed": seed, "device": device, **aligned.result.summary(),
                   "rewards": aligned.rewards.tolist(), "images": paths}

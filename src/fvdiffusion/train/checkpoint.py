@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from fvdiffusion.durable import RecordLog, read_records
+from fvdiffusion.durable import RecordLog, fsync_file, read_records
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 META_FILE = "checkpoint.json"
@@ -65,18 +65,15 @@ def save_checkpoint(
     path = run_dir / CHECKPOINT_FILE
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"meta": json.dumps(full_meta)})
-    _fsync(tmp)
+    fsync_file(tmp)
     os.replace(tmp, path)
     meta_tmp = run_dir / (META_FILE + ".tmp")
     meta_tmp.write_text(json.dumps(full_meta, indent=2) + "\n")
-    _fsync(meta_tmp)
+    fsync_file(meta_tmp)
     os.replace(meta_tmp, run_dir / META_FILE)
     return path
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def has_checkpoint(run_dir: Path) -> bool:

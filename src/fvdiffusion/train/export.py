@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fvdiffusion.durable import fsync_dir, fsync_file
 from fvdiffusion.schedule import VPSchedule
 from fvdiffusion.train.checkpoint import last_logged_loss, load_checkpoint
 from fvdiffusion.train.classifier import ZOO_KIND, accuracy, build_classifier
@@ -93,7 +94,7 @@ def export_run(kind: str, run_dir: Path, out_dir: Path, fp16: bool = False,
     tmp_card = out_dir / f".{card.name}.{os.getpid()}.tmp"
     try:
         write_weights(module, zoo_kind, tmp_weights, fp16=fp16, extra={"training": training})
-        _fsync(tmp_weights)
+        fsync_file(tmp_weights)
         try:
             shipped = load_module(zoo_kind, tmp_weights)  # finite, bounded config, keys and shapes
         except WeightsError as err:
@@ -110,11 +111,11 @@ def export_run(kind: str, run_dir: Path, out_dir: Path, fp16: bool = False,
             metrics["quality"] = report.to_dict()
         tmp_card.write_text(_card(zoo_kind, weights.name, tmp_weights, shipped, fp16, ckpt.meta, training, metrics,
                                   len(reference)))
-        _fsync(tmp_card)
+        fsync_file(tmp_card)
         # weights first: a crash between the two leaves a hash mismatch the loader reports, never a silent mix
         os.replace(tmp_weights, weights)
         os.replace(tmp_card, card)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
     finally:
         for tmp in (tmp_weights, tmp_card):
             tmp.unlink(missing_ok=True)
@@ -184,22 +185,8 @@ def smoke_check(zoo_kind: str, module: torch.nn.Module, reference, run_dir: Path
     return {"reference_accuracy": accuracy(module, reference.images, reference.labels)}
 
 
-def _fsync(path: Path) -> None:
-    with path.open("rb") as fh:
-        os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not every platform opens directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @torch.no_grad()
