@@ -1,0 +1,44 @@
+"""The small runs whose outputs are pinned in tests/golden/engine_outputs.safetensors."""
+
+from __future__ import annotations
+
+import torch
+
+import fvdiffusion as fv
+from fvdiffusion.bench.toy_problems import toy_problem
+from fvdiffusion.schedule import VPSchedule
+
+SIZE = dict(n_particles=24, num_steps=8, seed=3)
+
+CASES: dict[str, tuple[str, str, dict]] = {
+    "base": ("base", "gmm2d-component", {}),
+    "bon": ("bon", "gmm2d-component", {}),
+    "smc_multinomial": ("smc", "gmm2d-component", {}),
+    "smc_systematic_ess": ("smc", "gmm2d-linear", {"scheme": "systematic", "ess_threshold": 0.5}),
+    "smc_ddim": ("smc", "gmm8d-component", {"eta": 0.0}),
+    "vasr": ("vasr", "gmm2d-linear", {}),
+    "fvd": ("fvd", "gmm2d-component", {}),
+    "fvd_ddim": ("fvd", "gmm8d-linear", {"eta": 0.0}),
+    "fvd_controller_level": ("fvd", "gmm2d-component", {"potential": "level", "target_dead_fraction": 0.2}),
+    "fvd_langevin": ("fvd", "gmm2d-linear", {"rebirth": "langevin", "rebirth_noise": 0.5}),
+    "svdd": ("svdd", "gmm2d-component", {"n_candidates": 3}),
+    "dts": ("dts", "gmm2d-component", {"n_rollouts": 48}),
+    "dts_star": ("dts*", "gmm2d-linear", {"n_rollouts": 48}),
+}
+
+
+def run_case(name: str) -> dict[str, torch.Tensor]:
+    method, problem_name, options = CASES[name]
+    problem = toy_problem(problem_name)
+    res = fv.sample(method, problem.denoiser(VPSchedule.linear(1000)), problem.reward, lam=problem.lam,
+                    **SIZE, **options)
+    steps = res.lineage.num_steps
+    ancestors = torch.stack([res.lineage.ancestors_at(k) for k in range(1, steps + 1)]) if steps else \
+        torch.zeros(0, dtype=torch.long)
+    return {
+        "samples": res.samples.detach().cpu(),
+        "rewards": res.rewards.detach().cpu(),
+        "log_weights": res.log_weights.detach().cpu(),
+        "ancestors": ancestors.to(torch.int64),
+        "denoiser_calls": torch.tensor([res.cost.denoiser_calls], dtype=torch.int64),
+    }
