@@ -20,7 +20,6 @@ import torch
 
 from fvdiffusion.durable import CorruptRecordsError, RecordLog
 
-TINY_UNET = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention=True, num_heads=2, num_groups=4)
 
 
 def tear_last_line(path: Path) -> dict:
@@ -237,9 +236,9 @@ def test_an_edited_prompt_is_recomputed_and_leaves_no_stale_record(tiny_sd, tmp_
 
 def _ddpm_config(steps: int = 6, **overrides):
     from fvdiffusion.train.ddpm import DDPMTrainConfig
-    from fvdiffusion.zoo.unet import UNetConfig
+    from tiny_models import TINY_UNET
 
-    values = dict(steps=steps, batch_size=3, warmup_steps=2, model=UNetConfig(**TINY_UNET), log_every=1,
+    values = dict(steps=steps, batch_size=3, warmup_steps=2, model=TINY_UNET, log_every=1,
                   checkpoint_every=2)
     values.update(overrides)
     return DDPMTrainConfig(**values)

@@ -21,15 +21,13 @@ from fvdiffusion.zoo.loaders import (
     WeightsError,
     load_ddpm,
     load_module,
-    load_reward_classifier,
     recorded_hash,
     sha256_of,
     write_weights,
 )
-from fvdiffusion.zoo.unet import UNet, UNetConfig
+from fvdiffusion.zoo.unet import UNet
+from tiny_models import TINY_UNET
 
-TINY_UNET = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention=True, num_heads=2,
-                       num_groups=4)
 N_FLIPS = 2_000
 
 

@@ -30,9 +30,8 @@ from fvdiffusion.zoo.loaders import (
 )
 from fvdiffusion.zoo.mnist_data import DataMissingError, load_mnist
 from fvdiffusion.zoo.unet import UNet, UNetConfig
+from tiny_models import TINY_UNET
 
-TINY_UNET = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention=True, num_heads=2,
-                       num_groups=4)
 
 
 def _reference_or_skip():
