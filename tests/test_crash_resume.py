@@ -432,3 +432,14 @@ def test_a_corrupt_checkpoint_is_a_typed_error_naming_the_file(tmp_path, damage)
     with pytest.raises(CheckpointError) as err:
         train_ddpm(_ddpm_config(4), tmp_path, _images(), resume=True, progress=False)
     assert str(path) in str(err.value) and "\n" not in str(err.value) and isinstance(err.value, ValueError)
+
+
+def test_records_are_strict_json_with_null_for_non_finite(tmp_path):
+    path = tmp_path / "results.jsonl"
+    log = RecordLog(path, ("cell",))
+    log.append({"cell": 1, "fid": float("nan"), "scores": [1.0, float("inf")]})
+    line = path.read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
+        "cell": 1, "fid": None, "scores": [1.0, None]}
+    assert RecordLog(path, ("cell",)).find(cell=1)["fid"] is None
