@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fvdiffusion.bench.toy_problems import toy_problem
 from fvdiffusion.schedule import VPSchedule
+from fvdiffusion.testbeds import toy_problem
 
 
 @pytest.fixture(scope="session")

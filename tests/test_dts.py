@@ -13,9 +13,9 @@ from fvdiffusion.denoisers.base import CountingDenoiser
 from fvdiffusion.loop import RunContext
 from fvdiffusion.samplers import ConfigError, METHODS, make_config
 from fvdiffusion.samplers.dts import DTSConfig, DTSStarConfig, TreeSearch
-from fvdiffusion.bench.toy_problems import toy_problem
 from fvdiffusion.rewards.base import CountingReward
 from fvdiffusion.schedule import VPSchedule
+from fvdiffusion.testbeds import toy_problem
 
 
 def grown_tree(gmm2d, batches=2, batch=12, **options):

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import fvdiffusion as fv
-from fvdiffusion.bench.toy_problems import base_problem, toy_problem
 from fvdiffusion.metrics.targets import evaluate_against_target
 from fvdiffusion.schedule import VPSchedule
+from fvdiffusion.testbeds import base_problem, toy_problem
 
 N = 1024
 

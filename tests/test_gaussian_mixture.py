@@ -6,13 +6,13 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-from fvdiffusion.bench.toy_problems import TOY_PROBLEMS, ToyProblem, base_problem, mixture_2d, mixture_nd, toy_problem
 from fvdiffusion.denoisers.base import Denoiser
-from fvdiffusion.denoisers.gaussian_mixture import GaussianMixture, GaussianMixtureDenoiser
-from fvdiffusion.metrics.targets import evaluate_against_target, mixture_cov, mixture_mean
+from fvdiffusion.denoisers.gaussian_mixture import GaussianMixture, GaussianMixtureDenoiser, mixture_cov, mixture_mean
+from fvdiffusion.metrics.targets import evaluate_against_target
 from fvdiffusion.rewards.analytic import ComponentPosteriorReward, LinearReward
 from fvdiffusion.rewards.base import Reward
 from fvdiffusion.schedule import VPSchedule, ddim_step, to_x0_eps
+from fvdiffusion.testbeds import TOY_PROBLEMS, ToyProblem, base_problem, mixture_2d, mixture_nd, toy_problem
 
 
 

@@ -7,7 +7,6 @@ import torch
 
 import fvdiffusion as fv
 from fvdiffusion import selection
-from fvdiffusion.bench.toy_problems import toy_problem
 from fvdiffusion.denoisers.base import CountingDenoiser
 from fvdiffusion.loop import RunContext, StepInfo
 from fvdiffusion.metrics.targets import sliced_wasserstein2
@@ -15,6 +14,7 @@ from fvdiffusion.population import initial_state
 from fvdiffusion.samplers import ConfigError
 from fvdiffusion.samplers.fvd import FVDConfig, FVDPolicy
 from fvdiffusion.schedule import VPSchedule
+from fvdiffusion.testbeds import toy_problem
 
 
 def _info(index: int, num_steps: int, alpha_bar: float = 0.5, t: int = 500) -> StepInfo:

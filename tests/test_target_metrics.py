@@ -5,18 +5,16 @@ import math
 import pytest
 import torch
 
-from fvdiffusion.bench.toy_problems import toy_problem
-from fvdiffusion.denoisers.gaussian_mixture import GaussianMixture
+from fvdiffusion.denoisers.gaussian_mixture import GaussianMixture, mixture_cov, mixture_mean
 from fvdiffusion.metrics.targets import (
     REFERENCE_SIZE,
     cov_error,
     evaluate_against_target,
     mass_on_component,
     mean_error,
-    mixture_cov,
-    mixture_mean,
     sliced_wasserstein2,
 )
+from fvdiffusion.testbeds import toy_problem
 
 
 

@@ -16,9 +16,9 @@ from typing import Any, Callable
 import fvdiffusion as fv
 from fvdiffusion.durable import RecordLog
 from fvdiffusion.bench.stats import fmt_pm, markdown_table, mean_std
-from fvdiffusion.bench.toy_problems import toy_problem
 from fvdiffusion.metrics.targets import evaluate_against_target
 from fvdiffusion.schedule import VPSchedule
+from fvdiffusion.testbeds import toy_problem
 
 TUNING_SEED = 0
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from fvdiffusion.bench.images import save_figure
-from fvdiffusion.bench.toy_problems import toy_problem
+from fvdiffusion.testbeds import toy_problem
 
 SCATTER_LABELS = ("base", "smc-multinomial", "smc-tuned", "vasr", "fvd", "fvd-tuned", "svdd-M8", "dts-R4096",
                   "ddim:smc-multinomial", "ddim:fvd-nu0", "ddim:fvd", "fvd-nu1")

@@ -30,10 +30,10 @@ import torch
 
 import fvdiffusion as fv
 from fvdiffusion.bench.stats import fmt_pm, markdown_table, mean_std
-from fvdiffusion.bench.toy_problems import ToyProblem, toy_problem
 from fvdiffusion.durable import RecordLog
 from fvdiffusion.metrics.targets import evaluate_against_target
 from fvdiffusion.schedule import VPSchedule
+from fvdiffusion.testbeds import ToyProblem, toy_problem
 
 TUNING_SEED = 0
 REPORTED_SEEDS = (1, 2, 3)

@@ -16,8 +16,8 @@ TOY_BYTES_PER_PARTICLE_DIM = 8 * 64
 
 def check_toy_sizes(particles: int, steps: int, seeds: List[int], problems: List[str]) -> None:
     """Seeds, steps and particles of a toy-problem command, checked before any compute."""
-    from fvdiffusion.bench.toy_problems import toy_problem
     from fvdiffusion.schedule import VPSchedule
+    from fvdiffusion.testbeds import toy_problem
 
     from fvdiffusion.samplers.config import SEED_MAX
 

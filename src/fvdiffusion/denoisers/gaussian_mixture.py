@@ -182,6 +182,18 @@ def check_component(component: Any, n_components: int) -> int:
     return component
 
 
+def mixture_mean(m: GaussianMixture) -> Tensor:
+    """E[x] = Σ_k w_k μ_k: [D]."""
+    return m.weights @ m.means
+
+
+def mixture_cov(m: GaussianMixture) -> Tensor:
+    """Cov[x] = Σ_k w_k (Σ_k + μ_k μ_kᵀ) − E[x]E[x]ᵀ: [D, D]."""
+    mean = mixture_mean(m)
+    second = torch.einsum("k,kij->ij", m.weights, m.covs + m.means[:, :, None] * m.means[:, None, :])
+    return second - torch.outer(mean, mean)
+
+
 def _check_alpha_bar(alpha_bar: float) -> float:
     a = float(alpha_bar)
     if not 0.0 <= a <= 1.0:

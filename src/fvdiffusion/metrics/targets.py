@@ -8,16 +8,14 @@ the same size, which is what a perfect sampler would score at that N.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fvdiffusion.denoisers.gaussian_mixture import GaussianMixture, check_component
-
-if TYPE_CHECKING:
-    from fvdiffusion.bench.toy_problems import ToyProblem
+from fvdiffusion.denoisers.gaussian_mixture import GaussianMixture, check_component, mixture_cov, mixture_mean
+from fvdiffusion.testbeds import ToyProblem
 
 REFERENCE_SIZE = 8192
 # The reference set uses an even seed and floor sets odd ones (2·seed + 1), so they never coincide.
@@ -71,18 +69,6 @@ def sliced_wasserstein2(x: Tensor, y: Tensor, n_projections: int = 256, seed: in
         raise ValueError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
     theta = _directions(x.shape[1], n_projections, seed)
     return _sliced_w2_sorted(_sorted_projections(x, theta), _sorted_projections(y, theta))
-
-
-def mixture_mean(m: GaussianMixture) -> Tensor:
-    """E[x] = Σ_k w_k μ_k: [D]."""
-    return m.weights @ m.means
-
-
-def mixture_cov(m: GaussianMixture) -> Tensor:
-    """Cov[x] = Σ_k w_k (Σ_k + μ_k μ_kᵀ) − E[x]E[x]ᵀ: [D, D]."""
-    mean = mixture_mean(m)
-    second = torch.einsum("k,kij->ij", m.weights, m.covs + m.means[:, :, None] * m.means[:, None, :])
-    return second - torch.outer(mean, mean)
 
 
 def mass_on_component(x: Tensor, mixture: GaussianMixture, component: int) -> float:

@@ -19,8 +19,7 @@ from typing import Callable
 
 import torch
 
-from fvdiffusion.denoisers.gaussian_mixture import GaussianMixture, GaussianMixtureDenoiser
-from fvdiffusion.metrics.targets import mixture_mean
+from fvdiffusion.denoisers.gaussian_mixture import GaussianMixture, GaussianMixtureDenoiser, mixture_mean
 from fvdiffusion.rewards.analytic import ComponentPosteriorReward, LinearReward
 from fvdiffusion.rewards.base import Reward
 from fvdiffusion.schedule import VPSchedule
