@@ -277,6 +277,52 @@ def test_every_command_uses_the_one_error_path():
         assert getattr(callback, "__fvd_handles_errors__", False), f"{name} is not wrapped in handles_errors"
 
 
+# --- --threads: an explicit default of one torch thread per process ------------------------------
+
+# argv that gets past set_threads and then fails on --out, before any model is loaded
+THREADS_ARGV = {
+    "sample": lambda f: ["sample", "--out", str(f["file"]), *TINY],
+    "toy": lambda f: ["toy", "--out", str(f["file"])],
+    "suite": lambda f: ["suite", "--out", str(f["under_file"])],
+    "t2i": lambda f: _t2i(f, out=f["file"]),
+    "bench mnist": lambda f: ["bench", "mnist", "--quick", "--out", str(f["under_file"])],
+    "train ddpm": lambda f: ["train", "ddpm", "--out", str(f["file"])],
+    "train classifier": lambda f: ["train", "classifier", "--kind", "reward", "--out", str(f["file"])],
+    "train features": lambda f: ["train", "features", "--out", str(f["file"])],
+    "train export": lambda f: ["train", "export", "--kind", "ddpm", "--run", str(f["corrupt_ckpt"]),
+                               "--out", str(f["under_file"])],
+    "train quality": lambda f: ["train", "quality", "--out", str(f["root"])],
+}
+
+
+def test_every_command_has_threads_defaulting_to_one():
+    """No command leaves torch's thread count to torch (one per core: many times slower on a busy CPU)."""
+    import inspect
+
+    from fvdiffusion.cli.errors import DEFAULT_THREADS
+
+    assert DEFAULT_THREADS == 1
+    commands = dict(_commands(app))
+    assert set(THREADS_ARGV) == set(commands), "a new command needs a THREADS_ARGV case"
+    for name, callback in commands.items():
+        param = inspect.signature(callback).parameters.get("threads")
+        assert param is not None, f"{name} has no --threads"
+        assert param.default.default == 1, f"{name}: --threads defaults to {param.default.default!r}"
+        assert "default 1" in (param.default.help or ""), f"{name}: --help does not say the default"
+
+
+@pytest.mark.parametrize("name", sorted(THREADS_ARGV))
+@pytest.mark.parametrize("given, expected", [([], 1), (["--threads", "3"], 3)])
+def test_threads_are_set_before_anything_else(files, no_compute, monkeypatch, name, given, expected):
+    """The default (1) or the given --threads reaches torch.set_num_threads, first thing in the command."""
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    argv = THREADS_ARGV[name](files)
+    result = runner.invoke(app, [*argv, *given])
+    assert result.exit_code == 2 and "--out" in result.stderr, result.output  # stopped at --out, as planned
+    assert calls == [expected], (name, calls)
+
+
 def _library_errors():
     import safetensors
 

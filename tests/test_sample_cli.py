@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fvdiffusion.cli import app
@@ -64,3 +65,22 @@ def test_missing_and_corrupted_weights(tmp_path):
     result = runner.invoke(app, ["sample", "--weights-dir", str(weights), "--out", str(tmp_path / "o"), *TINY])
     assert result.exit_code == 2 and "ddpm.safetensors" in result.output
     assert "Traceback" not in result.output
+
+
+def test_sample_runs_with_one_thread_by_default(tmp_path, monkeypatch):
+    """torch's own choice (one thread per core) made one UNet call 6-26x slower on a busy CPU: 1 is set."""
+    seen: list[int] = []
+    real = torch.set_num_threads
+
+    def record(n):
+        seen.append(n)
+        real(n)
+
+    monkeypatch.setattr(torch, "set_num_threads", record)
+    real(2)
+    try:
+        result = runner.invoke(app, ["sample", "--out", str(tmp_path / "run"), *TINY])
+        assert result.exit_code == 0, result.output
+        assert seen == [1] and torch.get_num_threads() == 1
+    finally:
+        real(1)

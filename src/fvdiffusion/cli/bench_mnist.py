@@ -12,6 +12,7 @@ import typer
 
 from fvdiffusion.cli.errors import (
     check_device, check_fits, check_out, check_range, fail, handles_errors, set_threads,
+    threads_option,
 )
 from fvdiffusion.cli.sample import MNIST_BYTES_PER_PARTICLE
 
@@ -86,8 +87,7 @@ def mnist_command(
     workers: Optional[int] = typer.Option(None, help="Cells run in this many processes (default 1; cpu preset 2)."),
     images: Optional[bool] = typer.Option(None, "--images/--no-images", help="Keep every sample in results.jsonl "
                                           "(default on; gpu preset off: rows then keep their scores and a preview)."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads per process, >= 1 (default: torch's "
-                                          "choice with one worker, 1 with several)."),
+    threads: int = threads_option(),
     report_only: bool = typer.Option(False, "--report-only", help="Write results.md and figures from the existing "
                                      "results.jsonl without running any cell."),
     progress: bool = typer.Option(True, help="Show the progress bar."),

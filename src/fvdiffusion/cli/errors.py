@@ -160,10 +160,22 @@ def check_device(device: str, flag: str = "--device", allow_auto: bool = False) 
     fail(f"{flag} {device}: not a device to compute on (use cpu, cuda, cuda:N or mps)")
 
 
-def set_threads(threads: int | None, flag: str = "--threads") -> None:
-    """Validate ``--threads`` (an integer >= 1) and set torch's CPU threads; None keeps torch's choice."""
-    if threads is None:
-        return
+# Every command sets torch's CPU threads explicitly: one per process unless --threads says
+# otherwise. torch's own choice (one per core) made one MNIST UNet call 6-26x slower than a
+# single thread on a loaded 2-core machine, and the networks and populations here are small
+# enough that extra intra-op threads rarely pay for their synchronisation.
+DEFAULT_THREADS = 1
+THREADS_HELP = ("torch CPU threads per process, an integer >= 1 (default 1: torch's own choice, one per core, "
+                "can be many times slower on a shared or busy CPU; raise it on an idle many-core machine).")
+
+
+def threads_option(help: str = THREADS_HELP) -> Any:
+    """The ``--threads`` option of every command: an integer >= 1, default :data:`DEFAULT_THREADS`."""
+    return typer.Option(DEFAULT_THREADS, "--threads", help=help)
+
+
+def set_threads(threads: int = DEFAULT_THREADS, flag: str = "--threads") -> None:
+    """Validate ``--threads`` (an integer >= 1) and set torch's CPU threads to it."""
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         fail(f"{flag} must be an integer >= 1, got {threads}")
     import torch

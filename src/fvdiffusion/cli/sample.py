@@ -10,6 +10,7 @@ import typer
 
 from fvdiffusion.cli.errors import (
     check_device, check_finite, check_fits, check_out, check_range, handles_errors, set_threads,
+    threads_option,
 )
 from fvdiffusion.cli.options import options_for, parse_options
 
@@ -125,7 +126,7 @@ def sample_command(
     weights_dir: Optional[Path] = typer.Option(None, help="Directory with ddpm / reward_classifier / "
                                                "eval_net .safetensors (default: the shipped ones)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    threads: int = threads_option(),
     out: Path = typer.Option(Path("runs/sample"), help="Output directory."),
     progress: bool = typer.Option(True, help="Show a progress bar per method."),
 ) -> None:

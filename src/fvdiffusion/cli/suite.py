@@ -7,7 +7,7 @@ from typing import List
 
 import typer
 
-from fvdiffusion.cli.errors import check_out, handles_errors, set_threads
+from fvdiffusion.cli.errors import check_out, handles_errors, set_threads, threads_option
 from fvdiffusion.cli.toy import check_toy_sizes
 
 
@@ -17,7 +17,7 @@ def suite(
     particles: int = typer.Option(1024, help="Particles N."),
     steps: int = typer.Option(50, help="Denoising steps K (at most the schedule's 1000 training steps)."),
     seeds: List[int] = typer.Option([1, 2, 3], "--seed", help="Reported seeds (repeat). Seed 0 is the tuning seed."),
-    threads: int = typer.Option(1, help="torch threads (small tensors: 1 is fastest)."),
+    threads: int = threads_option(),
 ) -> None:
     """The declared tuning suite that picks FVD's defaults (seed 0), then every config on the reported seeds.
 

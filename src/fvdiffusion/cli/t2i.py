@@ -9,6 +9,7 @@ import typer
 
 from fvdiffusion.cli.errors import (
     check_device, check_finite, check_fits, check_out, check_range, handles_errors, set_threads,
+    threads_option,
 )
 
 # the names of fvdiffusion.bench.t2i.REWARDS and DTYPES (that module imports torch; kept equal by a test)
@@ -39,7 +40,7 @@ def t2i(
     reward_model: Optional[str] = typer.Option(None, help="CLIP model id/path (clip), predictor .safetensors (aesthetic), or ImageReward name"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N, mps, or auto = cuda if available"),
     dtype: str = typer.Option("float32", help=f"pipeline dtype: {', '.join(DTYPE_NAMES)}"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
+    threads: int = threads_option(),
     revision: Optional[str] = typer.Option(None, help="hub revision (commit hash or tag) of --model to pin; "
                                            "ignored for a local directory"),
     progress: bool = typer.Option(True, help="show a progress bar over prompts"),

@@ -7,7 +7,7 @@ from typing import List
 
 import typer
 
-from fvdiffusion.cli.errors import check_fits, check_out, check_range, handles_errors, set_threads
+from fvdiffusion.cli.errors import check_fits, check_out, check_range, handles_errors, set_threads, threads_option
 
 # working set per particle and dimension, float64, with the samplers' copies (state, x0, eps,
 # noise, candidates, lineage, metrics): a deliberately generous bound
@@ -40,7 +40,7 @@ def toy(
     particles: int = typer.Option(1024, help="Particles N (equal for every method: equal denoiser calls)."),
     steps: int = typer.Option(50, help="Denoising steps K (at most the schedule's 1000 training steps)."),
     tune: bool = typer.Option(True, help="Tune FVD and SMC knobs on seed 0 and add fvd-tuned / smc-tuned rows."),
-    threads: int = typer.Option(1, help="torch threads (small tensors: 1 is fastest)."),
+    threads: int = threads_option(),
 ) -> None:
     """Every method on the exact Gaussian-mixture toy at equal denoiser calls; writes a table and a figure.
 

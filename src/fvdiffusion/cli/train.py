@@ -14,6 +14,7 @@ import typer
 
 from fvdiffusion.cli.errors import (
     check_device, check_finite, check_fits, check_out, check_range, handles_errors, set_threads,
+    threads_option,
 )
 from fvdiffusion.train.classifier import ClassifierTrainConfig
 from fvdiffusion.train.ddpm import DDPMTrainConfig
@@ -61,8 +62,7 @@ def train_ddpm_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out (fresh if none)."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop and checkpoint after this wall time."),
     checkpoint_every: int = typer.Option(DDPMTrainConfig.checkpoint_every, "--checkpoint-every"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads, >= 1 (default: torch's choice; "
-                                          "1 on a shared machine)."),
+    threads: int = threads_option(),
 ) -> None:
     """Train the unconditional MNIST DDPM (eps-prediction, linear VP schedule, EMA)."""
     from fvdiffusion.train.ddpm import train_ddpm
@@ -89,7 +89,7 @@ def train_classifier_command(
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<kind>_classifier)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out (same --steps: "
                                 "the learning-rate decay depends on it)."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads, >= 1 (default: torch's choice)."),
+    threads: int = threads_option(),
 ) -> None:
     """Train the reward classifier or the evaluation network on clean MNIST digits."""
     from fvdiffusion.train.classifier import train_classifier
@@ -116,7 +116,7 @@ def train_features_command(
     out: Path = typer.Option(Path("runs/feature_net"), help="Run directory (checkpoint + log)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out (same --steps: "
                                 "the learning-rate decay depends on it)."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads, >= 1 (default: torch's choice)."),
+    threads: int = threads_option(),
 ) -> None:
     """Train the feature autoencoder (no augmentation) whose latent is the 'ae' FID/KID space."""
     from fvdiffusion.train.feature_net import train_feature_net
@@ -140,7 +140,7 @@ def export_command(
     quality_samples: int = typer.Option(0, "--quality-samples", help="DDPM only: also measure sample quality "
                                         "with this many samples (uses the shipped eval net) and put it in the card."),
     device: str = typer.Option("cpu", help="Where the quality sampling runs."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads, >= 1 (default: torch's choice)."),
+    threads: int = threads_option(),
 ) -> None:
     """Write shipped weights (EMA for the DDPM) and a model card from a training run."""
     from fvdiffusion.train.export import export_run
@@ -164,7 +164,7 @@ def quality_command(
     out: Optional[Path] = typer.Option(None, help="Also write the report as JSON here."),
     update_card: bool = typer.Option(False, "--update-card", help="Write the result into the DDPM's model card "
                                      "(the .md beside the weights)."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads, >= 1 (default: torch's choice)."),
+    threads: int = threads_option(),
 ) -> None:
     """Measure unconditional DDPM sample quality with the evaluation network."""
     from fvdiffusion.jsonsafe import strict_json_dumps
@@ -191,7 +191,7 @@ def quality_command(
         typer.echo(f"updated {card}")
 
 
-def _setup(device: str, threads: int | None, out: Path, lr: float, batch_size: int) -> str:
+def _setup(device: str, threads: int, out: Path, lr: float, batch_size: int) -> str:
     """The checks every training command makes before any data or model is loaded."""
     set_threads(threads)
     device = check_device(device)
