@@ -13,7 +13,7 @@ import tiny_diffusers  # noqa: E402
 from tiny_diffusers import one_thread  # noqa: E402,F401  (autouse fixture)
 
 import fvdiffusion  # noqa: E402
-from fvdiffusion.diffusers_align import AlignResult, UnsupportedPipelineError, align  # noqa: E402
+from fvdiffusion.integrations.diffusers import AlignResult, UnsupportedPipelineError, align  # noqa: E402
 from fvdiffusion.rewards.image_rewards import Brightness  # noqa: E402
 
 PROMPT = "a photo of the sea"

@@ -327,7 +327,7 @@ def _library_errors():
     import safetensors
 
     from fvdiffusion.bench.t2i import PromptFileError, RunFileError
-    from fvdiffusion.diffusers_align import UnsupportedPipelineError
+    from fvdiffusion.integrations.diffusers import UnsupportedPipelineError
     from fvdiffusion.durable import CorruptRecordsError
     from fvdiffusion.loop import DenoiserError, RewardError
     from fvdiffusion.rewards.model_rewards import MissingExtraError, MissingWeightsError

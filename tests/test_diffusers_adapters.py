@@ -11,7 +11,7 @@ import tiny_diffusers  # noqa: E402
 from tiny_diffusers import one_thread  # noqa: E402,F401  (autouse fixture)
 
 import fvdiffusion  # noqa: E402
-from fvdiffusion.denoisers.diffusers_adapters import (  # noqa: E402
+from fvdiffusion.integrations.diffusers import (  # noqa: E402
     LatentImageReward, PixelImageReward, StableDiffusionDenoiser, UNet2DModelDenoiser, prediction_type_from_scheduler,
 )
 from fvdiffusion.rewards.image_rewards import Brightness  # noqa: E402

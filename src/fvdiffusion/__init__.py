@@ -1,7 +1,7 @@
 """fvdiffusion: inference-time reward alignment of diffusion models with particle populations."""
 
 from fvdiffusion.api import sample
-from fvdiffusion.diffusers_align import AlignResult, align
+from fvdiffusion.integrations.diffusers import AlignResult, align
 from fvdiffusion.result import Cost, Lineage, SampleResult, StepTrace
 from fvdiffusion.samplers import METHODS, ConfigError, make_config
 from fvdiffusion.schedule import VPSchedule

@@ -23,8 +23,8 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from fvdiffusion.diffusers_align import align
 from fvdiffusion.durable import CorruptRecordsError, RecordLog, fsync_file, write_atomically
+from fvdiffusion.integrations.diffusers import align
 from fvdiffusion.jsonsafe import finite_or_none
 from fvdiffusion.rewards import image_rewards, model_rewards
 from fvdiffusion.rewards.model_rewards import require

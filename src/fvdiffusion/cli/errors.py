@@ -53,7 +53,7 @@ def _print_error(message: str) -> None:
 # module that was never loaded, and `fvd --help` stays free of torch.
 _LIBRARY_ERRORS: tuple[tuple[str, str], ...] = (
     ("fvdiffusion.loop", "RewardError"),                           # RuntimeError: a reward raised
-    ("fvdiffusion.diffusers_align", "UnsupportedPipelineError"),    # TypeError
+    ("fvdiffusion.integrations.diffusers.align", "UnsupportedPipelineError"),  # TypeError
     ("fvdiffusion.rewards.model_rewards", "MissingExtraError"),     # ImportError: names the extra
     ("safetensors", "SafetensorError"),                             # a bare Exception
 )

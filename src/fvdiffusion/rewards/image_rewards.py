@@ -1,19 +1,22 @@
 """Image rewards that need no model weights: for tests, demos and sanity checks.
 
 Every image reward takes float images [B, 3, H, W] in [0, 1] (and an unused ``cond``) and
-returns a float Tensor [B] on the images' device. Apply them to pixel or latent diffusion
-samples through ``PixelImageReward`` / ``LatentImageReward``.
+returns a float Tensor [B] on the images' device: the :data:`ImageReward` contract. Apply them
+to pixel or latent diffusion samples through ``PixelImageReward`` / ``LatentImageReward``
+(``fvdiffusion.integrations.diffusers``).
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from fvdiffusion.rewards.model_rewards import require
+
+ImageReward = Callable[[Tensor, Any], Tensor]  # images [B, 3, H, W] in [0, 1], cond -> [B]
 
 
 def _check_images(images: Tensor) -> None:

@@ -1,28 +1,23 @@
-"""Adapters from diffusers models and pipelines to the engine's Denoiser and Reward protocols.
+"""diffusers UNets as Denoisers: unconditional pixel ``UNet2DModel`` and text-to-image ``UNet2DConditionModel``.
 
 The engine does all the stepping from ``alphas_cumprod``; the diffusers scheduler is only
 read for its ᾱ table and its ``prediction_type``. A multistep scheduler keeps a history of
 past model outputs per sample, which would silently belong to the wrong particle after a
 resampling step; taking the table and nothing else makes that impossible.
-
-Nothing here imports diffusers: the adapters work on the objects the user already holds
-(duck-typed on their ``config`` attributes), so the only requirement is the extra that
-built those objects (``pip install 'fvdiffusion[diffusers]'``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from fvdiffusion.integrations.diffusers._batching import check_batch_size, chunks, module_device_dtype
 from fvdiffusion.schedule import PREDICTION_TYPES, VPSchedule
 
 # diffusers' scheduler.config.prediction_type -> the engine's name
 _DIFFUSERS_PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
-
-ImageReward = Callable[[Tensor, Any], Tensor]  # images [B, 3, H, W] in [0, 1], cond -> [B]
 
 
 def prediction_type_from_scheduler(scheduler: Any) -> str:
@@ -49,21 +44,6 @@ def schedule_from_scheduler(scheduler_or_alphas_cumprod: Any) -> VPSchedule:
     return VPSchedule(ac.detach().cpu())
 
 
-def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(module.parameters())
-    return p.device, p.dtype
-
-
-def _chunks(n: int, batch_size: int | None) -> list[slice]:
-    step = n if batch_size is None else batch_size
-    return [slice(s, min(s + step, n)) for s in range(0, n, max(step, 1))]
-
-
-def _check_batch_size(batch_size: int | None) -> None:
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-
-
 def _sample_size(config: Any) -> tuple[int, int]:
     size = config.sample_size
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -88,11 +68,11 @@ class UNet2DModelDenoiser:
 
     @property
     def device(self) -> torch.device:
-        return _module_device_dtype(self.unet)[0]
+        return module_device_dtype(self.unet)[0]
 
     @torch.no_grad()
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        device, dtype = _module_device_dtype(self.unet)
+        device, dtype = module_device_dtype(self.unet)
         out = self.unet(x_t.to(device, dtype), t.to(device)).sample
         return out.to(x_t.device, x_t.dtype)
 
@@ -125,7 +105,7 @@ class StableDiffusionDenoiser:
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         if not guidance_scale >= 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         for attr in ("unet", "vae", "scheduler", "encode_prompt"):
             if not hasattr(pipe, attr):
                 raise TypeError(f"{type(pipe).__name__} has no `{attr}`; expected a Stable Diffusion (UNet2DConditionModel) pipeline")
@@ -194,74 +174,5 @@ class StableDiffusionDenoiser:
             raise ValueError(f"cond {cond!r} differs from the prompt this denoiser encoded ({self.prompt!r}); make one denoiser per prompt")
         device, dtype = self.device, self.unet.dtype
         x, tt = x_t.to(device, dtype), t.to(device)
-        outs = [self._unet(x[s], tt[s]) for s in _chunks(x.shape[0], self.batch_size)]
+        outs = [self._unet(x[s], tt[s]) for s in chunks(x.shape[0], self.batch_size)]
         return torch.cat(outs).to(x_t.device, x_t.dtype)
-
-
-class LatentImageReward:
-    """Reward on latents: decodes x̂0 latents with the VAE and applies an image reward.
-
-    ``image_reward(images, cond)`` takes float images [B, 3, H, W] in [0, 1] and returns [B].
-    The VAE and the reward run in micro-batches of ``batch_size`` (None = all at once);
-    ``decodes`` counts the latents decoded so far (rows, not batches).
-    """
-
-    def __init__(self, pipe_or_vae: Any, image_reward: ImageReward, batch_size: int | None = None) -> None:
-        _check_batch_size(batch_size)
-        self.vae = getattr(pipe_or_vae, "vae", pipe_or_vae)
-        if not hasattr(self.vae, "decode") or not hasattr(self.vae, "config"):
-            raise TypeError(f"expected a pipeline with a `vae` or an AutoencoderKL, got {type(pipe_or_vae).__name__}")
-        self.image_reward = image_reward
-        self.batch_size = batch_size
-        self.decodes = 0
-        self.name = getattr(image_reward, "name", type(image_reward).__name__)
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1] (float32, on the latents' device)."""
-        device, dtype = _module_device_dtype(self.vae)
-        scaling = self.vae.config.scaling_factor
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        # VAEs flagged force_upcast (SDXL's) overflow in fp16; decode in fp32 as the pipelines do.
-        # Plain nn.Module.to: diffusers' override logs a warning on every dtype cast, i.e. every step.
-        upcast = dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
-        if upcast:
-            torch.nn.Module.to(self.vae, torch.float32)
-        try:
-            images = []
-            for s in _chunks(latents.shape[0], self.batch_size):
-                z = latents[s].to(device, torch.float32 if upcast else dtype) / scaling + shift
-                images.append(self.vae.decode(z).sample.float().add(1).div(2).clamp(0, 1))
-                self.decodes += z.shape[0]
-        finally:
-            if upcast:
-                torch.nn.Module.to(self.vae, dtype)
-        return torch.cat(images).to(latents.device)
-
-    @torch.no_grad()
-    def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
-        rewards = []
-        for s in _chunks(x0.shape[0], self.batch_size):
-            rewards.append(self.image_reward(self.decode(x0[s]), cond).to(x0.device))
-        return torch.cat(rewards)
-
-
-class PixelImageReward:
-    """Reward on pixel-space samples in [−1, 1] (e.g. a DDPMPipeline): maps them to [0, 1] images."""
-
-    def __init__(self, image_reward: ImageReward, batch_size: int | None = None) -> None:
-        _check_batch_size(batch_size)
-        self.image_reward = image_reward
-        self.batch_size = batch_size
-        self.name = getattr(image_reward, "name", type(image_reward).__name__)
-
-    @staticmethod
-    def decode(x0: Tensor) -> Tensor:
-        return x0.float().add(1).div(2).clamp(0, 1)
-
-    @torch.no_grad()
-    def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
-        rewards = []
-        for s in _chunks(x0.shape[0], self.batch_size):
-            rewards.append(self.image_reward(self.decode(x0[s]), cond).to(x0.device))
-        return torch.cat(rewards)

@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from fvdiffusion.api import sample
-from fvdiffusion.denoisers.diffusers_adapters import (
-    ImageReward, LatentImageReward, PixelImageReward, StableDiffusionDenoiser, UNet2DModelDenoiser,
-)
+from fvdiffusion.integrations.diffusers.denoisers import StableDiffusionDenoiser, UNet2DModelDenoiser
+from fvdiffusion.integrations.diffusers.rewards import LatentImageReward, PixelImageReward
 from fvdiffusion.result import SampleResult
+from fvdiffusion.rewards.image_rewards import ImageReward
 from fvdiffusion.rewards.model_rewards import require
 
 
