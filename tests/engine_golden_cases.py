@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import fvdiffusion as fv
-from fvdiffusion.bench.toy_problems import toy_problem
+from fvdiffusion.testbeds import toy_problem
 from fvdiffusion.schedule import VPSchedule
 
 SIZE = dict(n_particles=24, num_steps=8, seed=3)

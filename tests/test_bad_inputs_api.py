@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fvdiffusion as fv
-from fvdiffusion.loop import DenoiserError, NonFiniteDenoiserWarning, NonFiniteRewardWarning
+from fvdiffusion.errors import DenoiserError, NonFiniteDenoiserWarning, NonFiniteRewardWarning
 from fvdiffusion.samplers import ConfigError
 
 # small enough that the whole table runs in seconds; svdd and dts with their cheapest budgets

@@ -329,7 +329,7 @@ def _library_errors():
     from fvdiffusion.bench.t2i import PromptFileError, RunFileError
     from fvdiffusion.integrations.diffusers import UnsupportedPipelineError
     from fvdiffusion.durable import CorruptRecordsError
-    from fvdiffusion.loop import DenoiserError, RewardError
+    from fvdiffusion.errors import DenoiserError, RewardError
     from fvdiffusion.rewards.model_rewards import MissingExtraError, MissingWeightsError
     from fvdiffusion.samplers import ConfigError
     from fvdiffusion.train.checkpoint import CheckpointError

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fvdiffusion as fv
-from fvdiffusion.loop import AllParticlesDeadWarning, NonFiniteRewardWarning
+from fvdiffusion.errors import AllParticlesDeadWarning, NonFiniteRewardWarning
 from fvdiffusion.result import distinct_rows
 
 ALL = [("base", {}), ("bon", {}), ("smc", {}), ("vasr", {}), ("fvd", {}), ("svdd", {"n_candidates": 2}),

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import fvdiffusion as fv
-from fvdiffusion.bench.toy_problems import toy_problem
+from fvdiffusion.testbeds import toy_problem
 from fvdiffusion.denoisers.base import CountingDenoiser
-from fvdiffusion.loop import AllParticlesDeadWarning, RewardError
+from fvdiffusion.errors import AllParticlesDeadWarning, RewardError
 from fvdiffusion.samplers import ConfigError
 from fvdiffusion.rewards.base import CountingReward
 

@@ -12,7 +12,7 @@ from fvdiffusion.loop import RunContext, StepInfo
 from fvdiffusion.metrics.targets import sliced_wasserstein2
 from fvdiffusion.population import initial_state
 from fvdiffusion.samplers import ConfigError
-from fvdiffusion.samplers.fvd import FVDConfig, FVDPolicy
+from fvdiffusion.samplers.fvd import FVDConfig, FVDKernel
 from fvdiffusion.schedule import VPSchedule
 from fvdiffusion.testbeds import toy_problem
 
@@ -32,7 +32,7 @@ def test_nu_schedules_scale_over_the_trajectory():
     outcome = selection.Selection(ancestors=torch.tensor([0, 0, 2, 3]), reborn=torch.tensor([False, True, False, False]))
     nus = {}
     for schedule in ("constant", "decay", "grow"):
-        policy = FVDPolicy(FVDConfig(num_steps=11, rebirth_noise=0.8, nu_schedule=schedule))
+        policy = FVDKernel(FVDConfig(num_steps=11, rebirth_noise=0.8, nu_schedule=schedule))
         nus[schedule] = [float(policy._clone_nu(outcome, _info(i, 11))[1]) if policy._clone_nu(outcome, _info(i, 11))
                          is not None else 0.0 for i in (0, 5, 10)]
     assert nus["constant"] == pytest.approx([0.8, 0.8, 0.8])
@@ -44,7 +44,7 @@ def test_nu_grows_with_the_parents_copies():
     # particle 0 fills slots 0, 1, 2 (3 copies), particle 3 fills slots 3, 4 (2 copies), 5 is alone
     outcome = selection.Selection(ancestors=torch.tensor([0, 0, 0, 3, 3, 5]),
                                   reborn=torch.tensor([False, True, True, False, True, False]))
-    policy = FVDPolicy(FVDConfig(num_steps=10, rebirth_noise=0.9, nu_by_copies=True))
+    policy = FVDKernel(FVDConfig(num_steps=10, rebirth_noise=0.9, nu_by_copies=True))
     nu = policy._clone_nu(outcome, _info(0, 10))
     assert nu[[1, 2, 4]].tolist() == pytest.approx([0.9 * (1 - 1 / 3), 0.9 * (1 - 1 / 3), 0.9 * 0.5])
 
@@ -79,7 +79,7 @@ def test_langevin_move_keeps_p_t_and_separates_clones():
     state = type(state)(x=x, x0_hat=pred.x0, eps_hat=pred.eps, reward=state.reward, log_weight=state.log_weight,
                         root=state.root)
     everyone = selection.Selection(ancestors=torch.arange(2048), reborn=torch.ones(2048, dtype=torch.bool))
-    moved = FVDPolicy(cfg).rebirth(ctx, state, everyone, _info(0, 10, alpha_bar, t)).x
+    moved = FVDKernel(cfg).rebirth(ctx, state, everyone, _info(0, 10, alpha_bar, t)).x
     exact = p_t.sample(4096, torch.Generator().manual_seed(1))
     before = sliced_wasserstein2(x, exact)
     assert sliced_wasserstein2(moved, exact) < 1.2 * before

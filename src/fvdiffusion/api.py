@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from fvdiffusion.denoisers.base import Denoiser
+from fvdiffusion.loop import StepEvent
 from fvdiffusion.result import SampleResult
 from fvdiffusion.rewards.base import Reward
 from fvdiffusion.samplers import CommonConfig, get_method, make_config
@@ -23,6 +24,7 @@ def sample(
     batch_size: int | None = None,
     progress: bool = False,
     config: CommonConfig | None = None,
+    callback: Callable[[StepEvent], Any] | None = None,
     **method_options: Any,
 ) -> SampleResult:
     """Sample N particles with ``method`` and return a :class:`SampleResult`.
@@ -30,6 +32,12 @@ def sample(
     Either pass a ready ``config`` (its class must match the method) or the common fields
     plus any method option (e.g. ``rebirth_noise=0.5`` for fvd, ``scheme="systematic"``
     for smc). Options are validated; an unknown one raises an error naming it.
+
+    ``callback``, if given, is called after every denoising step with a
+    :class:`~fvdiffusion.loop.StepEvent` (the step, the population, the step's trace row). It
+    observes only: its return value is ignored, and it must not modify the tensors it sees
+    (they are the engine's own; clone what you keep). Asking for it reads each step's numbers
+    on the host, like a progress bar does.
     """
     spec = get_method(method)
     if config is None:
@@ -40,4 +48,4 @@ def sample(
                         f"got {type(config).__name__}")
     if reward is None and spec.needs_reward_during_sampling:
         raise ValueError(f"method {method!r} needs a reward; got reward=None")
-    return spec.run(denoiser, reward, config, cond=cond, progress=progress)
+    return spec.run(denoiser, reward, config, cond=cond, progress=progress, callback=callback)

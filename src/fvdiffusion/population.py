@@ -1,20 +1,26 @@
-"""The particle population and the one gather that permutes it."""
+"""The particle population and the gathers that copy particles into other slots."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
+# Per-particle tensor fields (dim 0 is the particle); ``aux`` entries are per-particle too.
+PARTICLE_FIELDS = ("x", "x0_hat", "eps_hat", "reward", "log_weight", "root")
+
 
 @dataclass(frozen=True)
 class ParticleState:
-    """Every per-particle field of a population at one denoising step.
+    """Every per-particle field of a population at one denoising step, and the run's scalars.
 
     ``aux`` holds method-specific per-particle tensors (e.g. the previous reward for a
     difference potential); they are permuted by :func:`gather` like everything else, so a
-    sampler can never forget to move one of them when particles are copied.
+    sampler can never forget to move one of them when particles are copied. ``scalars`` holds
+    per-run values that belong to the population as a whole (FVD's controller: λ_prev, log κ,
+    the selection count); gathers carry them over unchanged.
     """
 
     x: Tensor            # [N, ...] current x_t
@@ -24,6 +30,7 @@ class ParticleState:
     log_weight: Tensor   # [N] float64 importance log-weights (unnormalised)
     root: Tensor         # [N] long, index of the initial particle each one descends from
     aux: dict[str, Tensor] = field(default_factory=dict)
+    scalars: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -32,30 +39,58 @@ class ParticleState:
     def with_aux(self, **values: Tensor) -> "ParticleState":
         return replace(self, aux={**self.aux, **values})
 
+    def with_scalars(self, **values: Any) -> "ParticleState":
+        return replace(self, scalars={**self.scalars, **values})
 
-def initial_state(x: Tensor) -> ParticleState:
+
+def initial_state(x: Tensor, weight_device: torch.device | None = None) -> ParticleState:
+    """A fresh population at x; rewards, weights and roots live on ``weight_device`` (default: x's)."""
     n = x.shape[0]
+    device = x.device if weight_device is None else weight_device
     return ParticleState(
         x=x,
         x0_hat=torch.zeros_like(x),
         eps_hat=torch.zeros_like(x),
-        reward=torch.full((n,), float("nan"), dtype=torch.float64),
-        log_weight=torch.zeros(n, dtype=torch.float64),
-        root=torch.arange(n),
+        reward=torch.full((n,), float("nan"), dtype=torch.float64, device=device),
+        log_weight=torch.zeros(n, dtype=torch.float64, device=device),
+        root=torch.arange(n, device=device),
         aux={},
     )
 
 
 def gather(state: ParticleState, idx: Tensor) -> ParticleState:
-    """Slot i of the result is a copy of particle ``idx[i]``: every field moves together."""
+    """Slot i of the result is a copy of particle ``idx[i]``: every field moves together.
+
+    Out of place, for any index (a permutation such as best-of-N's ranking included).
+    """
     idx = idx.long()
-    dev_idx = idx.to(state.x.device)
     return ParticleState(
-        x=state.x[dev_idx],
-        x0_hat=state.x0_hat[dev_idx],
-        eps_hat=state.eps_hat[dev_idx],
-        reward=state.reward[idx],
-        log_weight=state.log_weight[idx],
-        root=state.root[idx],
-        aux={k: v[idx.to(v.device)] for k, v in state.aux.items()},
+        **{name: _take(getattr(state, name), idx) for name in PARTICLE_FIELDS},
+        aux={k: _take(v, idx) for k, v in state.aux.items()},
+        scalars=dict(state.scalars),
     )
+
+
+def copy_into_dead(state: ParticleState, ancestors: Tensor, reborn: Tensor) -> ParticleState:
+    """The same population as ``gather(state, ancestors)``, writing only the reborn slots.
+
+    Valid for selections in the stable arrangement (:func:`fvdiffusion.selection.offspring_to_ancestors`
+    and the kill-and-rebirth paths), where every source of a copy keeps its own slot: no row is
+    both read and written, so copying in place is exact, and a field that aliases another one
+    (x̂0 = x on the final samples) is written twice with the same values. The state's tensors are
+    modified in place: the engine owns them (they come from ``torch.cat``, a DDIM step or a gather).
+    Costs O(dead · D) instead of O(N · D); finding the dead slots reads ``reborn`` on the host.
+    """
+    slots = torch.nonzero(reborn).flatten()
+    if slots.numel() == 0:
+        return replace(state, aux=dict(state.aux), scalars=dict(state.scalars))
+    sources = ancestors.long()[slots]
+    for tensor in [*(getattr(state, name) for name in PARTICLE_FIELDS), *state.aux.values()]:
+        rows, src = slots.to(tensor.device), sources.to(tensor.device)
+        tensor.index_copy_(0, rows, tensor.index_select(0, src))
+    return replace(state, aux=dict(state.aux), scalars=dict(state.scalars))
+
+
+def _take(tensor: Tensor, idx: Tensor) -> Tensor:
+    return tensor[idx.to(tensor.device)]
+

@@ -46,12 +46,16 @@ class Lineage:
     def record(self, step: int, parents: Tensor) -> None:
         """Add a selection at ``step``; a second one at the same step (e.g. the rebirth of particles
         whose denoiser output was NaN, then the policy's selection) is composed into one record."""
-        parents = parents.detach().cpu().long()
+        parents = parents.detach().long()  # stays on its device until settle(): no host read in the loop
         if self.steps and self.steps[-1] == step:
             self.parents[-1] = self.parents[-1][parents]
             return
         self.parents.append(parents)
         self.steps.append(step)
+
+    def settle(self) -> None:
+        """Move every record to the CPU (once, after the run)."""
+        self.parents = [p.cpu() for p in self.parents]
 
     def ancestors_at(self, step: int) -> Tensor:
         """Index of each final particle's ancestor in the population *entering* step ``step``.

@@ -75,6 +75,53 @@ class VPSchedule:
 
 
 @dataclass(frozen=True)
+class StepInfo:
+    """One step of the grid: step k (K … 1), its position 0 … K−1, its timestep and ᾱ values.
+
+    ``t_prev`` is the timestep the step lands on (−1 = clean data, ᾱ_prev = 1).
+    """
+
+    k: int
+    index: int
+    t: int
+    alpha_bar: float
+    alpha_bar_prev: float
+    t_prev: int = -1
+
+
+@dataclass(frozen=True)
+class StepGrid:
+    """The K sampling steps of a run, built once from a schedule and passed to every sampler."""
+
+    steps: tuple[StepInfo, ...]
+
+    @classmethod
+    def build(cls, schedule: VPSchedule, num_steps: int) -> "StepGrid":
+        """Evenly spaced steps of ``schedule`` (:meth:`VPSchedule.timesteps`)."""
+        return cls.from_timesteps(schedule, schedule.timesteps(num_steps).tolist())
+
+    @classmethod
+    def from_timesteps(cls, schedule: VPSchedule, timesteps: list[int]) -> "StepGrid":
+        """Steps at the given decreasing timesteps (e.g. those a diffusers scheduler chose)."""
+        k_total = len(timesteps)
+        steps = []
+        for index, t in enumerate(timesteps):
+            t_prev = timesteps[index + 1] if index + 1 < k_total else -1
+            steps.append(StepInfo(k=k_total - index, index=index, t=int(t), alpha_bar=float(schedule.alpha_bar(t)),
+                                  alpha_bar_prev=float(schedule.alpha_bar(t_prev)), t_prev=int(t_prev)))
+        return cls(tuple(steps))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __getitem__(self, index: int) -> StepInfo:
+        return self.steps[index]
+
+
+@dataclass(frozen=True)
 class Prediction:
     """The denoiser output in both parametrisations."""
 

@@ -11,6 +11,10 @@ many repetitions in a test) be selected in one call.
 
 Work is done in float64 on the generator's device, so a result depends only on the
 weights and the generator state, not on where the particles live.
+
+Every scheme validates its input (NaN, +inf, all −inf) unless called with ``checked=False``:
+the engine cleans potentials before selecting and passes ``checked=False`` so that selection
+never reads a device tensor on the host (no synchronisation in the step loop).
 """
 
 from __future__ import annotations
@@ -36,65 +40,72 @@ class Selection:
     reborn: Tensor  # bool [..., N]
 
 
-def normalize(log_w: Tensor) -> Tensor:
+def normalize(log_w: Tensor, checked: bool = True) -> Tensor:
     """Log-softmax over the last dimension (computed in float64, returned in the input dtype)."""
-    ell = _validated(log_w, log_w.device)
+    ell = _validated(log_w, log_w.device, checked)
     return (ell - torch.logsumexp(ell, dim=-1, keepdim=True)).to(log_w.dtype)
 
 
 def ess(log_w: Tensor) -> float:
     """Effective sample size of one population [N] as a fraction of N: (Σw)² / Σw² / N, in (0, 1]."""
+    return float(ess_tensor(log_w))
+
+
+def ess_tensor(log_w: Tensor, checked: bool = True) -> Tensor:
+    """:func:`ess` as a float64 0-dim tensor on log_w's device (nothing is read on the host)."""
     if isinstance(log_w, Tensor) and log_w.ndim != 1:
         raise ValueError(f"log_w: ess takes one population [N], got shape {tuple(log_w.shape)}")
-    w = _relative_weights(log_w, log_w.device)
-    return float(w.sum() ** 2 / (w * w).sum() / w.numel())
+    w = _relative_weights(log_w, log_w.device, checked)
+    return w.sum() ** 2 / (w * w).sum() / w.numel()
 
 
-def offspring_to_ancestors(counts: Tensor) -> Tensor:
+def offspring_to_ancestors(counts: Tensor, checked: bool = True) -> Tensor:
     """Ancestor indices [..., N] for offspring counts [..., N], in the stable arrangement.
 
     Every particle with at least one offspring keeps its own slot for one copy; its extra
     copies fill, in index order, the slots of particles with no offspring. Slots change
     only where they must, so ``ancestors != arange(N)`` marks exactly the replaced ones.
+    Fixed shapes throughout (no host read): the j-th empty slot of a row takes the particle
+    whose extra copies cover position j of the row's running total of extra copies.
     """
     if counts.ndim < 1 or counts.dtype != torch.long:
         raise ValueError(f"counts: expected a long tensor [..., N], got shape {tuple(counts.shape)} and dtype {counts.dtype}")
     size = counts.shape[-1]
-    if bool((counts < 0).any()) or bool((counts.sum(-1) != size).any()):
+    if checked and (bool((counts < 0).any()) or bool((counts.sum(-1) != size).any())):
         raise ValueError(f"counts: expected non-negative counts summing to N = {size} in every row")
-    ancestors = torch.arange(size, device=counts.device).expand(counts.shape).contiguous()
-    extra_copies = (counts - 1).clamp(min=0)
-    # Per row Σ extra_copies = N − #(counts ≥ 1) = #(counts == 0), and both flatten in
-    # row-major order, so donors and empty slots pair up row by row.
-    donors = torch.repeat_interleave(ancestors.reshape(-1), extra_copies.reshape(-1))
-    ancestors[counts == 0] = donors
-    return ancestors
+    own = torch.arange(size, device=counts.device).expand(counts.shape)
+    empty = counts == 0
+    extra_total = torch.cumsum((counts - 1).clamp(min=0), dim=-1)
+    # Per row Σ extra copies = #(empty slots), so every empty slot's rank has a donor.
+    empty_rank = torch.cumsum(empty.long(), dim=-1) - 1
+    donors = torch.searchsorted(extra_total, empty_rank.clamp(min=0), right=True).clamp(max=size - 1)
+    return torch.where(empty, donors, own)
 
 
-def multinomial(log_w: Tensor, generator: torch.Generator) -> Selection:
+def multinomial(log_w: Tensor, generator: torch.Generator, checked: bool = True) -> Selection:
     """N independent draws from W."""
-    n = _expected_offspring(log_w, generator)
+    n = _expected_offspring(log_w, generator, checked)
     size = n.shape[-1]
     positions = _uniform(n.shape, generator) * size
-    return _from_counts(_counts_at(n, positions), log_w.device)
+    return _from_counts(_counts_at(n, positions), log_w.device, checked)
 
 
-def systematic(log_w: Tensor, generator: torch.Generator) -> Selection:
+def systematic(log_w: Tensor, generator: torch.Generator, checked: bool = True) -> Selection:
     """One uniform offset shared by N evenly spaced points: each count is ⌊N·W_i⌋ or ⌈N·W_i⌉."""
-    n = _expected_offspring(log_w, generator)
+    n = _expected_offspring(log_w, generator, checked)
     offset = _uniform((*n.shape[:-1], 1), generator)
-    return _from_counts(_counts_at(n, _grid_like(n) + offset), log_w.device)
+    return _from_counts(_counts_at(n, _grid_like(n) + offset), log_w.device, checked)
 
 
-def stratified(log_w: Tensor, generator: torch.Generator) -> Selection:
+def stratified(log_w: Tensor, generator: torch.Generator, checked: bool = True) -> Selection:
     """One independent uniform point in each of N equal strata."""
-    n = _expected_offspring(log_w, generator)
-    return _from_counts(_counts_at(n, _grid_like(n) + _uniform(n.shape, generator)), log_w.device)
+    n = _expected_offspring(log_w, generator, checked)
+    return _from_counts(_counts_at(n, _grid_like(n) + _uniform(n.shape, generator)), log_w.device, checked)
 
 
-def residual(log_w: Tensor, generator: torch.Generator) -> Selection:
+def residual(log_w: Tensor, generator: torch.Generator, checked: bool = True) -> Selection:
     """⌊N·W_i⌋ copies of each particle, the remaining slots by multinomial draws on the fractions."""
-    n = _expected_offspring(log_w, generator)
+    n = _expected_offspring(log_w, generator, checked)
     whole = torch.floor(n)
     counts = whole.long()
     remaining = n.shape[-1] - counts.sum(-1, keepdim=True)
@@ -102,10 +113,11 @@ def residual(log_w: Tensor, generator: torch.Generator) -> Selection:
     # Draw N per row (a fixed amount of randomness) and use the first `remaining`.
     positions = _uniform(n.shape, generator) * fractions.sum(-1, keepdim=True)
     used = _grid_like(n) < remaining
-    return _from_counts(counts + _counts_at(fractions, positions, used), log_w.device)
+    return _from_counts(counts + _counts_at(fractions, positions, used), log_w.device, checked)
 
 
-def fleming_viot(log_w: Tensor, generator: torch.Generator, parent_rule: str = "excess") -> Selection:
+def fleming_viot(log_w: Tensor, generator: torch.Generator, parent_rule: str = "excess",
+                 checked: bool = True) -> Selection:
     """Independent survival, then rebirth of every dead slot as a copy of a drawn parent.
 
     With n = N·W: parent rule "excess" (default) keeps particle i with probability
@@ -116,7 +128,7 @@ def fleming_viot(log_w: Tensor, generator: torch.Generator, parent_rule: str = "
     """
     if parent_rule not in PARENT_RULES:
         raise ValueError(f"parent_rule: unknown value {parent_rule!r}; expected one of {', '.join(PARENT_RULES)}")
-    relative = _relative_weights(log_w, _device_of(generator))
+    relative = _relative_weights(log_w, _device_of(generator), checked)
     size = relative.shape[-1]
     n = size * relative / relative.sum(-1, keepdim=True)
     survival = n.clamp(max=1.0) if parent_rule == "excess" else relative
@@ -127,15 +139,15 @@ def fleming_viot(log_w: Tensor, generator: torch.Generator, parent_rule: str = "
     # Draw N parents per row (a fixed amount of randomness) and use one per dead slot.
     positions = _uniform(n.shape, generator) * mass.sum(-1, keepdim=True)
     used = _grid_like(n) < num_dead
-    return _from_counts(counts + _counts_at(mass, positions, used), log_w.device)
+    return _from_counts(counts + _counts_at(mass, positions, used), log_w.device, checked)
 
 
-def killing(log_w: Tensor, generator: torch.Generator) -> Selection:
+def killing(log_w: Tensor, generator: torch.Generator, checked: bool = True) -> Selection:
     """Fleming–Viot with the "weighted" parent rule: survival exp(ℓ_i − max ℓ), parents ∝ W."""
-    return fleming_viot(log_w, generator, parent_rule="weighted")
+    return fleming_viot(log_w, generator, parent_rule="weighted", checked=checked)
 
 
-SCHEMES: dict[str, Callable[[Tensor, torch.Generator], Selection]] = {
+SCHEMES: dict[str, Callable[..., Selection]] = {
     "multinomial": multinomial,
     "systematic": systematic,
     "stratified": stratified,
@@ -145,7 +157,7 @@ SCHEMES: dict[str, Callable[[Tensor, torch.Generator], Selection]] = {
 }
 
 
-def get_scheme(name: str) -> Callable[[Tensor, torch.Generator], Selection]:
+def get_scheme(name: str) -> Callable[..., Selection]:
     """The selection function registered under ``name``."""
     if name not in SCHEMES:
         raise ValueError(f"scheme: unknown value {name!r}; expected one of {', '.join(SCHEMES)}")
@@ -164,14 +176,19 @@ def _birth_mass(n: Tensor, parent_rule: str) -> Tensor:
     return torch.where(excess.sum(-1, keepdim=True) > 0, excess, n)
 
 
-def _validated(log_w: Tensor, device: torch.device) -> Tensor:
-    """``log_w`` as float64 on ``device`` after checking it is a usable weight tensor."""
+def _validated(log_w: Tensor, device: torch.device, checked: bool = True) -> Tensor:
+    """``log_w`` as float64 on ``device`` after checking it is a usable weight tensor.
+
+    The value checks read the tensor on the host; ``checked=False`` skips them (the caller
+    guarantees finite-or-−inf entries and at least one finite entry per row)."""
     if not isinstance(log_w, Tensor) or log_w.ndim == 0 or log_w.numel() == 0:
         shape = tuple(log_w.shape) if isinstance(log_w, Tensor) else type(log_w).__name__
         raise ValueError(f"log_w: expected a non-empty tensor [..., N], got {shape}")
     if not log_w.is_floating_point():
         raise ValueError(f"log_w: expected a floating-point tensor, got dtype {log_w.dtype}")
     ell = log_w.detach().to(device=device, dtype=torch.float64)
+    if not checked:
+        return ell
     if bool(torch.isnan(ell).any()):
         raise ValueError("log_w: contains NaN; map invalid rewards to -inf before selection")
     if bool((ell == float("inf")).any()):
@@ -181,15 +198,15 @@ def _validated(log_w: Tensor, device: torch.device) -> Tensor:
     return ell
 
 
-def _relative_weights(log_w: Tensor, device: torch.device) -> Tensor:
+def _relative_weights(log_w: Tensor, device: torch.device, checked: bool = True) -> Tensor:
     """exp(ℓ − max ℓ) per row in float64: the largest weight is exactly 1, −inf gives exactly 0."""
-    ell = _validated(log_w, device)
+    ell = _validated(log_w, device, checked)
     return torch.exp(ell - ell.amax(-1, keepdim=True))
 
 
-def _expected_offspring(log_w: Tensor, generator: torch.Generator) -> Tensor:
+def _expected_offspring(log_w: Tensor, generator: torch.Generator, checked: bool = True) -> Tensor:
     """n = N·W per row, in float64 on the generator's device."""
-    relative = _relative_weights(log_w, _device_of(generator))
+    relative = _relative_weights(log_w, _device_of(generator), checked)
     # N·w/Σw rather than N·softmax: equal weights then give exactly n_i = 1.
     return relative.shape[-1] * relative / relative.sum(-1, keepdim=True)
 
@@ -210,8 +227,8 @@ def _counts_at(mass: Tensor, positions: Tensor, used: Tensor | None = None) -> T
     return torch.zeros(mass.shape, dtype=torch.long, device=mass.device).scatter_add_(-1, index, weight)
 
 
-def _from_counts(counts: Tensor, device: torch.device) -> Selection:
-    ancestors = offspring_to_ancestors(counts).to(device)
+def _from_counts(counts: Tensor, device: torch.device, checked: bool = True) -> Selection:
+    ancestors = offspring_to_ancestors(counts, checked).to(device)
     return Selection(ancestors=ancestors, reborn=ancestors != torch.arange(ancestors.shape[-1], device=device))
 
 

@@ -19,7 +19,7 @@ def check_toy_sizes(particles: int, steps: int, seeds: List[int], problems: List
     from fvdiffusion.schedule import VPSchedule
     from fvdiffusion.testbeds import toy_problem
 
-    from fvdiffusion.samplers.config import SEED_MAX
+    from fvdiffusion.config import SEED_MAX
 
     for seed in seeds:
         check_range("--seed", seed, 0, SEED_MAX)

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fvdiffusion.loop import RunContext, StepInfo, plain_trace, run_particle_loop, run_with_cost
+from fvdiffusion.config import CommonConfig, ConfigError, check_int
+from fvdiffusion.loop import FinalWeighting, RunContext, plain_trace
 from fvdiffusion.population import ParticleState, gather
-from fvdiffusion.result import SampleResult
-from fvdiffusion.samplers.common import make_result
-from fvdiffusion.samplers.config import CommonConfig, ConfigError, check_int
+from fvdiffusion.schedule import StepInfo
 
 
 @dataclass(frozen=True)
@@ -31,34 +30,32 @@ class BestOfNConfig(CommonConfig):
             raise ConfigError(f"invalid top_k={self.top_k}: expected <= n_particles ({self.n_particles})")
 
 
-def _no_selection(ctx: RunContext, info: StepInfo, state: ParticleState):
-    return state, plain_trace(info, state, ctx.config.lam)
+class BaseKernel:
+    """No interaction: every step leaves the population as it is."""
+
+    requires_final_reward = False
+
+    def __init__(self, config: CommonConfig) -> None:
+        self.config = config
+
+    def init(self, ctx: RunContext, state: ParticleState) -> ParticleState:
+        return state
+
+    def step(self, ctx: RunContext, info: StepInfo, state: ParticleState):
+        return state, plain_trace(info, state, self.config.lam)
+
+    def finish(self, ctx: RunContext, state: ParticleState) -> FinalWeighting:
+        return FinalWeighting(state)
 
 
-def sample_base(denoiser, reward, config: BaseConfig, cond=None, progress: bool = False) -> SampleResult:
-    ctx = RunContext.create(denoiser, reward, config, cond, progress, desc="base")
+class BestOfNKernel(BaseKernel):
+    """Base samples, ranked by final reward (NaN last); a permutation, not a selection."""
 
-    def body() -> SampleResult:
-        state = run_particle_loop(ctx, _no_selection)
-        if reward is not None:
-            rewards = ctx.evaluate_reward(state.x, None)
-        else:
-            rewards = torch.full((config.n_particles,), float("nan"), dtype=torch.float64)
-        return make_result(ctx, "base", state, rewards, torch.zeros(config.n_particles, dtype=torch.float64))
+    requires_final_reward = True
 
-    return run_with_cost(ctx, body)
-
-
-def sample_bon(denoiser, reward, config: BestOfNConfig, cond=None, progress: bool = False) -> SampleResult:
-    ctx = RunContext.create(denoiser, reward, config, cond, progress, desc="bon")
-
-    def body() -> SampleResult:
-        state = run_particle_loop(ctx, _no_selection)
-        rewards = ctx.evaluate_reward(state.x, None)
-        # NaN rewards rank last
-        order = torch.argsort(torch.nan_to_num(rewards, nan=-float("inf")), descending=True, stable=True)
+    def finish(self, ctx: RunContext, state: ParticleState) -> FinalWeighting:
+        order = torch.argsort(torch.nan_to_num(state.reward, nan=-float("inf")), descending=True, stable=True)
         state = gather(state, order)
-        extras = {"ranking": order, "top_k": config.top_k, "top_k_samples": state.x[: config.top_k]}
-        return make_result(ctx, "bon", state, rewards[order], torch.zeros(config.n_particles, dtype=torch.float64), extras)
-
-    return run_with_cost(ctx, body)
+        order = order.cpu()
+        return FinalWeighting(state, extras={"ranking": order, "top_k": self.config.top_k,
+                                             "top_k_samples": state.x[: self.config.top_k]})

@@ -50,12 +50,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fvdiffusion.loop import DenoiserError, RunContext, potentials_from, refuse_overflow, run_with_cost, tilt
+from fvdiffusion.config import CommonConfig, ConfigError, check_float, check_int
+from fvdiffusion.errors import DenoiserError
+from fvdiffusion.loop import Finished, RunContext
 from fvdiffusion.population import ParticleState
-from fvdiffusion.result import SampleResult, StepTrace
-from fvdiffusion.samplers import Method, register_method
-from fvdiffusion.samplers.common import make_result
-from fvdiffusion.samplers.config import CommonConfig, ConfigError, check_float, check_int
+from fvdiffusion.potentials import clean, refuse_overflow, tilt
+from fvdiffusion.result import StepTrace
 from fvdiffusion.samplers.svdd import choice_probabilities, draw_from, ess_fraction, require_stochastic_kernel
 from fvdiffusion.schedule import Prediction, ddim_step
 
@@ -259,10 +259,9 @@ class TreeSearch:
 
     def __init__(self, ctx: RunContext, config: DTSConfig) -> None:
         self.ctx, self.config = ctx, config
-        denoiser = ctx.denoiser
-        self.sample_shape = tuple(denoiser.sample_shape)
-        self.timesteps = denoiser.schedule.timesteps(config.num_steps).tolist()
-        self.alpha_bars = [float(denoiser.schedule.alpha_bar(t)) for t in self.timesteps]
+        self.sample_shape = tuple(ctx.denoiser.sample_shape)
+        self.timesteps = [info.t for info in ctx.grid]
+        self.alpha_bars = [info.alpha_bar for info in ctx.grid]
         self.leaf_depth = config.num_steps - 1
         self.soft_mean = SoftMean(config.lam)
         self.tree = SearchTree(self.sample_shape, config.max_children, config.node_budget, self.soft_mean.empty)
@@ -287,9 +286,10 @@ class TreeSearch:
         ids = self.tree.add(parents, pred, depth)
         if depth == self.leaf_depth:
             # the leaf's sample is its x̂0 (σ = 0 last step)
-            reward = self.ctx.rewards_where_alive(pred.x0, 1, dead)
+            # the tree's statistics live on the host: its search is a sequence of host decisions
+            reward = self.ctx.rewards_where_alive(pred.x0, 1, dead).cpu()
             self.tree.reward[ids] = reward
-            self.tree.value[ids] = potentials_from(reward)[0]
+            self.tree.value[ids] = clean(reward)[0]
         return ids
 
     def plant_root(self) -> None:
@@ -333,7 +333,7 @@ class TreeSearch:
         batch = _Batch(current=[0] * size, fresh=[False] * size)
         for depth in range(self.leaf_depth):
             batch.paths.append(batch.current)
-            uniforms = self.ctx.rand(size)
+            uniforms = self.ctx.rand(size).cpu()
             # drawn for every rollout, so the random stream never depends on who expands
             noise = self.ctx.randn((size, *self.sample_shape))
             level = self._decide(batch, depth)
@@ -462,9 +462,9 @@ class TreeSearch:
         paths, ess = [current], [1.0]
         for _ in range(self.leaf_depth):
             kids, probs = self.descent_probabilities(current)
-            current = kids[torch.arange(n), draw_from(probs, self.ctx.rand(n))]
+            current = kids[torch.arange(n), draw_from(probs, self.ctx.rand(n).cpu())]
             paths.append(current)
-            ess.append(ess_fraction(probs))
+            ess.append(float(ess_fraction(probs)))
         return paths, ess
 
 
@@ -500,17 +500,19 @@ def _descent_trace(search: TreeSearch, paths: list[Tensor], ess: list[float]) ->
     return rows
 
 
-def sample_dts(denoiser, reward, config: DTSConfig, cond=None, progress: bool = False) -> SampleResult:
-    method = "dts*" if config.greedy else "dts"
-    ctx = RunContext.create(denoiser, reward, config, cond)
-    if progress:
-        from tqdm.auto import tqdm
+class DTSSampler:
+    """The tree search of dts / dts*: rollouts in batches, then N final descents."""
 
-        ctx.progress = tqdm(total=config.n_rollouts, desc=method, leave=False)  # closed by run_with_cost
-    search = TreeSearch(ctx, config)
-    batch = config.rollouts_per_batch or config.n_particles
+    def __init__(self, config: DTSConfig) -> None:
+        self.config = config
 
-    def body() -> SampleResult:
+    def run(self, ctx: RunContext) -> Finished:
+        config = self.config
+        method = "dts*" if config.greedy else "dts"
+        if ctx.progress is not None:  # progress counts rollouts here, not steps
+            ctx.progress.reset(total=config.n_rollouts)
+        search = TreeSearch(ctx, config)
+        batch = config.rollouts_per_batch or config.n_particles
         search.plant_root()
         anytime: list[dict[str, Any]] = []
         # a full tree cannot change any more: later rollouts would only re-visit known leaves
@@ -546,12 +548,4 @@ def sample_dts(denoiser, reward, config: DTSConfig, cond=None, progress: bool = 
             "tree_bytes": tree.n_nodes * bytes_per_node, "tree_bytes_allocated": tree.capacity * bytes_per_node,
             "root_value": float(tree.value[0]), "anytime": anytime,
         }
-        return make_result(ctx, method, state, rewards, state.log_weight, extras)
-
-    return run_with_cost(ctx, body)
-
-
-register_method(Method("dts", DTSConfig, sample_dts, True,
-                       "diffusion tree sampling: Boltzmann descent over soft values, base-kernel expansion"))
-register_method(Method("dts*", DTSStarConfig, sample_dts, True,
-                       "greedy diffusion tree search: argmax descent over soft values"))
+        return Finished(state, extras)

@@ -13,16 +13,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fvdiffusion import selection
-from fvdiffusion.loop import (
-    RunContext, StepInfo, plain_trace, potentials_from, refuse_overflow, run_particle_loop, run_with_cost, tilt,
-)
-from fvdiffusion.population import ParticleState, gather
-from fvdiffusion.result import SampleResult
-from fvdiffusion.samplers.common import make_result
-from fvdiffusion.samplers.config import (
+from fvdiffusion import potentials, selection
+from fvdiffusion.config import (
     CommonConfig, SelectionScheduleMixin, check_bool, check_choice, check_float, check_int,
 )
+from fvdiffusion.loop import FinalWeighting, RunContext, plain_trace, select
+from fvdiffusion.population import ParticleState
+from fvdiffusion.schedule import StepInfo
 
 POTENTIALS = ("diff", "level")
 PARENT_RULES = ("excess", "weighted")
@@ -114,56 +111,72 @@ class FVDConfig(SelectionScheduleMixin, CommonConfig):
             object.__setattr__(self, name, fill[name])
 
 
-class FVDPolicy:
-    """The per-step birth–death move; holds the scalar controller state (λ_prev, log κ)."""
+class FVDKernel:
+    """The per-step birth–death move. The controller state (λ_prev, log κ, the selection count)
+    lives in the population's scalars, so the kernel itself holds only the config."""
+
+    requires_final_reward = True
 
     def __init__(self, config: FVDConfig) -> None:
         self.config = config
-        self.lam_prev = 0.0
-        self.log_kappa = 0.0
-        self.selections = 0
 
-    def potential(self, reward: torch.Tensor, r_prev: torch.Tensor, k: int) -> torch.Tensor:
-        lam, where = self.config.lam, f" at step k={k}" if k else " on the final samples"
-        if self.config.potential == "level":
-            return tilt(lam, reward, where)
-        # λ_prev = 0 before the first selection, so r_prev's NaN-free zeros never matter there
-        now, before = tilt(lam, reward, where), tilt(self.lam_prev, r_prev, where)
-        return refuse_overflow(now - before, now, before, lam=lam, where=where)
+    def init(self, ctx: RunContext, state: ParticleState) -> ParticleState:
+        return state.with_scalars(lam_prev=0.0, selections=0,
+                                  log_kappa=torch.zeros((), dtype=torch.float64, device=state.log_weight.device))
 
-    def birth_death(self, ctx: RunContext, state: ParticleState, reward: torch.Tensor, k: int):
-        """Select on the potential of ``reward``; returns the new state and the step statistics."""
+    def potential(self, ctx: RunContext, state: ParticleState, reward: torch.Tensor, k: int):
+        """κ · ℓ for every particle, cleaned (non-finite → −inf) and guarded (all −inf → uniform),
+        and how many potentials were not finite."""
+        where = potentials.at_step(k)
         r_prev = state.aux.get("r_prev", torch.zeros_like(reward))
-        log_potential, nonfinite = potentials_from(self.potential(reward, r_prev, k))
-        kappa = math.exp(self.log_kappa)
-        log_potential = refuse_overflow(kappa * log_potential, log_potential, lam=self.config.lam,
-                                        where=f" at step k={k} (controller kappa={kappa:.3g})")
-        log_potential = ctx.guard_all_dead(log_potential, k)
-        outcome = selection.fleming_viot(log_potential, ctx.generator, parent_rule=self.config.parent_rule)
-        state = replace(state, reward=reward)
-        state = gather(state, outcome.ancestors)
-        state = state.with_aux(r_prev=state.reward.clone())
-        ctx.lineage.record(k, outcome.ancestors)
-        self.lam_prev = self.config.lam
-        dead = float(outcome.reborn.double().mean())
-        self.selections += 1
-        if self.config.target_dead_fraction is not None:
-            gain = self.config.controller_gain / self.selections**0.6
-            # bounded so that exp() cannot overflow: kappa in [e^-50, e^50] spans any useful scale
-            self.log_kappa = min(MAX_LOG_KAPPA, max(-MAX_LOG_KAPPA,
-                                 self.log_kappa + gain * (self.config.target_dead_fraction - dead)))
-        return state, outcome, selection.ess(log_potential), dead, nonfinite
+        # λ_prev = 0 before the first selection, so r_prev's placeholder zeros never matter there
+        ell = potentials.selection_potential(self.config.potential, self.config.lam, reward,
+                                             state.scalars["lam_prev"], r_prev, where, ctx.checks)
+        ell, nonfinite = potentials.clean(ell)
+        kappa = torch.exp(state.scalars["log_kappa"])
+        scaled = potentials.refuse_overflow(kappa * ell, ell, lam=self.config.lam,
+                                            where=f"{where} (controller kappa)", checks=ctx.checks)
+        return ctx.guard_all_dead(scaled, k), nonfinite
 
-    def __call__(self, ctx: RunContext, info: StepInfo, state: ParticleState):
+    def birth_death(self, ctx: RunContext, state: ParticleState, log_potential: torch.Tensor, k: int):
+        """Select on ``log_potential``; returns the new state (controller updated) and the selection."""
+        state, outcome = select(ctx, state, log_potential, self._scheme(), k, parent_rule=self.config.parent_rule)
+        state = state.with_aux(r_prev=state.reward.clone())
+        dead = outcome.reborn.double().mean()
+        selections = state.scalars["selections"] + 1
+        log_kappa = state.scalars["log_kappa"]
+        if self.config.target_dead_fraction is not None:
+            gain = self.config.controller_gain / selections**0.6
+            # bounded so that exp() cannot overflow: kappa in [e^-50, e^50] spans any useful scale
+            log_kappa = (log_kappa + gain * (self.config.target_dead_fraction - dead)).clamp(-MAX_LOG_KAPPA,
+                                                                                            MAX_LOG_KAPPA)
+        state = state.with_scalars(lam_prev=self.config.lam, selections=selections, log_kappa=log_kappa)
+        return state, outcome, dead
+
+    def _scheme(self) -> str:
+        return "fleming_viot"
+
+    def step(self, ctx: RunContext, info: StepInfo, state: ParticleState):
         cfg = self.config
+        kappa_used = torch.exp(state.scalars["log_kappa"])
         if not cfg.is_selection_step(info.index, cfg.num_steps):
-            return state, plain_trace(info, state, cfg.lam, kappa=math.exp(self.log_kappa))
-        kappa_used = math.exp(self.log_kappa)
+            return state, plain_trace(info, state, cfg.lam, kappa=kappa_used)
         reward = ctx.evaluate_reward(state.x0_hat, info.k)
-        state, outcome, ess, dead, nonfinite = self.birth_death(ctx, state, reward, info.k)
+        state = replace(state, reward=reward)
+        log_potential, nonfinite = self.potential(ctx, state, reward, info.k)
+        state, outcome, dead = self.birth_death(ctx, state, log_potential, info.k)
         state = self.rebirth(ctx, state, outcome, info)
-        return state, plain_trace(info, state, cfg.lam, selected=True, ess=ess, dead_fraction=dead,
-                                  kappa=kappa_used, nonfinite_rewards=nonfinite)
+        return state, plain_trace(info, state, cfg.lam, selected=True, ess=selection.ess_tensor(log_potential, False),
+                                  dead_fraction=dead, kappa=kappa_used, nonfinite_rewards=nonfinite)
+
+    def finish(self, ctx: RunContext, state: ParticleState) -> FinalWeighting:
+        extras = {"final_kappa": math.exp(float(state.scalars["log_kappa"]))}
+        if not self.config.final_selection:
+            return FinalWeighting(state, extras=extras)
+        # at t = 0 a clone is an exact copy of its parent's sample (ᾱ = 1: no noise to refresh)
+        log_potential, _ = self.potential(ctx, state, state.reward, 0)
+        return FinalWeighting(state, log_w=log_potential, scheme=self._scheme(), parent_rule=self.config.parent_rule,
+                              report_ess=True, extras=extras)
 
     def rebirth(self, ctx: RunContext, state: ParticleState, outcome: selection.Selection,
                 info: StepInfo) -> ParticleState:
@@ -190,14 +203,19 @@ class FVDPolicy:
         nu = cfg.rebirth_noise * scale
         if nu == 0.0:
             return None
-        per_slot = torch.full(outcome.ancestors.shape, nu, dtype=torch.float64)
+        ancestors = outcome.ancestors
+        per_slot = torch.full(ancestors.shape, nu, dtype=torch.float64, device=ancestors.device)
         if cfg.nu_by_copies:
-            copies = torch.bincount(outcome.ancestors, minlength=outcome.ancestors.numel())[outcome.ancestors]
+            # copies of each parent (its own slot included), counted without a host read
+            copies = torch.zeros(ancestors.numel(), dtype=torch.long, device=ancestors.device)
+            copies = copies.index_add_(0, ancestors, torch.ones_like(ancestors))[ancestors]
             per_slot = per_slot * (1.0 - 1.0 / copies.double())
         return per_slot
 
     def _langevin(self, ctx: RunContext, state: ParticleState, reborn: torch.Tensor, info: StepInfo) -> ParticleState:
-        """Unadjusted Langevin on p_t for the clones only; one denoiser call per clone per step."""
+        """Unadjusted Langevin on p_t for the clones only; one denoiser call per clone per step.
+
+        The clones' count decides the denoiser batch, so this kernel reads ``reborn`` on the host."""
         cfg = self.config
         xi_all = [ctx.randn(tuple(state.x.shape)) for _ in range(cfg.langevin_steps)]  # fixed stream
         rows = torch.nonzero(reborn).flatten().to(state.x.device)
@@ -221,21 +239,3 @@ class FVDPolicy:
             x0_hat=state.x0_hat.index_copy(0, rows, x0),
             eps_hat=state.eps_hat.index_copy(0, rows, eps),
         )
-
-
-def sample_fvd(denoiser, reward, config: FVDConfig, cond=None, progress: bool = False) -> SampleResult:
-    ctx = RunContext.create(denoiser, reward, config, cond, progress, desc="fvd")
-    policy = FVDPolicy(config)
-
-    def body() -> SampleResult:
-        state = run_particle_loop(ctx, policy)
-        final_reward = ctx.evaluate_reward(state.x, None)
-        state = replace(state, x0_hat=state.x, reward=final_reward)
-        extras = {"final_kappa": math.exp(policy.log_kappa)}
-        if config.final_selection:
-            # at t = 0 a clone is an exact copy of its parent's sample (ᾱ = 1: no noise to refresh)
-            state, _, ess, dead, _ = policy.birth_death(ctx, state, final_reward, 0)
-            extras.update(final_ess=ess, final_dead_fraction=dead)
-        return make_result(ctx, "fvd", state, state.reward, torch.zeros(config.n_particles, dtype=torch.float64), extras)
-
-    return run_with_cost(ctx, body)

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fvdiffusion.loop import RunContext, StepInfo, plain_trace, potentials_from, run_with_cost, tilt
+from fvdiffusion.checks import HostChecks
+from fvdiffusion.config import CommonConfig, ConfigError, check_int
+from fvdiffusion.loop import Finished, RunContext, plain_trace
 from fvdiffusion.population import ParticleState
-from fvdiffusion.result import SampleResult
-from fvdiffusion.samplers import Method, register_method
-from fvdiffusion.samplers.common import make_result
-from fvdiffusion.samplers.config import CommonConfig, ConfigError, check_int
+from fvdiffusion.potentials import clean, tilt
 from fvdiffusion.schedule import Prediction, ddim_step
 
 
@@ -53,7 +52,8 @@ class SVDDConfig(CommonConfig):
         require_stochastic_kernel(self.eta, "svdd")
 
 
-def choice_probabilities(values: Tensor, exists: Tensor, lam: float, greedy: bool = False, where: str = "") -> Tensor:
+def choice_probabilities(values: Tensor, exists: Tensor, lam: float, greedy: bool = False, where: str = "",
+                         checks: HostChecks | None = None) -> Tensor:
     """softmax(λ · values) over the columns that exist, per row: [n, C] float64.
 
     values [n, C] float64 (−inf or NaN = worthless), exists [n, C] bool (every row has a True).
@@ -67,7 +67,7 @@ def choice_probabilities(values: Tensor, exists: Tensor, lam: float, greedy: boo
     v = torch.where(all_worthless & exists, torch.zeros_like(v), v)
     if greedy or math.isinf(lam):
         return torch.nn.functional.one_hot(v.argmax(dim=1), values.shape[1]).to(torch.float64)
-    logits = tilt(lam, v, where) if lam > 0 else torch.where(torch.isfinite(v), torch.zeros_like(v), v)
+    logits = tilt(lam, v, where, checks) if lam > 0 else torch.where(torch.isfinite(v), torch.zeros_like(v), v)
     return torch.softmax(logits, dim=1)
 
 
@@ -78,61 +78,63 @@ def draw_from(probs: Tensor, uniforms: Tensor) -> Tensor:
     return picked.clamp(max=probs.shape[1] - 1)
 
 
-def ess_fraction(probs: Tensor) -> float:
-    """Mean over rows of ESS / C of the choice probabilities (1 = uniform, 1/C = a single column)."""
-    return float((1.0 / (probs * probs).sum(dim=1) / probs.shape[1]).mean())
+def ess_fraction(probs: Tensor) -> Tensor:
+    """Mean over rows of ESS / C of the choice probabilities (1 = uniform, 1/C = a single column), 0-dim."""
+    return (1.0 / (probs * probs).sum(dim=1) / probs.shape[1]).mean()
 
 
-def sample_svdd(denoiser, reward, config: SVDDConfig, cond=None, progress: bool = False) -> SampleResult:
-    ctx = RunContext.create(denoiser, reward, config, cond, progress, desc="svdd")
-    n, m, lam = config.n_particles, config.n_candidates, config.lam
-    sample_shape = tuple(denoiser.sample_shape)
-    schedule = denoiser.schedule
-    timesteps = schedule.timesteps(config.num_steps).tolist()
+class SVDDSampler:
+    """M base-kernel candidates per particle and step, one kept by softmax(λ r(x̂0))."""
 
-    def body() -> SampleResult:
+    def __init__(self, config: SVDDConfig) -> None:
+        self.config = config
+
+    def run(self, ctx: RunContext) -> Finished:
+        config = ctx.config
+        n, m, lam = config.n_particles, config.n_candidates, config.lam
+        sample_shape = tuple(ctx.denoiser.sample_shape)
+        first = ctx.grid[0]
         x = ctx.randn((n, *sample_shape))
-        pred, dead = ctx.denoise(x, timesteps[0], float(schedule.alpha_bar(timesteps[0])), config.num_steps)
-        kept_reward = torch.full((n,), math.nan, dtype=torch.float64)
+        pred, dead = ctx.denoise(x, first.t, first.alpha_bar, config.num_steps)
+        kept_reward = torch.full((n,), math.nan, dtype=torch.float64, device=ctx.device)
         if dead is not None:
-            x, pred, kept_reward = _rebirth_killed(ctx, dead, x, pred, kept_reward, config.num_steps, timesteps[0])
-        for index, t in enumerate(timesteps):
-            t_prev = timesteps[index + 1] if index + 1 < len(timesteps) else -1
-            info = StepInfo(k=config.num_steps - index, index=index, t=t, alpha_bar=float(schedule.alpha_bar(t)),
-                            alpha_bar_prev=float(schedule.alpha_bar(t_prev)))
-            if t_prev == -1:
+            x, pred, kept_reward = _rebirth_killed(ctx, dead, x, pred, kept_reward, config.num_steps, first.t)
+        for info in ctx.grid:
+            if info.t_prev == -1:
                 # σ = 0 on the last step: x0 = x̂0 of the kept candidate, every candidate would coincide
                 x = ddim_step(pred.x0, pred.eps, info.alpha_bar, info.alpha_bar_prev, config.eta, None)
-                ctx.record(plain_trace(info, _population(x, pred, kept_reward), lam))
+                population = _population(x, pred, kept_reward)
+                ctx.record(plain_trace(info, population, lam), info, population)
                 break
             noise = ctx.randn((n * m, *sample_shape))  # one draw for the whole population
             candidates = ddim_step(pred.x0.repeat_interleave(m, dim=0), pred.eps.repeat_interleave(m, dim=0),
                                    info.alpha_bar, info.alpha_bar_prev, config.eta, noise)
-            cand_pred, cand_dead = ctx.denoise(candidates, t_prev, info.alpha_bar_prev, info.k, what="candidates")
+            cand_pred, cand_dead = ctx.denoise(candidates, info.t_prev, info.alpha_bar_prev, info.k,
+                                               what="candidates")
             cand_reward = ctx.rewards_where_alive(cand_pred.x0, info.k, cand_dead)
-            potentials, nonfinite = potentials_from(cand_reward.view(n, m))
+            values, nonfinite = clean(cand_reward.view(n, m))
             # killed candidates are never chosen; a particle whose candidates all died is reborn below
-            exists = torch.ones(n, m, dtype=torch.bool) if cand_dead is None else ~cand_dead.view(n, m)
+            exists = torch.ones(n, m, dtype=torch.bool, device=values.device) if cand_dead is None \
+                else ~cand_dead.view(n, m)
             dead = None if cand_dead is None else ~exists.any(dim=1)
             if cand_dead is not None:
-                nonfinite -= int(cand_dead.sum())  # denoiser faults, not reward faults
+                nonfinite = nonfinite - cand_dead.sum()  # denoiser faults, not reward faults
                 exists = exists | dead[:, None]
-            probs = choice_probabilities(potentials, exists, lam, where=f" at step k={info.k}")
-            rows = torch.arange(n) * m + draw_from(probs, ctx.rand(n))
+            probs = choice_probabilities(values, exists, lam, where=f" at step k={info.k}", checks=ctx.checks)
+            rows = torch.arange(n, device=probs.device) * m + draw_from(probs, ctx.rand(n))
             dev_rows = rows.to(candidates.device)
             x = candidates[dev_rows]
             pred = Prediction(x0=cand_pred.x0[dev_rows], eps=cand_pred.eps[dev_rows])
             kept_reward = cand_reward[rows]
             if dead is not None and bool(dead.any()):
-                x, pred, kept_reward = _rebirth_killed(ctx, dead, x, pred, kept_reward, info.k, t_prev, "candidates")
-            ctx.record(plain_trace(info, _population(x, pred, kept_reward), lam, selected=m > 1,
-                                   ess=ess_fraction(probs), nonfinite_rewards=nonfinite))
-        final = _population(x, pred, kept_reward)
+                x, pred, kept_reward = _rebirth_killed(ctx, dead, x, pred, kept_reward, info.k, info.t_prev,
+                                                       "candidates")
+            population = _population(x, pred, kept_reward)
+            ctx.record(plain_trace(info, population, lam, selected=m > 1, ess=ess_fraction(probs),
+                                   nonfinite_rewards=nonfinite), info, population)
         rewards = kept_reward if config.num_steps > 1 else ctx.evaluate_reward(x, None)
-        extras = {"n_candidates": m}
-        return make_result(ctx, "svdd", final, rewards, torch.zeros(n, dtype=torch.float64), extras)
-
-    return run_with_cost(ctx, body)
+        final = _population(x, pred, rewards)
+        return Finished(final, {"n_candidates": m})
 
 
 def _rebirth_killed(ctx: RunContext, dead: Tensor, x: Tensor, pred: Prediction, reward: Tensor, k: int, t: int,
@@ -142,8 +144,9 @@ def _rebirth_killed(ctx: RunContext, dead: Tensor, x: Tensor, pred: Prediction, 
         raise ctx.all_killed(k, t, dead.numel() if what == "particles" else dead.numel() * ctx.config.n_candidates,
                              what)
     alive = torch.nonzero(~dead).flatten()
-    ancestors = torch.arange(dead.numel())
-    ancestors[dead] = alive[torch.randint(alive.numel(), (int(dead.sum()),), generator=ctx.generator)]
+    ancestors = torch.arange(dead.numel(), device=dead.device)
+    ancestors[dead] = alive[torch.randint(alive.numel(), (int(dead.sum()),), generator=ctx.generator,
+                                          device=dead.device)]
     ctx.lineage.record(k, ancestors)
     dev = ancestors.to(x.device)
     return x[dev], Prediction(x0=pred.x0[dev], eps=pred.eps[dev]), reward[ancestors]
@@ -153,7 +156,8 @@ def _population(x: Tensor, pred: Prediction, reward: Tensor) -> ParticleState:
     """The population as a ParticleState (for the trace and the result); particles keep their own roots."""
     n = x.shape[0]
     return ParticleState(x=x, x0_hat=pred.x0, eps_hat=pred.eps, reward=reward,
-                         log_weight=torch.zeros(n, dtype=torch.float64), root=torch.arange(n))
+                         log_weight=torch.zeros(n, dtype=torch.float64, device=reward.device),
+                         root=torch.arange(n, device=reward.device))
 
 
 def svdd_cost(n_particles: int, num_steps: int, n_candidates: int) -> dict[str, int]:
@@ -162,7 +166,3 @@ def svdd_cost(n_particles: int, num_steps: int, n_candidates: int) -> dict[str, 
         return {"denoiser_calls": n_particles, "reward_calls": n_particles}
     per_run = n_particles * n_candidates * (num_steps - 1)
     return {"denoiser_calls": n_particles + per_run, "reward_calls": per_run}
-
-
-register_method(Method("svdd", SVDDConfig, sample_svdd, True,
-                       "SVDD-PM: M base-kernel candidates per step, keep one by softmax(lam*r(x0_hat))"))

@@ -11,14 +11,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fvdiffusion import selection
-from fvdiffusion.loop import (
-    RunContext, StepInfo, plain_trace, potentials_from, refuse_overflow, run_particle_loop, run_with_cost, tilt,
-)
-from fvdiffusion.population import ParticleState, gather
-from fvdiffusion.result import SampleResult
-from fvdiffusion.samplers.common import final_selection, make_result
-from fvdiffusion.samplers.config import CommonConfig, SelectionScheduleMixin
+from fvdiffusion import potentials, selection
+from fvdiffusion.config import CommonConfig, SelectionScheduleMixin
+from fvdiffusion.loop import FinalWeighting, RunContext, plain_trace, select
+from fvdiffusion.population import ParticleState
+from fvdiffusion.schedule import StepInfo
 
 
 @dataclass(frozen=True)
@@ -32,50 +29,46 @@ class VASRConfig(SelectionScheduleMixin, CommonConfig):
         self._check_schedule()
 
 
-class VASRPolicy:
+class VASRKernel:
+    requires_final_reward = True
+
     def __init__(self, config: VASRConfig) -> None:
         self.config = config
 
-    def __call__(self, ctx: RunContext, info: StepInfo, state: ParticleState):
+    def init(self, ctx: RunContext, state: ParticleState) -> ParticleState:
+        return state
+
+    def _weights(self, ctx: RunContext, state: ParticleState, reward: torch.Tensor, where: str):
+        """Weights after the difference increment λ(r − r_prev), and how many increments were not finite."""
+        prev = state.aux.get("r_prev", torch.zeros_like(reward))
+        inc, nonfinite = potentials.clean(potentials.tilt(self.config.lam, reward - prev, where, ctx.checks))
+        return potentials.add(state.log_weight, inc, self.config.lam, where, ctx.checks), nonfinite
+
+    def step(self, ctx: RunContext, info: StepInfo, state: ParticleState):
         cfg = self.config
         if not cfg.is_selection_step(info.index, cfg.num_steps):
-            return state, plain_trace(info, state, cfg.lam, ess=selection.ess(state.log_weight))
+            return state, plain_trace(info, state, cfg.lam, ess=selection.ess_tensor(state.log_weight, False))
         reward = ctx.evaluate_reward(state.x0_hat, info.k)
-        prev = state.aux.get("r_prev", torch.zeros_like(reward))
-        where = f" at step k={info.k}"
-        inc, nonfinite = potentials_from(tilt(cfg.lam, reward - prev, where))
-        log_w = refuse_overflow(state.log_weight + inc, state.log_weight, inc, lam=cfg.lam, where=where)
+        where = potentials.at_step(info.k)
+        log_w, nonfinite = self._weights(ctx, state, reward, where)
         log_w = ctx.guard_all_dead(log_w, info.k)
-        tilted = tilt(cfg.lam, reward, where)
-        log_mass = refuse_overflow(log_w + tilted, log_w, tilted, lam=cfg.lam, where=where)
-        log_mass = ctx.guard_all_dead(potentials_from(log_mass)[0], info.k)
-        outcome = selection.systematic(selection.normalize(log_mass), ctx.generator)
-        new_log_w = (log_w - log_mass)[outcome.ancestors]
+        tilted = potentials.tilt(cfg.lam, reward, where, ctx.checks)
+        log_mass = potentials.add(log_w, tilted, cfg.lam, where, ctx.checks)
+        log_mass = ctx.guard_all_dead(potentials.clean(log_mass)[0], info.k)
+        carried = log_w - log_mass  # computed before select(), which may overwrite log_w's rows in place
         state = replace(state, reward=reward, log_weight=log_w)
-        state = gather(state, outcome.ancestors)
+        state, outcome = select(ctx, state, selection.normalize(log_mass, checked=False), "systematic", info.k)
         # offspring of i carry w_i / m_i; 0/0 (a dead particle) stays dead
+        new_log_w = carried[outcome.ancestors]
         state = replace(state, log_weight=torch.nan_to_num(new_log_w, nan=-float("inf")))
         state = state.with_aux(r_prev=state.reward.clone())
-        ctx.lineage.record(info.k, outcome.ancestors)
-        return state, plain_trace(info, state, cfg.lam, selected=True, ess=selection.ess(log_mass),
-                                  dead_fraction=float(outcome.reborn.double().mean()), nonfinite_rewards=nonfinite)
+        return state, plain_trace(info, state, cfg.lam, selected=True, ess=selection.ess_tensor(log_mass, False),
+                                  dead_fraction=outcome.reborn.double().mean(), nonfinite_rewards=nonfinite)
 
-
-def sample_vasr(denoiser, reward, config: VASRConfig, cond=None, progress: bool = False) -> SampleResult:
-    ctx = RunContext.create(denoiser, reward, config, cond, progress, desc="vasr")
-
-    def body() -> SampleResult:
-        state = run_particle_loop(ctx, VASRPolicy(config))
-        final_reward = ctx.evaluate_reward(state.x, None)
-        prev = state.aux.get("r_prev", torch.zeros_like(final_reward))
-        where = " on the final samples"
-        inc = tilt(config.lam, final_reward - prev, where)
-        log_w, _ = potentials_from(refuse_overflow(state.log_weight + inc, state.log_weight, inc, lam=config.lam,
-                                                   where=where))
-        state = replace(state, x0_hat=state.x, reward=final_reward, log_weight=log_w)
-        extras = {}
-        if config.final_selection:
-            state, extras["final_dead_fraction"] = final_selection(ctx, state)
-        return make_result(ctx, "vasr", state, state.reward, state.log_weight, extras)
-
-    return run_with_cost(ctx, body)
+    def finish(self, ctx: RunContext, state: ParticleState) -> FinalWeighting:
+        log_w, _ = self._weights(ctx, state, state.reward, potentials.FINAL)
+        state = replace(state, log_weight=potentials.clean(log_w)[0])
+        if not self.config.final_selection:
+            return FinalWeighting(state)
+        return FinalWeighting(state, log_w=state.log_weight, scheme="fleming_viot", parent_rule="excess",
+                              skip_if_uniform=True)

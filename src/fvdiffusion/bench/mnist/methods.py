@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import fvdiffusion as fv
 from fvdiffusion.bench.toy import MethodSpec
-from fvdiffusion.samplers.config import CommonConfig
+from fvdiffusion.config import CommonConfig
 
 if TYPE_CHECKING:
     from fvdiffusion.bench.mnist.config import MnistBenchConfig

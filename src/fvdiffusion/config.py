@@ -8,9 +8,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config field has an invalid value; the message names the field and the value."""
+from fvdiffusion.errors import ConfigError
 
 
 def _fail(field_name: str, value: Any, expected: str) -> None:
