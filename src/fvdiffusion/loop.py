@@ -29,6 +29,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from fvdiffusion import selection
 from fvdiffusion.checks import HostChecks, eager_for
@@ -41,6 +42,9 @@ from fvdiffusion.population import ParticleState, copy_into_dead, gather, initia
 from fvdiffusion.result import Cost, Lineage, SampleResult, StepTrace
 from fvdiffusion.rewards.base import Reward
 from fvdiffusion.schedule import Prediction, StepGrid, StepInfo, ddim_step, to_x0_eps
+
+# Profiler ranges: one per engine step, and the model calls inside it (user code, not the engine's)
+STEP_RANGE, DENOISER_RANGE, REWARD_RANGE = "fvdiffusion.step", "fvdiffusion.denoiser", "fvdiffusion.reward"
 
 # Micro-batching when batch_size is None: rows per denoiser/reward call such that the
 # activations (estimated as ACTIVATION_FACTOR x the input rows) fit the memory budget.
@@ -237,7 +241,8 @@ class RunContext:
         for chunk in _chunks(x, self.batch_rows):
             t_batch = torch.full((chunk.shape[0],), t, dtype=torch.long, device=chunk.device)
             try:
-                out = self.denoiser(chunk, t_batch, self.cond)
+                with record_function(DENOISER_RANGE):
+                    out = self.denoiser(chunk, t_batch, self.cond)
             except Exception as exc:  # keep the original as __cause__, add where it happened
                 self.checks.resolve()  # an earlier deferred failure explains more than this one
                 raise DenoiserError(f"denoiser raised {where}: {_one_line(exc)}") from exc
@@ -296,7 +301,8 @@ class RunContext:
         values = []
         for chunk in _chunks(x0, self.batch_rows):
             try:
-                r = self.reward(chunk, self.cond)
+                with record_function(REWARD_RANGE):
+                    r = self.reward(chunk, self.cond)
             except Exception as exc:  # keep the original as __cause__, add where it happened
                 self.checks.resolve()  # e.g. a NaN denoiser output fed to the reward: report that first
                 raise RewardError(f"reward raised {where}: {_one_line(exc)}") from exc
@@ -508,16 +514,18 @@ def particle_loop(ctx: RunContext, kernel: ParticleKernel) -> ParticleState:
     shape = (ctx.config.n_particles, *ctx.denoiser.sample_shape)
     state = kernel.init(ctx, initial_state(ctx.randn(shape)))
     for info in ctx.grid:
-        pred, dead = ctx.denoise(state.x, info.t, info.alpha_bar, info.k)
-        state = replace(state, x0_hat=pred.x0, eps_hat=pred.eps)
-        if dead is not None:
-            if bool(dead.all()):
-                raise ctx.all_killed(info.k, info.t, state.n)
-            state = rebirth_killed(ctx, state, dead, info.k)
-        state, trace = kernel.step(ctx, info, state)
-        noise = ctx.randn(shape) if ctx.config.eta > 0 else None
-        x_prev = ddim_step(state.x0_hat, state.eps_hat, info.alpha_bar, info.alpha_bar_prev, ctx.config.eta, noise)
-        state = replace(state, x=x_prev)
+        with record_function(STEP_RANGE):
+            pred, dead = ctx.denoise(state.x, info.t, info.alpha_bar, info.k)
+            state = replace(state, x0_hat=pred.x0, eps_hat=pred.eps)
+            if dead is not None:
+                if bool(dead.all()):
+                    raise ctx.all_killed(info.k, info.t, state.n)
+                state = rebirth_killed(ctx, state, dead, info.k)
+            state, trace = kernel.step(ctx, info, state)
+            noise = ctx.randn(shape) if ctx.config.eta > 0 else None
+            x_prev = ddim_step(state.x0_hat, state.eps_hat, info.alpha_bar, info.alpha_bar_prev, ctx.config.eta,
+                               noise)
+            state = replace(state, x=x_prev)
         ctx.record(trace, info, state)
     return state
 

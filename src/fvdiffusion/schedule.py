@@ -9,6 +9,7 @@ sampling, η = 0 the deterministic DDIM ODE step.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +175,8 @@ def ddim_step(
     With η = 1 this is exactly the DDPM ancestral step (posterior q(x_prev | x_t, x̂0));
     ``noise`` may be None only when σ = 0.
     """
+    if not isinstance(alpha_bar_t, Tensor) and not isinstance(alpha_bar_prev, Tensor):
+        return _ddim_step_scalar(x0, eps, float(alpha_bar_t), float(alpha_bar_prev), eta, noise)
     sigma = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
     a_p = torch.as_tensor(alpha_bar_prev, dtype=torch.float64)
     dir_coef = (1 - a_p - sigma**2).clamp(min=0).sqrt()
@@ -183,6 +186,31 @@ def ddim_step(
             raise ValueError("ddim_step: noise is required when eta > 0")
         out = out + _bcast(sigma, noise) * noise
     return out
+
+
+def _ddim_step_scalar(x0: Tensor, eps: Tensor, a_t: float, a_p: float, eta: float, noise: Tensor | None) -> Tensor:
+    """:func:`ddim_step` for one step given as Python numbers: the coefficients are computed on the
+    host in float64 (the same operations as :func:`ddim_sigma`) and enter the device kernels as
+    scalars, so the step needs no host-to-device copy and no host read of a tensor."""
+    var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+    sigma = eta * math.sqrt(max(var, 0.0))
+    dir_coef = math.sqrt(max(1 - a_p - sigma**2, 0.0))
+    dtype = x0.dtype
+    out = _as(math.sqrt(a_p), dtype) * x0 + _as(dir_coef, dtype) * eps
+    if sigma > 0:
+        if noise is None:
+            raise ValueError("ddim_step: noise is required when eta > 0")
+        out = out + _as(sigma, dtype) * noise
+    return out
+
+
+def _as(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` first, as :func:`_bcast` does, so both step paths agree bit for bit."""
+    if dtype == torch.float64:
+        return value
+    if dtype == torch.float32:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    return torch.tensor(value, dtype=dtype).item()  # half precisions: a host tensor, no device involved
 
 
 def q_sample(x0: Tensor, eps: Tensor, alpha_bar_t: Tensor | float) -> Tensor:
