@@ -130,6 +130,10 @@ def environment(device: str) -> dict[str, Any]:
            "python": platform.python_version(), "fvdiffusion": str(package)}
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    try:
+        env["load_average"] = round(os.getloadavg()[0], 2)  # other work on the machine makes timings noisy
+    except (OSError, AttributeError):
+        pass
     env["git"] = _git_state()
     return env
 
@@ -630,6 +634,8 @@ def report(rows: list[dict[str, Any]], cfg: BenchConfig, command: str, env: dict
     parts = select_rows(rows, cfg)
     lines = ["# Engine micro-benchmarks", "", "Produced by:", "", f"    {command}", ""]
     machine = f"{env['cpu']} ({env['cpu_count']} cores)" + (f", GPU {env['gpu']}" if "gpu" in env else "")
+    if env.get("load_average") is not None:
+        machine += f", 1-minute load average {env['load_average']} at the start of the last invocation"
     lines += [f"Machine: {machine}; torch {env['torch']}, device `{cfg.device}`, {cfg.threads} torch thread(s); "
               f"engine at git `{env['git']}` ({env['fvdiffusion']}). Rows: `{RESULTS}` beside this file "
               "(rerun the same command to finish an interrupted run; `--fresh` after the engine changes).", ""]
