@@ -49,6 +49,13 @@ def test_sd_align_returns_ranked_pil_images_and_counts_decodes(sd):
     assert out.result.cost.denoiser_calls == 6 * 4
 
 
+def test_callback_sees_every_step_of_the_latents_and_changes_nothing(sd):
+    seen = []
+    out = run(sd, PROMPT, callback=lambda event: seen.append((event.info.k, tuple(event.state.x.shape))))
+    assert seen == [(k, (6, 4, 8, 8)) for k in (4, 3, 2, 1)]
+    assert torch.equal(out.result.samples, run(sd, PROMPT).result.samples)
+
+
 def test_unconditional_pixel_pipeline(ddpm):
     out = run(ddpm, None, n_particles=4)
     assert len(out.images) == 4 and out.images[0].size == (8, 8)

@@ -13,7 +13,7 @@ stepping from the scheduler's ᾱ table. Supported: unconditional pixel pipeline
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ from torch import Tensor
 from fvdiffusion.api import sample
 from fvdiffusion.integrations.diffusers.denoisers import StableDiffusionDenoiser, UNet2DModelDenoiser
 from fvdiffusion.integrations.diffusers.rewards import LatentImageReward, PixelImageReward
+from fvdiffusion.loop import StepEvent
 from fvdiffusion.result import SampleResult
 from fvdiffusion.rewards.image_rewards import ImageReward
 from fvdiffusion.rewards.model_rewards import require
@@ -96,6 +97,7 @@ def align(
     batch_size: int | None = None,
     negative_prompt: str | None = None,
     progress: bool = False,
+    callback: Callable[[StepEvent], Any] | None = None,
     **method_options: Any,
 ) -> AlignResult:
     """Sample ``n_particles`` images from ``pipe`` with ``method`` steering towards ``reward``.
@@ -105,13 +107,14 @@ def align(
     micro-batches the UNet, the VAE and the reward (results do not depend on it).
     ``method_options`` go to :func:`fvdiffusion.sample` (e.g. ``lam``, ``eta``,
     ``rebirth_noise``). ``result.cost.extra["vae_decodes"]`` counts every latent decoded,
-    the final decode for the returned images included.
+    the final decode for the returned images included. ``callback`` observes every step
+    (a :class:`~fvdiffusion.loop.StepEvent` with the latents; see :func:`fvdiffusion.sample`).
     """
     denoiser, latent_reward = build_adapters(pipe, prompt, reward, guidance_scale, negative_prompt, batch_size)
     result = sample(
         method=method, denoiser=denoiser, reward=latent_reward, n_particles=n_particles,
         num_steps=num_inference_steps, seed=seed, cond=prompt, batch_size=batch_size, progress=progress,
-        **method_options,
+        callback=callback, **method_options,
     )
     images = latent_reward.decode(result.samples)
     if isinstance(latent_reward, LatentImageReward):
