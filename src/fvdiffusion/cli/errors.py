@@ -52,7 +52,7 @@ def _print_error(message: str) -> None:
 # looked up only in modules that are already imported: an exception cannot come from a
 # module that was never loaded, and `fvd --help` stays free of torch.
 _LIBRARY_ERRORS: tuple[tuple[str, str], ...] = (
-    ("fvdiffusion.loop", "RewardError"),                           # RuntimeError: a reward raised
+    ("fvdiffusion.errors", "RewardError"),                         # RuntimeError: a reward raised
     ("fvdiffusion.integrations.diffusers.align", "UnsupportedPipelineError"),  # TypeError
     ("fvdiffusion.rewards.model_rewards", "MissingExtraError"),     # ImportError: names the extra
     ("safetensors", "SafetensorError"),                             # a bare Exception
