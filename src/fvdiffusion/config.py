@@ -72,8 +72,8 @@ class CommonConfig:
     n_particles: population size N.  num_steps: denoising steps K.  eta: DDIM η (1 = DDPM
     ancestral, 0 = deterministic DDIM).  lam: reward scale λ ≥ 0 (π* ∝ p·exp(λ r); may be
     inf for argmax variants that accept it).  seed: the one seed of the run.  batch_size:
-    micro-batch for denoiser and reward calls (None = whole population at once; results do
-    not depend on it).  nonfinite_denoiser: what a NaN/±inf denoiser output does — "raise"
+    micro-batch for denoiser and reward calls (None = sized from a memory budget, see
+    ``fvdiffusion.loop.auto_batch_rows``; results do not depend on it).  nonfinite_denoiser: what a NaN/±inf denoiser output does — "raise"
     (DenoiserError naming the step and the count) or "kill" (those particles die and are
     reborn as copies of survivors, counted and warned once; an error only if none is left).
     """
