@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 import fvdiffusion as fv
-from fvdiffusion.bench.stats import fmt_pm, markdown_table, mean_std
-from fvdiffusion.bench.toy import DEFAULT_PROBLEMS
+from fvdiffusion.bench.common.stats import fmt_pm, markdown_table, mean_std
+from fvdiffusion.bench.toy.config import DEFAULT_PROBLEMS
 from fvdiffusion.metrics.targets import evaluate_against_target
 from fvdiffusion.schedule import VPSchedule
 from fvdiffusion.testbeds import ToyProblem, toy_problem

@@ -171,15 +171,15 @@ def no_compute(monkeypatch):
 
     import fvdiffusion
     import fvdiffusion.bench.mnist
-    import fvdiffusion.bench.toy
-    import fvdiffusion.bench.tuning_suite
+    import fvdiffusion.bench.toy.run
+    import fvdiffusion.bench.toy.suite
     import fvdiffusion.train.quality
 
     def reached(*args, **kwargs):
         raise ComputeReached("validation let a bad input through to compute")
 
-    for module, name in [(fvdiffusion, "sample"), (fvdiffusion.bench.toy, "run_toy_bench"),
-                         (fvdiffusion.bench.tuning_suite, "run_suite"), (fvdiffusion.bench.mnist, "run_mnist_bench"),
+    for module, name in [(fvdiffusion, "sample"), (fvdiffusion.bench.toy.run, "run_toy_bench"),
+                         (fvdiffusion.bench.toy.suite, "run_suite"), (fvdiffusion.bench.mnist, "run_mnist_bench"),
                          (fvdiffusion.train.quality, "ddpm_quality")]:
         monkeypatch.setattr(module, name, reached)
 

@@ -96,8 +96,10 @@ def test_append_is_one_fsynced_write_and_keep_only_is_atomic(tmp_path, monkeypat
 # --- fvd toy ----------------------------------------------------------------------------
 
 def test_toy_runner_survives_a_crash_mid_write(tmp_path, monkeypatch):
-    from fvdiffusion.bench import toy
-    from fvdiffusion.bench.toy import MethodSpec, ToyBenchConfig, run_toy_bench
+    from fvdiffusion.bench.common.methods import MethodSpec
+    from fvdiffusion.bench.toy import run as toy
+    from fvdiffusion.bench.toy.config import ToyBenchConfig
+    from fvdiffusion.bench.toy.run import run_toy_bench
 
     cfg = ToyBenchConfig(problems=("gmm2d-component",), seeds=(1, 2), n_particles=16, num_steps=3, tune=False,
                          methods=(MethodSpec("smc-multinomial", "smc"), MethodSpec("fvd", "fvd")))
@@ -121,7 +123,7 @@ def test_toy_runner_survives_a_crash_mid_write(tmp_path, monkeypatch):
 # --- fvd suite --------------------------------------------------------------------------
 
 def test_suite_runner_survives_a_crash_mid_write(tmp_path, monkeypatch):
-    from fvdiffusion.bench import tuning_suite as suite
+    from fvdiffusion.bench.toy import suite
 
     cfg = suite.SuiteConfig(problems=("gmm2d-component",), samplers=("ddim",), seeds=(1,), n_particles=16,
                             num_steps=3)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fvdiffusion.bench.common.methods import MethodSpec
 from fvdiffusion.bench.mnist import (
     MnistBenchConfig, decode_images, encode_images, fk_steering_options, method_rows, plan, population_seed,
     preset_name, reproduce_command, resolved, run_mnist_bench, tuning_families,
 )
 from fvdiffusion.bench.mnist.methods import tuning_points
 from fvdiffusion.bench.mnist.run import choose_tuned
-from fvdiffusion.bench.toy import MethodSpec
 from fvdiffusion.samplers.smc import SMCConfig
 from fvdiffusion.zoo.mnist_data import DataMissingError, load_mnist
 

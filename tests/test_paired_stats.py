@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fvdiffusion.bench.grouped_metrics import GroupedSet, Reference, fid, kid
-from fvdiffusion.bench.paired_stats import (
+from fvdiffusion.bench.common.grouped_metrics import GroupedSet, Reference, fid, kid
+from fvdiffusion.bench.common.paired_stats import (
     ClaimVerdict, Interval, mean_interval, paired_comparison, percentile_interval, resample_counts,
 )
 

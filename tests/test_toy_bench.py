@@ -4,8 +4,11 @@ import json
 
 from typer.testing import CliRunner
 
-from fvdiffusion.bench import toy
-from fvdiffusion.bench.toy import MethodSpec, ToyBenchConfig, budget_to_match, run_toy_bench
+from fvdiffusion.bench.common.methods import MethodSpec
+from fvdiffusion.bench.toy import run as toy
+from fvdiffusion.bench.toy.config import ToyBenchConfig
+from fvdiffusion.bench.toy.report import budget_to_match
+from fvdiffusion.bench.toy.run import run_toy_bench
 from fvdiffusion.cli import app
 
 TINY_METHODS = (MethodSpec("smc-multinomial", "smc"), MethodSpec("fvd", "fvd"),

@@ -67,7 +67,7 @@ def run_sample_job(job: SampleJob, out: Path, progress: bool = True) -> dict[str
     import torch
 
     import fvdiffusion as fv
-    from fvdiffusion.bench.images import save_grid, save_rows
+    from fvdiffusion.bench.common.images import save_grid, save_rows
     from fvdiffusion.jsonsafe import strict_json_dumps
     from fvdiffusion.rewards.classifier import ClassifierReward
     from fvdiffusion.zoo.loaders import default_path, load_ddpm, load_eval_net, load_reward_classifier

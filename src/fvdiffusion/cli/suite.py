@@ -27,7 +27,7 @@ def suite(
     check_out(out)
 
     import fvdiffusion as fv
-    from fvdiffusion.bench.tuning_suite import (
+    from fvdiffusion.bench.toy.suite import (
         SAMPLERS, SuiteConfig, default_command, entries, run_suite, suite_report,
     )
 

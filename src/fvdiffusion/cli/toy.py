@@ -51,8 +51,10 @@ def toy(
     check_toy_sizes(particles, steps, seeds, problems)
 
     import fvdiffusion as fv
-    from fvdiffusion.bench.toy import ToyBenchConfig, run_toy_bench, toy_table
-    from fvdiffusion.bench.toy_plots import plot_toy
+    from fvdiffusion.bench.toy.config import ToyBenchConfig
+    from fvdiffusion.bench.toy.plots import plot_toy
+    from fvdiffusion.bench.toy.report import toy_table
+    from fvdiffusion.bench.toy.run import run_toy_bench
 
     cfg = ToyBenchConfig(problems=tuple(problems), seeds=tuple(seeds), n_particles=particles,
                          num_steps=steps, tune=tune)

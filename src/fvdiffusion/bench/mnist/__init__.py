@@ -6,10 +6,11 @@ tuning choice, worker processes), ``scoring`` (FID / KID per feature space with 
 bootstrap replicates), ``report`` (results.md), ``plots`` (figures).
 """
 
+from fvdiffusion.bench.common.protocol import TUNING_SEED
 from fvdiffusion.bench.mnist.cells import decode_images, encode_images
 from fvdiffusion.bench.mnist.config import PRESETS, MnistBenchConfig, preset_name
 from fvdiffusion.bench.mnist.methods import (
-    REAL_LABEL, TUNING_SEED, PlannedMethod, fk_steering_options, method_rows, plan, population_seed, resolved,
+    REAL_LABEL, PlannedMethod, fk_steering_options, method_rows, plan, population_seed, resolved,
     tuning_families,
 )
 from fvdiffusion.bench.mnist.report import LabelSummary, mnist_report, reproduce_command, summarise

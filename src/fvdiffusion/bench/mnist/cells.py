@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 import fvdiffusion as fv
+from fvdiffusion.bench.common.methods import MethodSpec
 from fvdiffusion.bench.mnist.config import MnistBenchConfig
 from fvdiffusion.bench.mnist.methods import (
     population_seed, populations, resolved, samples_per_population, sampler_config,
 )
-from fvdiffusion.bench.toy import MethodSpec
 from fvdiffusion.result import distinct_rows
 
 IMAGE_SHAPE = (1, 28, 28)
@@ -32,7 +32,7 @@ IMAGE_SHAPE = (1, 28, 28)
 
 def encode_images(images: torch.Tensor) -> str:
     """[n, 1, 28, 28] in [-1, 1] -> base64 of the zlib-compressed uint8 pixels."""
-    from fvdiffusion.bench.images import to_uint8
+    from fvdiffusion.bench.common.images import to_uint8
 
     return base64.b64encode(zlib.compress(to_uint8(images).numpy().tobytes(), 6)).decode("ascii")
 

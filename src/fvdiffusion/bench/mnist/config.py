@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from fvdiffusion.bench.common.protocol import TUNING_SEED, check_reported_seeds
 from fvdiffusion.bench.mnist.methods import (
-    ALL_FAMILIES, ALL_ROWS, BON_KEEP_FRACTION, MAIN_ROWS, MAX_POPULATIONS, NUM_CLASSES, TUNING_SEED, method_rows,
+    ALL_FAMILIES, ALL_ROWS, BON_KEEP_FRACTION, MAIN_ROWS, MAX_POPULATIONS, NUM_CLASSES, method_rows,
     sampler_config, tuning_families, tuning_points,
 )
 
@@ -75,8 +76,7 @@ class MnistBenchConfig:
     def __post_init__(self) -> None:
         _check_ints("classes", self.classes, 0, NUM_CLASSES - 1)
         _check_ints("seeds", self.seeds, 0)
-        if TUNING_SEED in self.seeds:
-            raise ValueError(f"seeds must not contain the tuning seed {TUNING_SEED}: got {self.seeds}")
+        check_reported_seeds(self.seeds)
         for name in ("samples_per_cell", "n_particles", "num_steps"):
             _check_ints(name, (getattr(self, name),), 2)
         for name in ("min_populations", "grid_points", "workers"):

@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import fvdiffusion as fv
-from fvdiffusion.bench.toy import MethodSpec
+from fvdiffusion.bench.common.methods import MethodSpec
 from fvdiffusion.config import CommonConfig
 
 if TYPE_CHECKING:
     from fvdiffusion.bench.mnist.config import MnistBenchConfig
 
-TUNING_SEED = 0
 NUM_CLASSES = 10
 REAL_LABEL = "real (train)"
 BON_KEEP_FRACTION = 0.5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fvdiffusion.bench.images import grid, save_figure
+from fvdiffusion.bench.common.images import grid, save_figure
 from fvdiffusion.bench.mnist.cells import PREVIEW_IMAGES, decode_images
 from fvdiffusion.bench.mnist.methods import REAL_LABEL
 from fvdiffusion.bench.mnist.report import LabelSummary

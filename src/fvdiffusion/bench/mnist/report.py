@@ -11,14 +11,15 @@ from typing import Any
 
 import torch
 
-from fvdiffusion.bench.mnist.config import MnistBenchConfig, preset_name
-from fvdiffusion.bench.mnist.methods import REAL_LABEL, TUNING_SEED, describe
-from fvdiffusion.bench.mnist.run import BenchOutcome, TuningScore
-from fvdiffusion.bench.mnist.scoring import Scorer
-from fvdiffusion.bench.paired_stats import (
+from fvdiffusion.bench.common.paired_stats import (
     ClaimVerdict, Interval, PairedComparison, mean_interval, paired_comparison,
 )
-from fvdiffusion.bench.stats import markdown_table
+from fvdiffusion.bench.common.protocol import TUNING_SEED
+from fvdiffusion.bench.common.stats import markdown_table
+from fvdiffusion.bench.mnist.config import MnistBenchConfig, preset_name
+from fvdiffusion.bench.mnist.methods import REAL_LABEL, describe
+from fvdiffusion.bench.mnist.run import BenchOutcome, TuningScore
+from fvdiffusion.bench.mnist.scoring import Scorer
 
 CLAIMED_FID_CHANGE = (-20.0, -14.0)   # the method's own report, % FID against SMC
 KID_SCALE = 1e3

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from fvdiffusion.bench.common.methods import MethodSpec
+from fvdiffusion.bench.common.protocol import TUNING_SEED
 from fvdiffusion.bench.mnist.cells import SamplingModels, run_cell, without_images
 from fvdiffusion.bench.mnist.config import MnistBenchConfig
 from fvdiffusion.bench.mnist.methods import (
-    SMC_FAMILIES, TUNING_SEED, PlannedMethod, describe, estimated_calls, plan, resolved, tuned_label, tuning_points,
+    SMC_FAMILIES, PlannedMethod, describe, estimated_calls, plan, resolved, tuned_label, tuning_points,
 )
-from fvdiffusion.bench.toy import MethodSpec
 from fvdiffusion.durable import RecordLog
 
 KEY_FIELDS = ("class", "seed", "resolved")

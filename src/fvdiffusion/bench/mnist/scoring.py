@@ -2,7 +2,7 @@
 and eval-net accuracy.
 
 Each sample's features are computed once per space; the bootstrap then only re-weights
-per-population sums (``bench.grouped_metrics``). The FID point estimate is torchmetrics'
+per-population sums (``bench.common.grouped_metrics``). The FID point estimate is torchmetrics'
 (``metrics.images.FeatureFID`` on the pooled features); the grouped formula must reproduce it,
 which guards the replicates. The bootstrap counts of a cell depend only on (class, seed, number
 of populations), so two methods of the same (class, seed) are resampled with the same
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fvdiffusion.bench.grouped_metrics import GroupedSet, Reference, fid, kid
+from fvdiffusion.bench.common.grouped_metrics import GroupedSet, Reference, fid, kid
+from fvdiffusion.bench.common.paired_stats import resample_counts
 from fvdiffusion.bench.mnist.cells import has_images, population_images
 from fvdiffusion.bench.mnist.config import MnistBenchConfig
-from fvdiffusion.bench.paired_stats import resample_counts
 
 # the space single-number summaries (figures, tuning ties, value-based table) lead with: the
 # autoencoder sees within-class collapse, the eval net does not (metrics/feature_spaces.py)

@@ -3,7 +3,7 @@
 The unit of resampling is a *population* (one sampler run), never a sample: the samples of
 one population share ancestors, so resampling samples would pretend they are independent and
 give intervals that are too narrow. A cell's metric is recomputed on every bootstrap draw of
-its populations (see ``bench.grouped_metrics``); this module only turns those replicates into
+its populations (see ``bench.common.grouped_metrics``); this module only turns those replicates into
 intervals and comparisons. Pure functions of tensors, no benchmark knowledge.
 """
 

@@ -29,13 +29,13 @@ from typing import Any
 import torch
 
 import fvdiffusion as fv
-from fvdiffusion.bench.stats import fmt_pm, markdown_table, mean_std
+from fvdiffusion.bench.common.protocol import TUNING_SEED, check_reported_seeds
+from fvdiffusion.bench.common.stats import fmt_pm, markdown_table, mean_std
 from fvdiffusion.durable import RecordLog
 from fvdiffusion.metrics.targets import evaluate_against_target
 from fvdiffusion.schedule import VPSchedule
 from fvdiffusion.testbeds import ToyProblem, toy_problem
 
-TUNING_SEED = 0
 REPORTED_SEEDS = (1, 2, 3)
 SUITE_PROBLEMS = ("gmm2d-component", "gmm8d-component", "gmm2d-linear", "gmm8d-linear",
                   "rare16d-component", "rare32d-component")
@@ -75,8 +75,7 @@ class SuiteConfig:
     num_steps: int = 50
 
     def __post_init__(self) -> None:
-        if TUNING_SEED in self.seeds:
-            raise ValueError(f"seeds must not contain the tuning seed {TUNING_SEED}: got {self.seeds}")
+        check_reported_seeds(self.seeds)
         for name in self.problems:
             toy_problem(name)
         for name in self.samplers:
@@ -213,7 +212,7 @@ def suite_report(rows: list[dict[str, Any]], cfg: SuiteConfig, command: str) -> 
         "# FVD tuning suite\n\n",
         f"Produced by `{command}` (torch threads 1). N = {cfg.n_particles}, K = {cfg.num_steps}. "
         "Error = sliced W2 to 8192 exact target draws divided by the same for an exact sample of size N "
-        "(the exact-sample floor). Rule (declared in `fvdiffusion/bench/tuning_suite.py` before the reported "
+        "(the exact-sample floor). Rule (declared in `fvdiffusion/bench/toy/suite.py` before the reported "
         "seeds ran): on seed 0, each FVD configuration's SW2 on each problem is divided by the best SW2 of "
         "the grid there; the default is the configuration with the smallest worst case over problems, "
         f"among those spending at most {MAX_CALL_RATIO}× N·K denoiser calls.\n",

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fvdiffusion.bench.images import save_figure
+from fvdiffusion.bench.common.images import save_figure
 from fvdiffusion.testbeds import toy_problem
 
 SCATTER_LABELS = ("base", "smc-multinomial", "smc-tuned", "vasr", "fvd", "fvd-tuned", "svdd-M8", "dts-R4096",
