@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import math
 import os
 import platform
@@ -60,6 +61,7 @@ if (REPO / "src" / "fvdiffusion").is_dir() and str(REPO / "src") not in sys.path
     sys.path.insert(0, str(REPO / "src"))
 import fvdiffusion as fv  # noqa: E402
 
+from fvdiffusion.checks import force_eager  # noqa: E402
 from fvdiffusion.durable import RecordLog, write_atomically  # noqa: E402
 from fvdiffusion.schedule import VPSchedule  # noqa: E402
 
@@ -159,6 +161,24 @@ def timed_sample(method: str, denoiser: Any, reward: Any, n: int, k: int, seed: 
     result = fv.sample(method, denoiser, reward, n_particles=n, num_steps=k, seed=seed, progress=False, **options)
     synchronize(device)
     return time.perf_counter() - start, result
+
+
+class _TimedReward:
+    """Forwards to a reward and sums the wall time spent inside its calls (device work included)."""
+
+    def __init__(self, inner: Any, device: str) -> None:
+        self._inner, self._device, self.seconds = inner, device, 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        synchronize(self._device)
+        start = time.perf_counter()
+        out = self._inner(*args, **kwargs)
+        synchronize(self._device)
+        self.seconds += time.perf_counter() - start
+        return out
 
 
 def _cost(result: Any, name: str) -> Any:
@@ -314,10 +334,12 @@ def run_ratio(cfg: BenchConfig, log: RecordLog, env: dict[str, Any], models: tup
     for method in ("base", "fvd"):  # warm-up (lazy initialisation, allocator, caches): not recorded
         timed_sample(method, denoiser, reward, n, k, cfg.seed + 10_000, cfg.device)
     for pair, method in todo:
-        wall, result = timed_sample(method, denoiser, reward, n, k, cfg.seed + pair, cfg.device)
+        timed_reward = _TimedReward(reward, cfg.device)
+        wall, result = timed_sample(method, denoiser, timed_reward, n, k, cfg.seed + pair, cfg.device)
         row = {**_key(cfg, "ratio", cfg.mnist_problem, n, k, method, pair),
                "position": 0 if (method == "base") == (pair % 2 == 0) else 1, "seed": cfg.seed + pair,
-               "wall_seconds": wall, "seconds_per_particle_step": wall / (n * k),
+               "wall_seconds": wall, "reward_seconds": timed_reward.seconds,
+               "seconds_per_particle_step": wall / (n * k),
                "denoiser_calls": _cost(result, "denoiser_calls"), "reward_calls": _cost(result, "reward_calls"),
                "git": env["git"], "torch": env["torch"]}
         log.append(row)
@@ -541,15 +563,29 @@ def _top_engine_ops(events: list[Any]) -> list[dict[str, Any]]:
 def run_profile(cfg: BenchConfig, log: RecordLog, env: dict[str, Any], models: tuple[Any, Any] | None = None,
                 say: Callable[[str], None] = _say) -> list[dict[str, Any]]:
     n, k = cfg.profile_particles, cfg.profile_steps
-    key = _key(cfg, "profile", cfg.mnist_problem, n, k, "fvd", 0)
-    if log.done(**key):
-        return []
-    denoiser, reward = models or mnist_models(cfg)
-    summary = profile_run("fvd", denoiser, reward, n, k, cfg.seed, cfg.device)
-    row = {**key, "seed": cfg.seed, **summary, "git": env["git"], "torch": env["torch"]}
-    log.append(row)
-    say(f"profile fvd N={n} K={k}: {summary['profiled_wall_seconds']:.2f} s profiled")
-    return [row]
+    new = []
+    for label in profile_labels(cfg.device):
+        key = _key(cfg, "profile", cfg.mnist_problem, n, k, label, 0)
+        if log.done(**key):
+            continue
+        denoiser, reward = models or mnist_models(cfg)
+        models = (denoiser, reward)
+        with force_eager(False) if label == ACCELERATOR_PATH else contextlib.nullcontext():
+            summary = profile_run("fvd", denoiser, reward, n, k, cfg.seed, cfg.device)
+        row = {**key, "seed": cfg.seed, **summary, "git": env["git"], "torch": env["torch"]}
+        log.append(row)
+        new.append(row)
+        say(f"profile {label} N={n} K={k}: {summary['profiled_wall_seconds']:.2f} s profiled")
+    return new
+
+
+ACCELERATOR_PATH = "fvd (accelerator code path)"
+
+
+def profile_labels(device: str) -> tuple[str, ...]:
+    """The runs part c profiles: the device's own path, and on the CPU also the accelerator's
+    (checks deferred, gathers out of place: what a GPU runs), forced with force_eager(False)."""
+    return ("fvd",) if device.startswith("cuda") else ("fvd", ACCELERATOR_PATH)
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -583,7 +619,14 @@ def ratio_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not pairs:
         return None
     ratios = [m["fvd"] / m["base"] for m in pairs.values()]
+    # the same ratio without the time inside reward calls: denoising plus the engine's own work
+    without: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if "reward_seconds" in r and r["repeat"] in pairs:
+            without.setdefault(r["repeat"], {})[r["method"]] = r["wall_seconds"] - r["reward_seconds"]
+    engine_ratios = [m["fvd"] / m["base"] for m in without.values() if "base" in m and "fvd" in m]
     return {"pairs": len(pairs), "ratios": ratios, "by_pair": pairs, "median": _median(ratios),
+            "engine_ratios": engine_ratios, "engine_median": _median(engine_ratios),
             "min": min(ratios), "max": max(ratios),
             "base_median": _median([m["base"] for m in pairs.values()]),
             "fvd_median": _median([m["fvd"] for m in pairs.values()])}
@@ -656,6 +699,11 @@ def report(rows: list[dict[str, Any]], cfg: BenchConfig, command: str, env: dict
                   f"{ratio['pairs']} pairs; median walls base {ratio['base_median']:.3f} s, "
                   f"fvd {ratio['fvd_median']:.3f} s). Target <= {RATIO_TARGET}: {verdict}. FVD's extra cost "
                   "includes its reward call at every step (base scores only the final samples).", ""]
+        if ratio["engine_ratios"]:
+            lines += [f"Without the time inside reward calls (the classifier's forward passes, timed around each "
+                      f"call), the ratio is denoising plus the engine's own work: **median "
+                      f"{ratio['engine_median']:.3f}** (min {min(ratio['engine_ratios']):.3f}, max "
+                      f"{max(ratio['engine_ratios']):.3f}, {len(ratio['engine_ratios'])} pairs).", ""]
 
     lines += [f"## b. Engine time per particle-step against N (exact toy `{cfg.toy_problem}`, K = {cfg.toy_steps})",
               "", "Microseconds per particle-step, wall / (N K), median over repeats (the method order rotates "
@@ -682,9 +730,13 @@ def report(rows: list[dict[str, Any]], cfg: BenchConfig, command: str, env: dict
               f"K = {cfg.profile_steps}, torch.profiler)", ""]
     if not parts["profile"]:
         lines += ["No profile yet.", ""]
-    else:
-        prof = parts["profile"][-1]
+    for prof in _latest_by_method(parts["profile"]):
         k = prof["denoiser_calls_profiled"]
+        lines += [f"### {prof['method']}", ""]
+        if prof["method"] == ACCELERATOR_PATH:
+            lines += ["The same run with the code a GPU runs, forced on the CPU (`force_eager(False)`): checks "
+                      "deferred to the end of the run, gathers out of place, trace numbers read once at the end.",
+                      ""]
         lines += ["Ops that would force a host synchronisation on an accelerator, counted by where they start: "
                   "*setup* is before the first denoiser call; *per step* is the median (min-max) over the "
                   f"{max(k - 1, 0)} steps that run from the start of one denoiser call to the start of the next; "
@@ -713,6 +765,13 @@ def report(rows: list[dict[str, Any]], cfg: BenchConfig, command: str, env: dict
             lines.append(f"| `{r['name']}` | {r['calls']} | {r['self_cpu_ms']:.2f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _latest_by_method(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    latest: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        latest[r["method"]] = r
+    return list(latest.values())
 
 
 def plot(rows: list[dict[str, Any]], cfg: BenchConfig, path: Path) -> Path | None:
@@ -871,8 +930,9 @@ def main(argv: list[str] | None = None) -> int:
         if "ratio" in cfg.parts or "profile" in cfg.parts:
             needs = ("ratio" in cfg.parts and any(
                 not log.done(**_key(cfg, "ratio", cfg.mnist_problem, cfg.mnist_particles, cfg.mnist_steps, m, p))
-                for p in range(cfg.pairs) for m in ("base", "fvd"))) or ("profile" in cfg.parts and not log.done(
-                    **_key(cfg, "profile", cfg.mnist_problem, cfg.profile_particles, cfg.profile_steps, "fvd", 0)))
+                for p in range(cfg.pairs) for m in ("base", "fvd"))) or ("profile" in cfg.parts and not all(log.done(
+                    **_key(cfg, "profile", cfg.mnist_problem, cfg.profile_particles, cfg.profile_steps, label, 0))
+                    for label in profile_labels(cfg.device)))
             models = mnist_models(cfg) if needs else None
         if "ratio" in cfg.parts:
             run_ratio(cfg, log, env, models)

@@ -105,11 +105,12 @@ class StepGrid:
     def from_timesteps(cls, schedule: VPSchedule, timesteps: list[int]) -> "StepGrid":
         """Steps at the given decreasing timesteps (e.g. those a diffusers scheduler chose)."""
         k_total = len(timesteps)
-        steps = []
-        for index, t in enumerate(timesteps):
-            t_prev = timesteps[index + 1] if index + 1 < k_total else -1
-            steps.append(StepInfo(k=k_total - index, index=index, t=int(t), alpha_bar=float(schedule.alpha_bar(t)),
-                                  alpha_bar_prev=float(schedule.alpha_bar(t_prev)), t_prev=int(t_prev)))
+        landing = [int(t) for t in timesteps[1:]] + [-1]
+        # one host read for the whole grid: ᾱ at every timestep and at the last landing point (−1: ᾱ = 1)
+        alpha_bars = schedule.alpha_bar(torch.tensor([int(t) for t in timesteps] + [-1])).tolist()
+        steps = [StepInfo(k=k_total - index, index=index, t=int(t), alpha_bar=alpha_bars[index],
+                          alpha_bar_prev=alpha_bars[index + 1], t_prev=landing[index])
+                 for index, t in enumerate(timesteps)]
         return cls(tuple(steps))
 
     def __len__(self) -> int:
