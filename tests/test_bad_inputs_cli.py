@@ -324,23 +324,19 @@ def test_threads_are_set_before_anything_else(files, no_compute, monkeypatch, na
 
 
 def _library_errors():
+    """Every exception class (not warning) of fvdiffusion.errors, where all of them live; safetensors'; MemoryError."""
     import safetensors
 
-    from fvdiffusion.bench.t2i import PromptFileError, RunFileError
-    from fvdiffusion.integrations.diffusers import UnsupportedPipelineError
-    from fvdiffusion.durable import CorruptRecordsError
-    from fvdiffusion.errors import DenoiserError, RewardError
-    from fvdiffusion.rewards.model_rewards import MissingExtraError, MissingWeightsError
-    from fvdiffusion.samplers import ConfigError
-    from fvdiffusion.train.checkpoint import CheckpointError
-    from fvdiffusion.train.resumable import TrainingDiverged
-    from fvdiffusion.zoo.loaders import WeightsError, WeightsMissingError
-    from fvdiffusion.zoo.mnist_data import DataCorruptError, DataMissingError
+    from fvdiffusion import errors
 
-    return [PromptFileError, RunFileError, UnsupportedPipelineError, CorruptRecordsError, DenoiserError,
-            RewardError, MissingExtraError, MissingWeightsError, ConfigError, CheckpointError, TrainingDiverged,
-            WeightsError, WeightsMissingError, DataCorruptError, DataMissingError, safetensors.SafetensorError,
-            MemoryError]
+    ours = [cls for cls in vars(errors).values()
+            if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, Warning)
+            and cls.__module__ == errors.__name__]
+    names = {cls.__name__ for cls in ours}
+    assert {"PromptFileError", "RunFileError", "UnsupportedPipelineError", "CorruptRecordsError", "DenoiserError",
+            "RewardError", "MissingExtraError", "MissingWeightsError", "ConfigError", "CheckpointError",
+            "TrainingDiverged", "WeightsError", "WeightsMissingError", "DataCorruptError", "DataMissingError"} <= names
+    return [*ours, safetensors.SafetensorError, MemoryError]
 
 
 def test_every_library_error_type_becomes_one_line():

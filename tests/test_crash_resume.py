@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fvdiffusion.durable import CorruptRecordsError, RecordLog
-
+from fvdiffusion.durable import RecordLog
+from fvdiffusion.errors import CorruptRecordsError
 
 
 def tear_last_line(path: Path) -> dict:
@@ -157,7 +157,8 @@ def test_suite_runner_survives_a_crash_mid_write(tmp_path, monkeypatch):
 
 def test_mnist_bench_survives_a_crash_mid_write(tmp_path):
     from fvdiffusion.bench.mnist import MnistBenchConfig, run_mnist_bench
-    from fvdiffusion.zoo.mnist_data import DataMissingError, load_mnist
+    from fvdiffusion.errors import DataMissingError
+    from fvdiffusion.zoo.mnist_data import load_mnist
 
     try:
         load_mnist("reference")
@@ -304,7 +305,7 @@ def _state(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_ddpm_interrupted_mid_step_resumes_bit_for_bit(tmp_path, monkeypatch, signum):
     from fvdiffusion.train import ddpm
     from fvdiffusion.train.checkpoint import load_checkpoint
-    from fvdiffusion.train.resumable import TrainingInterrupted
+    from fvdiffusion.errors import TrainingInterrupted
 
     config = _ddpm_config(6, log_every=2, checkpoint_every=100)
     ddpm.train_ddpm(config, tmp_path / "straight", _images(), progress=False)
@@ -338,7 +339,7 @@ def test_ddpm_interrupted_mid_step_resumes_bit_for_bit(tmp_path, monkeypatch, si
 
 def test_a_second_signal_aborts_at_once_without_writing_a_checkpoint(tmp_path, monkeypatch):
     from fvdiffusion.train import ddpm
-    from fvdiffusion.train.resumable import TrainingInterrupted
+    from fvdiffusion.errors import TrainingInterrupted
 
     calls = []
     real = ddpm.ddpm_loss
@@ -393,7 +394,7 @@ def test_feature_net_config_rejects_bad_fields_naming_them(field, value):
 def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
     from fvdiffusion.train import ddpm
     from fvdiffusion.train.checkpoint import load_checkpoint
-    from fvdiffusion.train.resumable import TrainingDiverged
+    from fvdiffusion.errors import TrainingDiverged
 
     calls = []
     real = ddpm.ddpm_loss
@@ -408,7 +409,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "header", "nan"])
 def test_a_corrupt_checkpoint_is_a_typed_error_naming_the_file(tmp_path, damage):
-    from fvdiffusion.train.checkpoint import CheckpointError
+    from fvdiffusion.errors import CheckpointError
     from fvdiffusion.train.ddpm import train_ddpm
 
     train_ddpm(_ddpm_config(2), tmp_path, _images(), progress=False)

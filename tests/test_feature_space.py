@@ -18,13 +18,14 @@ import statistics
 import pytest
 import torch
 
+from fvdiffusion.errors import DataMissingError, WeightsError, WeightsMissingError
 from fvdiffusion.metrics.collapse_check import collapse_row, collapse_sets
 from fvdiffusion.metrics.feature_spaces import FEATURE_SPACES, image_features
 from fvdiffusion.train.checkpoint import load_checkpoint
 from fvdiffusion.train.feature_net import FeatureNetTrainConfig, train_feature_net
 from fvdiffusion.zoo.feature_net import FeatureNet, FeatureNetConfig
-from fvdiffusion.zoo.loaders import WeightsError, WeightsMissingError, default_path, load_feature_net, write_weights
-from fvdiffusion.zoo.mnist_data import DataMissingError, load_mnist
+from fvdiffusion.zoo.loaders import default_path, load_feature_net, write_weights
+from fvdiffusion.zoo.mnist_data import load_mnist
 
 # collapsed / diverse and jittered / diverse; measured 10-28 and 7.1-16 in the 'ae' space,
 # 2.4-10.5 and 1.5-8.0 with the eval net (docs/feature_space.md)

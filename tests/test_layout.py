@@ -17,6 +17,7 @@ numerical leaves import nothing of the project.
 from __future__ import annotations
 
 import ast
+import builtins
 import importlib.util
 import json
 import os
@@ -288,3 +289,42 @@ def f():
     _, applies, forbidden = next(r for r in RULES if r[0] == "metrics/ and testbeds/ never import bench/")
     assert _violations([Edge("fvdiffusion.metrics.targets", "fvdiffusion.bench.toy", 1)], applies, forbidden)
     assert not _violations([Edge("fvdiffusion.metrics.targets", "fvdiffusion.testbeds", 1)], applies, forbidden)
+
+
+# ---------------------------------------------------------------- 3. errors.py holds every exception
+
+_BUILTIN_EXCEPTIONS = {name for name, obj in vars(builtins).items()
+                       if isinstance(obj, type) and issubclass(obj, BaseException)}
+
+
+def _exception_classes(tree: ast.AST, known: set[str]) -> list[ast.ClassDef]:
+    """Classes whose bases are builtin exceptions or exception classes of the project (by name)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            bases = {ast.unparse(b).rpartition(".")[2] for b in node.bases}
+            if bases & (_BUILTIN_EXCEPTIONS | known):
+                found.append(node)
+    return found
+
+
+def test_every_exception_and_warning_class_lives_in_errors():
+    """DESIGN.md s.2: errors.py holds every exception and warning class; the others import them from there."""
+    errors = SOURCES[f"{PACKAGE}.errors"]
+    ours = {c.name for c in _exception_classes(ast.parse(errors.read_text(encoding="utf-8")), set())}
+    assert {"ConfigError", "RewardError", "NonFiniteRewardWarning", "CliError"} <= ours
+    bad = []
+    for name, path in SOURCES.items():
+        if name == f"{PACKAGE}.errors":
+            continue
+        for node in _exception_classes(ast.parse(path.read_text(encoding="utf-8")), ours):
+            bad.append(f"{name}.{node.name} ({path.relative_to(PACKAGE_DIR.parent)}:{node.lineno})")
+    assert not bad, "exception and warning classes belong in fvdiffusion/errors.py:\n  " + "\n  ".join(bad)
+
+
+def test_errors_imports_only_the_standard_library():
+    """The CLI's error boundary imports errors.py: it must not pull in torch or anything of the project."""
+    tree = ast.parse(SOURCES[f"{PACKAGE}.errors"].read_text(encoding="utf-8"))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, sorted(imported - set(sys.stdlib_module_names))

@@ -16,8 +16,9 @@ from fvdiffusion.bench.mnist import (
 )
 from fvdiffusion.bench.mnist.methods import tuning_points
 from fvdiffusion.bench.mnist.run import choose_tuned
+from fvdiffusion.errors import DataMissingError
 from fvdiffusion.samplers.smc import SMCConfig
-from fvdiffusion.zoo.mnist_data import DataMissingError, load_mnist
+from fvdiffusion.zoo.mnist_data import load_mnist
 
 
 @pytest.fixture(scope="module")

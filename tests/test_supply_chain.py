@@ -99,7 +99,8 @@ def test_load_pipeline_asks_for_safetensors_and_forwards_the_revision(monkeypatc
 def test_a_pipeline_with_only_pickled_weights_is_refused(tmp_path):
     pytest.importorskip("diffusers")
     tiny_diffusers = pytest.importorskip("tiny_diffusers")
-    from fvdiffusion.bench.t2i import RunnerError, load_pipeline
+    from fvdiffusion.bench.t2i import load_pipeline
+    from fvdiffusion.errors import RunnerError
 
     pipe = tiny_diffusers.sd_pipeline()
     pickled, safe = tmp_path / "pickled", tmp_path / "safe"
@@ -159,7 +160,8 @@ def test_a_clip_model_with_only_pickled_weights_is_refused(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from fvdiffusion.rewards.model_rewards import CLIPScore, MissingWeightsError
+    from fvdiffusion.errors import MissingWeightsError
+    from fvdiffusion.rewards.model_rewards import CLIPScore
 
     clip_dir = tiny_diffusers.clip_model_dir(tmp_path / "clip")
     CLIPScore(clip_dir)  # the safetensors directory loads

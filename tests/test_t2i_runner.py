@@ -140,7 +140,7 @@ def test_cli_help_names_match_the_runner():
     ('Prompts,Category\nok,Colors\n"A red car,Colors\n"A cat",Misc\n', 3),  # closed only on a later line
 ])
 def test_a_bad_csv_quote_is_an_error_naming_file_and_line_not_a_merged_prompt(tmp_path, content, line):
-    from fvdiffusion.bench.t2i import PromptFileError
+    from fvdiffusion.errors import PromptFileError
 
     path = tmp_path / "prompts.csv"
     path.write_text(content)
@@ -152,7 +152,7 @@ def test_a_bad_csv_quote_is_an_error_naming_file_and_line_not_a_merged_prompt(tm
 
 @pytest.mark.parametrize("name", ["prompts.txt", "prompts.csv"])
 def test_a_non_utf8_prompt_file_is_an_error_naming_the_file(tmp_path, name):
-    from fvdiffusion.bench.t2i import PromptFileError
+    from fvdiffusion.errors import PromptFileError
 
     path = tmp_path / name
     path.write_bytes(b"Prompts\nok\ncaf\xe9 au lait\n")

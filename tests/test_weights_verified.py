@@ -269,7 +269,8 @@ def _run_dir(tmp_path: Path, edit=None) -> Path:
 
 @pytest.fixture
 def reference_data():
-    from fvdiffusion.zoo.mnist_data import DataMissingError, load_mnist
+    from fvdiffusion.errors import DataMissingError
+    from fvdiffusion.zoo.mnist_data import load_mnist
 
     try:
         return load_mnist("reference")

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fvdiffusion.denoisers.base import ModuleDenoiser
+from fvdiffusion.errors import DataMissingError
 from fvdiffusion.rewards.classifier import ClassifierReward
 from fvdiffusion.train.checkpoint import load_checkpoint
 from fvdiffusion.train.classifier import ClassifierTrainConfig, accuracy, train_classifier
@@ -28,7 +29,7 @@ from fvdiffusion.zoo.loaders import (
     load_reward_classifier,
     write_weights,
 )
-from fvdiffusion.zoo.mnist_data import DataMissingError, load_mnist
+from fvdiffusion.zoo.mnist_data import load_mnist
 from fvdiffusion.zoo.unet import UNet, UNetConfig
 from tiny_models import TINY_UNET
 

@@ -23,11 +23,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from fvdiffusion.errors import CorruptRecordsError
 from fvdiffusion.jsonsafe import finite_or_none, strict_json_dumps
-
-
-class CorruptRecordsError(ValueError):
-    """A record file holds an invalid line that is not a torn last line (message names file and line)."""
 
 
 def _canonical(value: Any) -> Any:

@@ -1,7 +1,21 @@
-"""Every exception and warning the library raises on purpose, in one leaf module."""
+"""Every exception and warning the library raises on purpose, in one leaf module.
+
+It imports nothing but the standard library (never torch), so that the ``fvd`` command's
+error boundary (:mod:`fvdiffusion.cli.errors`) and ``fvd --help`` can name these classes
+without loading the numerical stack. The modules that raise them import them from here;
+some also re-export them where public code names them there (e.g.
+``fvdiffusion.integrations.diffusers.UnsupportedPipelineError``).
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+# --- the engine: configs, denoisers, rewards ----------------------------------------------------
 
 class ConfigError(ValueError):
     """A config field has an invalid value; the message names the field and the value."""
@@ -26,3 +40,85 @@ class AllParticlesDeadWarning(NonFiniteRewardWarning):
 class NonFiniteDenoiserWarning(RuntimeWarning):
     """With nonfinite_denoiser="kill", some denoiser outputs were NaN/±inf and those particles were
     killed (reborn as copies of survivors). Issued once per run, with the counts."""
+
+
+# --- optional extras and model rewards (rewards.model_rewards) ----------------------------------
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message says which extra to install."""
+
+
+class MissingWeightsError(OSError):
+    """Model weights are neither on disk nor downloadable from here."""
+
+
+# --- integrations.diffusers ------------------------------------------------------------------
+
+class UnsupportedPipelineError(TypeError):
+    """The pipeline is not one align() can drive (no UNet / VP scheduler, or an unknown layout)."""
+
+
+# --- shipped weights and data (zoo) ----------------------------------------------------------
+
+class WeightsMissingError(FileNotFoundError):
+    """A zoo weights file does not exist."""
+
+
+class WeightsError(ValueError):
+    """A zoo weights file exists but cannot be used (corrupted, hash mismatch, wrong kind, config, keys, shapes
+    or values)."""
+
+
+class DataMissingError(FileNotFoundError):
+    """The MNIST source files are not where the loader looks for them."""
+
+
+class DataCorruptError(ValueError):
+    """The MNIST source files are present but do not hold what they should."""
+
+
+# --- durable results files and training (durable, train) -------------------------------------
+
+class CorruptRecordsError(ValueError):
+    """A record file holds an invalid line that is not a torn last line (message names file and line)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read back (truncated, corrupt, or not written by fvd train)."""
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or inf (the message names the step)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run at a step boundary, after writing a checkpoint there."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path) -> None:
+        super().__init__(f"{signal_name}: stopped at step {step} and wrote {checkpoint}; "
+                         "run the same command with --resume to continue")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+# --- the text-to-image runner (bench.t2i) ----------------------------------------------------
+
+class RunnerError(ValueError):
+    """A user mistake in the runner's input; reported as one line, no traceback."""
+
+
+class PromptFileError(RunnerError):
+    """The prompt file cannot be read as prompts (encoding, CSV quoting); the message names the file."""
+
+
+class RunFileError(RunnerError):
+    """A file of an earlier run in OUT (run.json, metrics.jsonl) is corrupt; the message names the file."""
+
+
+# --- the fvd command (cli) -------------------------------------------------------------------
+
+class CliError(Exception):
+    """A user error found by the CLI itself; the message is the line after ``error:``."""
+
+
+class OptionError(ValueError):
+    """An ``--option`` that cannot be used; the message names the key."""

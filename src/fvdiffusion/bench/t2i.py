@@ -23,7 +23,8 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from fvdiffusion.durable import CorruptRecordsError, RecordLog, fsync_file, write_atomically
+from fvdiffusion.durable import RecordLog, fsync_file, write_atomically
+from fvdiffusion.errors import CorruptRecordsError, PromptFileError, RunFileError, RunnerError
 from fvdiffusion.integrations.diffusers import align
 from fvdiffusion.jsonsafe import finite_or_none
 from fvdiffusion.rewards import image_rewards, model_rewards
@@ -33,18 +34,6 @@ from fvdiffusion.samplers import make_config
 METRICS_FILE = "metrics.jsonl"
 SETTINGS_FILE = "run.json"
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-class RunnerError(ValueError):
-    """A user mistake in the runner's input; reported as one line, no traceback."""
-
-
-class PromptFileError(RunnerError):
-    """The prompt file cannot be read as prompts (encoding, CSV quoting); the message names the file."""
-
-
-class RunFileError(RunnerError):
-    """A file of an earlier run in OUT (run.json, metrics.jsonl) is corrupt; the message names the file."""
 
 
 # --- rewards by name ---------------------------------------------------------------------
@@ -163,8 +152,6 @@ def _settings_json(settings: T2ISettings) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(settings)))  # normalised as it reads back from the file
 
 
-
-
 def open_metrics(metrics: Path) -> RecordLog:
     """The run's records, keyed by (index, prompt text): an edited prompt is not done."""
     try:
@@ -178,7 +165,6 @@ def open_metrics(metrics: Path) -> RecordLog:
 
 
 # --- the run -----------------------------------------------------------------------------
-
 
 
 def resolve_device(device: str) -> str:

@@ -21,14 +21,12 @@ from typing import Any, Callable, NoReturn, TypeVar
 
 import typer
 
+from fvdiffusion.errors import CliError, MissingExtraError, RewardError, UnsupportedPipelineError
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class CliError(Exception):
-    """A user error found by the CLI itself; the message is the line after ``error:``."""
 
 
 def fail(message: str) -> NoReturn:
@@ -47,21 +45,25 @@ def _print_error(message: str) -> None:
 
 # --- the exceptions that are the user's to fix ------------------------------------------------
 
-# Library error types that are not ValueError or OSError (those are expected failures
-# already: ConfigError, WeightsError, CheckpointError, DenoiserError, RunnerError, ...),
-# looked up only in modules that are already imported: an exception cannot come from a
-# module that was never loaded, and `fvd --help` stays free of torch.
-_LIBRARY_ERRORS: tuple[tuple[str, str], ...] = (
-    ("fvdiffusion.errors", "RewardError"),                         # RuntimeError: a reward raised
-    ("fvdiffusion.integrations.diffusers.align", "UnsupportedPipelineError"),  # TypeError
-    ("fvdiffusion.rewards.model_rewards", "MissingExtraError"),     # ImportError: names the extra
-    ("safetensors", "SafetensorError"),                             # a bare Exception
+# The library's error types (all in the torch-free leaf fvdiffusion.errors) that are not
+# ValueError or OSError; those are expected failures already: ConfigError, WeightsError,
+# CheckpointError, DenoiserError, RunnerError, CorruptRecordsError, ...
+_LIBRARY_ERRORS: tuple[type[Exception], ...] = (
+    RewardError,                # RuntimeError: a reward raised
+    UnsupportedPipelineError,   # TypeError: a pipeline align() cannot drive
+    MissingExtraError,          # ImportError: names the extra to install
+)
+
+# Third-party error types, looked up only in modules that are already imported: an exception
+# cannot come from a module that was never loaded, and the error boundary imports none of them.
+_THIRD_PARTY_ERRORS: tuple[tuple[str, str], ...] = (
+    ("safetensors", "SafetensorError"),   # a bare Exception
 )
 
 
 def _library_errors() -> tuple[type[BaseException], ...]:
-    found = []
-    for module, name in _LIBRARY_ERRORS:
+    found: list[type[BaseException]] = list(_LIBRARY_ERRORS)
+    for module, name in _THIRD_PARTY_ERRORS:
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and issubclass(cls, Exception):
             found.append(cls)

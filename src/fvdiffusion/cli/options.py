@@ -15,9 +15,7 @@ import math
 from dataclasses import fields
 from typing import Any, Iterable, Mapping
 
-
-class OptionError(ValueError):
-    """An ``--option`` that cannot be used; the message names the key."""
+from fvdiffusion.errors import OptionError
 
 
 TRUE = ("true", "yes", "1", "on")

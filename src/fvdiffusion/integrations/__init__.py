@@ -2,5 +2,5 @@
 
 Nothing in the engine (samplers, loop, selection, population, schedule, result) imports
 from here. A subpackage imports its library lazily, and a missing one fails with
-:class:`~fvdiffusion.rewards.model_rewards.MissingExtraError` naming the extra to install.
+:class:`~fvdiffusion.errors.MissingExtraError` naming the extra to install.
 """

