@@ -1,7 +1,7 @@
 """Record the engine's outputs for every method on small exact-toy runs (tests/golden/).
 
 Recorded before the engine is restructured, so the refactor can show that public results did
-not change (tests/test_engine_golden.py). Rerun only when a change of results is intended, and
+not change (tests/core/test_engine_golden.py). Rerun only when a change of results is intended, and
 say so in the commit:
     OMP_NUM_THREADS=1 python scripts/record_engine_golden.py
 """

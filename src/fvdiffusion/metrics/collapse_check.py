@@ -10,7 +10,7 @@ The jittered set is the collapsed set with each row moved by a small random rota
 shift and scale — the evaluation network's own training augmentation — like a population
 that collapsed onto a few lineages and then drifted a little: near-copies that a feature
 space invariant to those moves cannot tell from distinct digits.
-Used by tests/test_feature_space.py and scripts/feature_space_table.py.
+Used by tests/harness/test_feature_space.py and scripts/feature_space_table.py.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from engine_golden_cases import CASES, run_case
 
-GOLDEN = load_file(str(Path(__file__).parent / "golden" / "engine_outputs.safetensors"))
+GOLDEN = load_file(str(Path(__file__).parents[1] / "golden" / "engine_outputs.safetensors"))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -8,7 +8,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "t2i"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "fixtures" / "t2i"))
 import tiny_diffusers  # noqa: E402
 from tiny_diffusers import one_thread  # noqa: E402,F401  (autouse fixture)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "fixtures" / "t2i"))
 
 FLOORS = {"torch": (2, 6), "diffusers": (0, 31), "transformers": (5, 5)}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "engine_bench.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "engine_bench.py"
 
 
 @pytest.fixture(scope="module")

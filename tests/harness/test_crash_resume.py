@@ -187,7 +187,7 @@ def test_mnist_bench_survives_a_crash_mid_write(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
-    sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "t2i"))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "fixtures" / "t2i"))
     import tiny_diffusers
 
     before = torch.get_num_threads()
