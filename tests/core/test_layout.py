@@ -328,3 +328,59 @@ def test_errors_imports_only_the_standard_library():
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}, sorted(imported - set(sys.stdlib_module_names))
+
+
+# ---------------------------------------------------------------- 3. no circles
+
+def _module_level_edges() -> list[Edge]:
+    """Imports made when a module is loaded (top level and under TYPE_CHECKING, not inside functions),
+    without the implicit ones to the importer's own parent packages."""
+    edges = []
+    for name, path in SOURCES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        in_functions = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                        for n in ast.walk(f) if n is not f}
+        for edge in _imports(name, tree):
+            node_ids = {id(n) for n in ast.walk(tree) if getattr(n, "lineno", None) == edge.line
+                        and isinstance(n, (ast.Import, ast.ImportFrom))}
+            if node_ids and node_ids <= in_functions:
+                continue
+            if name == edge.target or name.startswith(edge.target + "."):
+                continue
+            edges.append(edge)
+    return edges
+
+
+def _circles(edges: list[Edge]) -> list[list[str]]:
+    graph: dict[str, set[str]] = {}
+    for e in edges:
+        if e.target in SOURCES:
+            graph.setdefault(e.importer, set()).add(e.target)
+    circles, seen = [], set()
+    for start in sorted(graph):
+        stack, on_path = [(start, iter(sorted(graph.get(start, ()))))], [start]
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                on_path.pop()
+            elif child == start:
+                circle = tuple(sorted(on_path))
+                if circle not in seen:
+                    seen.add(circle)
+                    circles.append(list(on_path))
+            elif child not in on_path and child > start:
+                stack.append((child, iter(sorted(graph.get(child, ())))))
+                on_path.append(child)
+    return circles
+
+
+def test_no_import_circles_even_under_type_checking():
+    assert _circles(_module_level_edges()) == []
+
+
+def test_the_circle_finder_sees_a_circle():
+    a, b = MODULES[0], MODULES[1]
+    planted = [Edge(a, b, 1), Edge(b, a, 1)]
+    assert [sorted(c) for c in _circles(planted)] == [sorted([a, b])]

@@ -25,7 +25,7 @@ POTENTIALS = ("diff", "level")
 PARENT_RULES = ("excess", "weighted")
 REBIRTH_KERNELS = ("renoise", "langevin")
 NU_SCHEDULES = ("constant", "decay", "grow")
-# Chosen by the declared tuning suite (fvdiffusion/bench/tuning_suite.py, benchmarks/suite/table.md):
+# Chosen by the declared tuning suite (fvdiffusion/bench/toy/suite.py, benchmarks/suite/table.md):
 # the rebirth kernel with the best worst-case error over its problems, per sampler type.
 # Seed 0 of `fvd suite`: "nu0.5-copies" under DDPM (worst case 1.41x the grid's best over six
 # problems), "nu1-copies" under DDIM (worst case 2.10x).

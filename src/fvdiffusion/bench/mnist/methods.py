@@ -10,14 +10,35 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import fvdiffusion as fv
 from fvdiffusion.bench.common.methods import MethodSpec
 from fvdiffusion.config import CommonConfig
 
-if TYPE_CHECKING:
-    from fvdiffusion.bench.mnist.config import MnistBenchConfig
+
+class PlanSizes(Protocol):
+    """The fields of a benchmark config that the plan reads (``MnistBenchConfig`` has them all).
+
+    A protocol rather than an import: the config validates itself with the plan, so importing it
+    here would tie the two modules in a circle.
+    """
+
+    tune: bool
+    grid_points: int
+    num_steps: int
+    n_particles: int
+    families: tuple[str, ...]
+    rows: tuple[str, ...]
+    svdd_candidates: tuple[int, ...]
+    dts_rollout_factors: tuple[int, ...]
+    scaling_steps: tuple[int, ...]
+    batch_size: int | None
+    min_populations: int
+    samples_per_cell: int
+
+    @property
+    def tuning_samples(self) -> int: ...
 
 NUM_CLASSES = 10
 REAL_LABEL = "real (train)"
@@ -183,7 +204,7 @@ class TuningPoint:
     spec: MethodSpec
 
 
-def tuning_points(cfg: "MnistBenchConfig") -> list[TuningPoint]:
+def tuning_points(cfg: PlanSizes) -> list[TuningPoint]:
     if not cfg.tune:
         return []
     out, seen = [], set()
@@ -198,7 +219,7 @@ def tuning_points(cfg: "MnistBenchConfig") -> list[TuningPoint]:
     return out
 
 
-def selected_families(cfg: "MnistBenchConfig") -> tuple[TuningFamily, ...]:
+def selected_families(cfg: PlanSizes) -> tuple[TuningFamily, ...]:
     return tuple(f for f in tuning_families(cfg.num_steps) if f.name in cfg.families)
 
 
@@ -216,7 +237,7 @@ class PlannedMethod:
     budget: int | None = None
 
 
-def plan(cfg: "MnistBenchConfig", tuned: dict[str, MethodSpec] | None = None) -> list[PlannedMethod]:
+def plan(cfg: PlanSizes, tuned: dict[str, MethodSpec] | None = None) -> list[PlannedMethod]:
     """Every reported row in table order; tuned rows only for the families in ``tuned``."""
     out = [PlannedMethod(MethodSpec(REAL_LABEL, "real", {}, "real training digits of class c: the floor"),
                          REAL_LABEL, "real")]
@@ -244,7 +265,7 @@ def plan(cfg: "MnistBenchConfig", tuned: dict[str, MethodSpec] | None = None) ->
 
 # --- cells ----------------------------------------------------------------------------------
 
-def sampler_config(spec: MethodSpec, seed: int, cfg: "MnistBenchConfig") -> CommonConfig:
+def sampler_config(spec: MethodSpec, seed: int, cfg: PlanSizes) -> CommonConfig:
     """The validated sampler config of a cell (``num_steps`` in the options overrides K)."""
     params = {"n_particles": cfg.n_particles, "num_steps": cfg.num_steps, "seed": seed, "lam": 1.0,
               "batch_size": cfg.batch_size, **spec.options}
@@ -257,11 +278,11 @@ def population_seed(seed: int, cls: int, population: int) -> int:
     return (seed * 100 + cls) * MAX_POPULATIONS + population
 
 
-def samples_per_population(spec: MethodSpec, cfg: "MnistBenchConfig") -> int:
+def samples_per_population(spec: MethodSpec, cfg: PlanSizes) -> int:
     return spec.options["top_k"] if spec.method == "bon" else cfg.n_particles
 
 
-def populations(spec: MethodSpec, cfg: "MnistBenchConfig", tuning: bool = False) -> int:
+def populations(spec: MethodSpec, cfg: PlanSizes, tuning: bool = False) -> int:
     """Independent populations pooled in a cell: enough for the sample target and, in a reported
     cell, at least ``min_populations`` (the bootstrap needs them; tuning only needs a point FID)."""
     if tuning:
@@ -269,7 +290,7 @@ def populations(spec: MethodSpec, cfg: "MnistBenchConfig", tuning: bool = False)
     return max(cfg.min_populations, math.ceil(cfg.samples_per_cell / samples_per_population(spec, cfg)))
 
 
-def resolved(spec: MethodSpec, seed: int, cfg: "MnistBenchConfig", tuning: bool = False) -> str:
+def resolved(spec: MethodSpec, seed: int, cfg: PlanSizes, tuning: bool = False) -> str:
     """Everything that determines a cell's samples, as JSON: a cell reruns when any of it changes.
 
     The micro-batch size is left out: it does not change results, so a run may resume with
@@ -286,7 +307,7 @@ def resolved(spec: MethodSpec, seed: int, cfg: "MnistBenchConfig", tuning: bool 
     return json.dumps(config, sort_keys=True)
 
 
-def estimated_calls(spec: MethodSpec, cfg: "MnistBenchConfig", tuning: bool = False) -> int:
+def estimated_calls(spec: MethodSpec, cfg: PlanSizes, tuning: bool = False) -> int:
     """Denoiser calls of a cell (exact for particle methods without extra moves and for svdd;
     an upper bound for dts; a lower bound for FVD's Langevin rebirth)."""
     if spec.method == "real":
