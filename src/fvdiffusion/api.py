@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from torch import Tensor
+
 from fvdiffusion.denoisers.base import Denoiser
 from fvdiffusion.loop import StepEvent
+from fvdiffusion.schedule import StepGrid
 from fvdiffusion.result import SampleResult
 from fvdiffusion.rewards.base import Reward
 from fvdiffusion.samplers import CommonConfig, get_method, make_config
@@ -25,6 +28,8 @@ def sample(
     progress: bool = False,
     config: CommonConfig | None = None,
     callback: Callable[[StepEvent], Any] | None = None,
+    grid: StepGrid | None = None,
+    x_init: Tensor | None = None,
     **method_options: Any,
 ) -> SampleResult:
     """Sample N particles with ``method`` and return a :class:`SampleResult`.
@@ -38,6 +43,10 @@ def sample(
     observes only: its return value is ignored, and it must not modify the tensors it sees
     (they are the engine's own; clone what you keep). Asking for it reads each step's numbers
     on the host, like a progress bar does.
+
+    ``grid`` (a :class:`~fvdiffusion.schedule.StepGrid` of ``num_steps`` steps) replaces the evenly
+    spaced default, e.g. with the timesteps a diffusers scheduler chose; ``x_init``
+    [n_particles, *sample_shape] replaces the initial noise (the seed still drives everything else).
     """
     spec = get_method(method)
     if config is None:
@@ -48,4 +57,5 @@ def sample(
                         f"got {type(config).__name__}")
     if reward is None and spec.needs_reward_during_sampling:
         raise ValueError(f"method {method!r} needs a reward; got reward=None")
-    return spec.run(denoiser, reward, config, cond=cond, progress=progress, callback=callback)
+    return spec.run(denoiser, reward, config, cond=cond, progress=progress, callback=callback, grid=grid,
+                    x_init=x_init)

@@ -36,7 +36,7 @@ from fvdiffusion.checks import HostChecks, eager_for
 from fvdiffusion.config import CommonConfig
 from fvdiffusion.denoisers.base import Denoiser
 from fvdiffusion.errors import (
-    AllParticlesDeadWarning, DenoiserError, NonFiniteDenoiserWarning, NonFiniteRewardWarning, RewardError,
+    AllParticlesDeadWarning, ConfigError, DenoiserError, NonFiniteDenoiserWarning, NonFiniteRewardWarning, RewardError,
 )
 from fvdiffusion.population import ParticleState, copy_into_dead, gather, initial_state
 from fvdiffusion.result import Cost, Lineage, SampleResult, StepTrace
@@ -196,16 +196,27 @@ class RunContext:
     grid: StepGrid | None = None
     batch_rows: int | None = None   # micro-batch for model calls (config.batch_size, or from the memory budget)
     callback: Callable[[StepEvent], Any] | None = None
+    x_init: Tensor | None = None    # the population at the first step, when the caller gives it
+
+    def initial_x(self) -> Tensor:
+        """x at the first step: the caller's ``x_init`` or fresh noise for the whole population."""
+        shape = (self.config.n_particles, *self.denoiser.sample_shape)
+        if self.x_init is None:
+            return self.randn(shape)
+        return self.x_init.to(self.device, torch.float32).clone()
 
     @classmethod
     def create(cls, denoiser: Denoiser, reward: Reward | None, config: CommonConfig, cond: Any = None,
                progress: bool = False, desc: str = "", callback: Callable[[StepEvent], Any] | None = None,
-               grid: StepGrid | None = None) -> "RunContext":
+               grid: StepGrid | None = None, x_init: Tensor | None = None) -> "RunContext":
         device = _device_of(denoiser)
         generator = torch.Generator(device=device).manual_seed(config.seed)
         ctx = cls(denoiser=denoiser, reward=reward, config=config, cond=cond, generator=generator, device=device,
                   checks=HostChecks(eager=eager_for(device)), callback=callback,
-                  grid=grid if grid is not None else StepGrid.build(denoiser.schedule, config.num_steps))
+                  grid=grid if grid is not None else StepGrid.build(denoiser.schedule, config.num_steps),
+                  x_init=_checked_x_init(x_init, config, denoiser))
+        if len(ctx.grid) != config.num_steps:
+            raise ConfigError(f"invalid grid: it has {len(ctx.grid)} steps, expected num_steps={config.num_steps}")
         ctx.batch_rows = config.batch_size if config.batch_size is not None else auto_batch_rows(
             config.n_particles, tuple(denoiser.sample_shape), device)
         ctx.lineage = Lineage(n_particles=config.n_particles, num_steps=config.num_steps)
@@ -351,6 +362,18 @@ class RunContext:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
+
+
+def _checked_x_init(x_init: Any, config: CommonConfig, denoiser: Denoiser) -> Tensor | None:
+    if x_init is None:
+        return None
+    shape = (config.n_particles, *denoiser.sample_shape)
+    if not isinstance(x_init, Tensor) or tuple(x_init.shape) != shape:
+        got = tuple(x_init.shape) if isinstance(x_init, Tensor) else type(x_init).__name__
+        raise ConfigError(f"invalid x_init: expected a tensor of shape {shape} (n_particles, *sample_shape), got {got}")
+    if not bool(torch.isfinite(x_init).all()):
+        raise ConfigError("invalid x_init: it contains NaN or inf")
+    return x_init
 
 
 def auto_batch_rows(n_particles: int, sample_shape: tuple[int, ...], device: torch.device) -> int:
@@ -512,7 +535,7 @@ def equalise_final(ctx: RunContext, state: ParticleState, weighting: FinalWeight
 def particle_loop(ctx: RunContext, kernel: ParticleKernel) -> ParticleState:
     """Denoise N particles from pure noise to t = 0, letting ``kernel.step`` act after each denoiser call."""
     shape = (ctx.config.n_particles, *ctx.denoiser.sample_shape)
-    state = kernel.init(ctx, initial_state(ctx.randn(shape)))
+    state = kernel.init(ctx, initial_state(ctx.initial_x()))
     for info in ctx.grid:
         with record_function(STEP_RANGE):
             pred, dead = ctx.denoise(state.x, info.t, info.alpha_bar, info.k)
@@ -532,9 +555,15 @@ def particle_loop(ctx: RunContext, kernel: ParticleKernel) -> ParticleState:
 
 def run_kernel(method: str, kernel: ParticleKernel | Sampler, denoiser: Denoiser, reward: Reward | None,
                config: CommonConfig, cond: Any = None, progress: bool = False,
-               callback: Callable[[StepEvent], Any] | None = None, grid: StepGrid | None = None) -> SampleResult:
-    """Run one method end to end: context, loop (or search), final reward and selection, result, cost."""
-    ctx = RunContext.create(denoiser, reward, config, cond, progress, desc=method, callback=callback, grid=grid)
+               callback: Callable[[StepEvent], Any] | None = None, grid: StepGrid | None = None,
+               x_init: Tensor | None = None) -> SampleResult:
+    """Run one method end to end: context, loop (or search), final reward and selection, result, cost.
+
+    ``grid``: the steps to take (default: ``StepGrid.build(denoiser.schedule, num_steps)``);
+    ``x_init``: the population at the first step, [N, *sample_shape] (default: fresh noise).
+    """
+    ctx = RunContext.create(denoiser, reward, config, cond, progress, desc=method, callback=callback, grid=grid,
+                            x_init=x_init)
     try:
         with Timer(ctx.cost, ctx.device):
             if isinstance(kernel, Sampler):

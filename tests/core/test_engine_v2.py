@@ -279,3 +279,38 @@ def test_callback_observes_every_step_and_changes_nothing():
     assert all(isinstance(dead, float) for _, dead in seen)
     assert torch.equal(plain.samples, observed.samples)
     assert [row.as_dict() for row in plain.trace] == [row.as_dict() for row in observed.trace]
+
+
+# --- the caller's grid and initial noise ---------------------------------------------------------
+
+def test_a_given_grid_decides_the_timesteps():
+    from fvdiffusion.schedule import StepGrid
+
+    problem = toy_problem("gmm2d-component")
+    den = problem.denoiser(SCHEDULE)
+    grid = StepGrid.from_timesteps(SCHEDULE, [999, 749, 499, 249])
+    res = fv.sample("fvd", den, problem.reward, n_particles=8, num_steps=4, seed=0, grid=grid)
+    assert [row.t for row in res.trace] == [999, 749, 499, 249]
+    assert grid[-1].alpha_bar_prev == 1.0 and grid[0].t_prev == 749
+    with pytest.raises(ConfigError, match="grid"):
+        fv.sample("fvd", den, problem.reward, n_particles=8, num_steps=5, seed=0, grid=grid)
+
+
+@pytest.mark.parametrize("method", ["base", "svdd"])
+def test_x_init_replaces_the_initial_noise(method):
+    problem = toy_problem("gmm2d-component")
+    den = problem.denoiser(SCHEDULE)
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(7))
+    first = []
+    kwargs = dict(n_particles=8, num_steps=4, x_init=x, callback=lambda e: first.append(e.state.x0_hat.clone()))
+    if method == "base":  # deterministic DDIM: the output depends on x_init only, not on the seed
+        a = fv.sample("base", den, problem.reward, seed=0, eta=0.0, **kwargs)
+        b = fv.sample("base", den, problem.reward, seed=1, eta=0.0, **kwargs)
+        assert torch.equal(a.samples, b.samples)
+        c = fv.sample("base", den, problem.reward, seed=0, eta=0.0, n_particles=8, num_steps=4)
+        assert not torch.equal(a.samples, c.samples)
+    else:
+        fv.sample("svdd", den, problem.reward, seed=0, n_candidates=2, **kwargs)
+    assert first  # the run used it; bad shapes are refused
+    with pytest.raises(ConfigError, match="x_init"):
+        fv.sample(method, den, problem.reward, n_particles=8, num_steps=4, x_init=torch.randn(3, 2))

@@ -32,9 +32,10 @@ class Method:
     summary: str
 
     def run(self, denoiser, reward, config: CommonConfig, cond: Any = None, progress: bool = False,
-            callback: Callable[[StepEvent], Any] | None = None, grid: StepGrid | None = None) -> SampleResult:
+            callback: Callable[[StepEvent], Any] | None = None, grid: StepGrid | None = None,
+            x_init: Any = None) -> SampleResult:
         return run_kernel(self.name, self.kernel(config), denoiser, reward, config, cond=cond, progress=progress,
-                          callback=callback, grid=grid)
+                          callback=callback, grid=grid, x_init=x_init)
 
 
 METHODS: dict[str, Method] = {

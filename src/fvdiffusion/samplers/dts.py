@@ -511,6 +511,9 @@ class DTSSampler:
         method = "dts*" if config.greedy else "dts"
         if ctx.progress is not None:  # progress counts rollouts here, not steps
             ctx.progress.reset(total=config.n_rollouts)
+        if ctx.x_init is not None:
+            raise ConfigError(f"invalid x_init for {method}: the search tree has one root x_T drawn from the seed; "
+                              f"x_init (one x_T per particle) applies to the population methods and svdd")
         search = TreeSearch(ctx, config)
         batch = config.rollouts_per_batch or config.n_particles
         search.plant_root()

@@ -94,7 +94,7 @@ class SVDDSampler:
         n, m, lam = config.n_particles, config.n_candidates, config.lam
         sample_shape = tuple(ctx.denoiser.sample_shape)
         first = ctx.grid[0]
-        x = ctx.randn((n, *sample_shape))
+        x = ctx.initial_x()
         pred, dead = ctx.denoise(x, first.t, first.alpha_bar, config.num_steps)
         kept_reward = torch.full((n,), math.nan, dtype=torch.float64, device=ctx.device)
         if dead is not None:
