@@ -456,9 +456,17 @@ def settle_trace(rows: list[StepTrace]) -> list[StepTrace]:
     slots = [(i, f.name) for i, row in enumerate(rows) for f in fields(row) if isinstance(getattr(row, f.name), Tensor)]
     if not slots:
         return rows
-    values = torch.stack([getattr(rows[i], name).detach().to(torch.float64).reshape(()).cpu() for i, name in slots])
+    tensors = [getattr(rows[i], name).detach().reshape(()) for i, name in slots]
+    by_device: dict[torch.device, list[int]] = {}
+    for position, tensor in enumerate(tensors):
+        by_device.setdefault(tensor.device, []).append(position)
+    values: list[float] = [0.0] * len(tensors)
+    for positions in by_device.values():  # one transfer per device
+        read = torch.stack([tensors[p].to(torch.float64) for p in positions]).cpu().tolist()
+        for p, value in zip(positions, read):
+            values[p] = value
     settled = [dict() for _ in rows]
-    for (i, name), value in zip(slots, values.tolist()):
+    for (i, name), value in zip(slots, values):
         settled[i][name] = int(value) if name in _INT_FIELDS else (bool(value) if name == "selected" else value)
     return [replace(row, **changes) if changes else row for row, changes in zip(rows, settled)]
 
