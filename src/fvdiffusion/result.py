@@ -55,7 +55,8 @@ class Lineage:
 
     def settle(self) -> None:
         """Move every record to the CPU (once, after the run)."""
-        self.parents = [p.cpu() for p in self.parents]
+        if self.parents:
+            self.parents = list(torch.stack(self.parents).cpu().unbind(0))  # one transfer
 
     def ancestors_at(self, step: int) -> Tensor:
         """Index of each final particle's ancestor in the population *entering* step ``step``.
