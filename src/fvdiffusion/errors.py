@@ -58,6 +58,17 @@ class UnsupportedPipelineError(TypeError):
     """The pipeline is not one align() can drive (no UNet / VP scheduler, or an unknown layout)."""
 
 
+class SchedulerReplacedWarning(UserWarning):
+    """align() took the pipeline's scheduler's timesteps but not its stepping (the engine steps with
+    DDIM(η)): the scheduler is not DDIM/DDPM, or uses x̂0 clipping / thresholding the engine does not
+    apply. Names the scheduler and why; issued once per align() call."""
+
+
+class DuplicateImagesWarning(UserWarning):
+    """Some images align() returned are exact copies of another (selection cloned particles and nothing
+    made the copies differ); ``AlignResult.duplicates`` counts them. Issued once per align() call."""
+
+
 # --- shipped weights and data (zoo) ----------------------------------------------------------
 
 class WeightsMissingError(FileNotFoundError):

@@ -113,6 +113,33 @@ class StepGrid:
                  for index, t in enumerate(timesteps)]
         return cls(tuple(steps))
 
+    @classmethod
+    def from_landings(cls, schedule: VPSchedule, timesteps: list[int], landings: list[int]) -> "StepGrid":
+        """Steps at ``timesteps`` where step i lands on ``landings[i]`` (−1 = clean data, ᾱ = 1), which need
+        not be the next timestep.
+
+        diffusers' ``DDIMScheduler`` lands on t − T // K whatever its ``timestep_spacing`` put next, and
+        its last step on ``final_alpha_cumprod``: ᾱ_0 (landing 0) when ``set_alpha_to_one=False``, 1
+        (landing −1) otherwise. A landing lies at or below its timestep (a step from t = 0 to ᾱ_0 leaves x
+        where it is).
+        """
+        T = schedule.num_train_timesteps
+        ts, lands = [int(t) for t in timesteps], [int(t) for t in landings]
+        if not ts or len(ts) != len(lands):
+            raise ValueError(f"StepGrid.from_landings: need as many landings as timesteps (at least one), "
+                             f"got {len(ts)} timesteps and {len(lands)} landings")
+        for t, land in zip(ts, lands):
+            if not (0 <= t < T and -1 <= land <= t):
+                raise ValueError(f"StepGrid.from_landings: step at t={t} landing on {land} is not a step towards "
+                                 f"clean data of a {T}-step schedule (need 0 <= t < {T} and -1 <= landing <= t)")
+        # one host read for the whole grid, as in from_timesteps
+        alpha_bars = schedule.alpha_bar(torch.tensor(ts + lands)).tolist()
+        k_total = len(ts)
+        steps = [StepInfo(k=k_total - index, index=index, t=t, alpha_bar=alpha_bars[index],
+                          alpha_bar_prev=alpha_bars[k_total + index], t_prev=lands[index])
+                 for index, t in enumerate(ts)]
+        return cls(tuple(steps))
+
     def __len__(self) -> int:
         return len(self.steps)
 

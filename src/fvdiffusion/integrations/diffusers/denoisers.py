@@ -18,6 +18,8 @@ from fvdiffusion.schedule import PREDICTION_TYPES, VPSchedule
 
 # diffusers' scheduler.config.prediction_type -> the engine's name
 _DIFFUSERS_PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+# ᾱ_T of a zero-terminal-SNR schedule, clamped as diffusers' Euler schedulers clamp it
+ZERO_SNR_ALPHA_BAR = 2.0**-24
 
 
 def prediction_type_from_scheduler(scheduler: Any) -> str:
@@ -32,7 +34,10 @@ def prediction_type_from_scheduler(scheduler: Any) -> str:
 
 
 def schedule_from_scheduler(scheduler_or_alphas_cumprod: Any) -> VPSchedule:
-    """A VPSchedule from a diffusers VP scheduler (anything with ``alphas_cumprod``) or a ᾱ tensor."""
+    """A VPSchedule from a diffusers VP scheduler (anything with ``alphas_cumprod``) or a ᾱ tensor.
+
+    ᾱ values below 2**-24 (the exact 0 of a zero-terminal-SNR schedule) are raised to 2**-24.
+    """
     if isinstance(scheduler_or_alphas_cumprod, VPSchedule):
         return scheduler_or_alphas_cumprod
     ac = getattr(scheduler_or_alphas_cumprod, "alphas_cumprod", scheduler_or_alphas_cumprod)
@@ -41,7 +46,10 @@ def schedule_from_scheduler(scheduler_or_alphas_cumprod: Any) -> VPSchedule:
             "expected a diffusers scheduler with `alphas_cumprod` (a VP scheduler such as DDPMScheduler "
             f"or DDIMScheduler) or a 1-D alphas_cumprod tensor, got {type(scheduler_or_alphas_cumprod).__name__}"
         )
-    return VPSchedule(ac.detach().cpu())
+    # A zero-terminal-SNR schedule (rescale_betas_zero_snr=True) has ᾱ_T = 0 exactly, where an eps
+    # prediction cannot give x̂0: clamp it the way diffusers' Euler schedulers do (2**-24, the smallest
+    # positive float16 subnormal). Every other entry of a real schedule lies far above it.
+    return VPSchedule(ac.detach().cpu().double().clamp(min=ZERO_SNR_ALPHA_BAR))
 
 
 def _sample_size(config: Any) -> tuple[int, int]:
