@@ -61,15 +61,15 @@ def flow_time_from_alpha_bar(alpha_bar: Tensor | float) -> Tensor:
 
 
 def check_flow_times(flow_times: Any) -> Tensor:
-    """``flow_times`` as a float64 CPU tensor, checked: 1-D, at least 2 entries, in (0, 1], increasing."""
+    """``flow_times`` as a float64 CPU tensor, checked: 1-D, non-empty, in (0, 1], strictly increasing."""
     if isinstance(flow_times, VPSchedule):
         raise TypeError("flow_times is a VPSchedule; pass it as schedule=... (or use flow_time_from_alpha_bar)")
     try:
         t = torch.as_tensor(flow_times, dtype=torch.float64).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"flow_times must be a 1-D sequence of numbers, got {type(flow_times).__name__}") from exc
-    if t.ndim != 1 or t.numel() < 2:
-        raise ValueError(f"flow_times must be a 1-D sequence with at least 2 entries, got shape {tuple(t.shape)}")
+    if t.ndim != 1 or t.numel() < 1:
+        raise ValueError(f"flow_times must be a non-empty 1-D sequence, got shape {tuple(t.shape)}")
     if not bool(torch.all(torch.isfinite(t) & (t > 0) & (t <= 1))):
         raise ValueError(f"flow_times must lie in (0, 1], got values in [{float(t.min())}, {float(t.max())}]")
     if not bool(torch.all(t[1:] > t[:-1])):
@@ -77,9 +77,16 @@ def check_flow_times(flow_times: Any) -> Tensor:
     return t
 
 
+def flow_time_table(flow_times: Any) -> Tensor:
+    """The checked times as a table of at least 2 entries: a single time (one sampling step) is stored
+    twice, since a VP table needs two; both indices then mean that time."""
+    t = check_flow_times(flow_times)
+    return t.repeat(2) if t.numel() == 1 else t
+
+
 def vp_schedule_from_flow_times(flow_times: Any) -> VPSchedule:
     """The VP table of the flow times t_0 < … < t_{T−1}: ᾱ_i = ᾱ(t_i) (ᾱ(1) clamped, see module doc)."""
-    return VPSchedule(flow_alpha_bar(check_flow_times(flow_times)))
+    return VPSchedule(flow_alpha_bar(flow_time_table(flow_times)))
 
 
 def training_flow_times(num_train_timesteps: int = 1000) -> Tensor:
@@ -122,9 +129,10 @@ class FlowMatchingDenoiser:
     ``velocity_fn(x_t, t, cond)`` gets flow states x_t [B, ...] (the dtype and device of the
     engine's population) and flow times t [B] (float64, CPU, in (0, 1]) and returns
     v = E[ε − x0 | x_t] of the shape of x_t. ``flow_times`` is the table of times the integer
-    timesteps index (increasing; default: the 1000 training times (i + 1) / 1000), or pass a
-    ready VP ``schedule`` instead (its times are read back from ᾱ). Timestep −1 means clean data
-    (t = 0): x̂0 = x̃ there, and the model is not called.
+    timesteps index (strictly increasing; default: the 1000 training times (i + 1) / 1000; a single
+    time is stored twice, as a VP table needs two entries), or pass a ready VP ``schedule`` instead
+    (its times are read back from ᾱ). Timestep −1 means clean data (t = 0): x̂0 = x̃ there, and the
+    model is not called.
 
     Sampling: ``fv.sample(method, den, reward, num_steps=K, grid=den.step_grid(K))`` — the grid
     runs evenly over the table from its largest time down (``num_steps`` = the table's length
@@ -153,8 +161,8 @@ class FlowMatchingDenoiser:
                 raise ValueError("schedule must have strictly decreasing alphas_cumprod below 1 to map to flow times")
             self.flow_times, self.schedule = times, schedule
         else:
-            self.flow_times = check_flow_times(training_flow_times() if flow_times is None else flow_times)
-            self.schedule = vp_schedule_from_flow_times(self.flow_times)
+            self.flow_times = flow_time_table(training_flow_times() if flow_times is None else flow_times)
+            self.schedule = VPSchedule(flow_alpha_bar(self.flow_times))
         try:
             shape = tuple(int(s) for s in sample_shape)
         except TypeError as exc:

@@ -15,10 +15,11 @@ from fvdiffusion.integrations.diffusers.denoisers import (
     prediction_type_from_scheduler,
     schedule_from_scheduler,
 )
+from fvdiffusion.integrations.diffusers.flow import FluxDenoiser, SD3Denoiser, flow_denoiser_for
 from fvdiffusion.integrations.diffusers.rewards import LatentImageReward, PixelImageReward
 
 __all__ = [
     "align", "AlignResult", "UnsupportedPipelineError", "build_adapters",
     "StableDiffusionDenoiser", "UNet2DModelDenoiser", "prediction_type_from_scheduler", "schedule_from_scheduler",
-    "LatentImageReward", "PixelImageReward",
+    "LatentImageReward", "PixelImageReward", "SD3Denoiser", "FluxDenoiser", "flow_denoiser_for",
 ]
