@@ -1,17 +1,21 @@
-"""``align()``: reward-align the samples of a diffusers pipeline in one call.
+"""``align()``: reward-align the samples of a diffusers pipeline in one call, with diffusers' arguments.
 
-    result = fvdiffusion.align(pipe, "a red bicycle", reward, method="fvd", n_particles=8)
-    result.images[0]  # the highest-reward image
+    out = fvdiffusion.align(pipe, "a red bicycle", reward, method="fvd", num_images_per_prompt=8,
+                            generator=torch.Generator().manual_seed(0))
+    out.images[0]  # the highest-reward image
 
 The pipeline is used as it is (no forked pipeline): its UNet and text encoders become a
-Denoiser, its VAE decodes x̂0 latents for the image reward, and the engine does the
-stepping from the scheduler's ᾱ table. Supported: unconditional pixel pipelines built on
-``UNet2DModel`` (e.g. ``DDPMPipeline``, no prompt) and text-to-image pipelines built on
+Denoiser, its VAE decodes x̂0 latents for the image reward, its scheduler's
+``set_timesteps(K)`` decides the step grid (:mod:`.timesteps`), and the engine does the
+stepping with DDIM(η). Supported: unconditional pixel pipelines built on ``UNet2DModel``
+(e.g. ``DDPMPipeline``, no prompt) and text-to-image pipelines built on
 ``UNet2DConditionModel`` with a VAE (Stable Diffusion 1.x / 2.x, SDXL).
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -19,61 +23,106 @@ import torch
 from torch import Tensor
 
 from fvdiffusion.api import sample
-from fvdiffusion.errors import UnsupportedPipelineError
-from fvdiffusion.integrations.diffusers.denoisers import StableDiffusionDenoiser, UNet2DModelDenoiser
+from fvdiffusion.config import SEED_MAX
+from fvdiffusion.errors import DuplicateImagesWarning, SchedulerReplacedWarning, UnsupportedPipelineError
+from fvdiffusion.integrations.diffusers._batching import module_device_dtype
+from fvdiffusion.integrations.diffusers.denoisers import (
+    StableDiffusionDenoiser,
+    UNet2DModelDenoiser,
+    schedule_from_scheduler,
+)
 from fvdiffusion.integrations.diffusers.rewards import LatentImageReward, PixelImageReward
+from fvdiffusion.integrations.diffusers.timesteps import scheduler_grid
 from fvdiffusion.loop import StepEvent
 from fvdiffusion.result import SampleResult
 from fvdiffusion.rewards.image_rewards import ImageReward
 from fvdiffusion.rewards.model_rewards import require
+from fvdiffusion.samplers import get_method, make_config
+from fvdiffusion.samplers.dts import DTSConfig
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DEFAULT_PARTICLES = 8
+DEFAULT_GUIDANCE = 7.5
 
 
 @dataclass
 class AlignResult:
-    """Images ranked by final reward (best first) and the full engine result.
+    """The images of one prompt ranked by final reward (best first), like a diffusers pipeline output.
 
-    ``ranking[i]`` is the index in ``result.samples`` (and in the lineage) of ``images[i]``.
+    ``images``: with ``output_type`` "pil" a list of PIL images; "np" a float32 array
+    [N, H, W, 3] in [0, 1]; "pt" a float tensor [N, 3, H, W] in [0, 1]; "latent" the final
+    samples [N, C, h, w] (latents, or pixels in [−1, 1] for a pixel pipeline), not decoded.
+    ``rewards[i]`` is the reward of ``images[i]``; ``ranking[i]`` its index in
+    ``result.samples`` (and in the lineage). ``nsfw_content_detected[i]`` is the pipeline's
+    safety checker's verdict on ``images[i]`` (flagged images are replaced as the checker
+    replaces them: black), None when the pipeline has no checker or nothing was decoded.
+    ``duplicates`` counts images that are copies of another one (selection cloned a particle
+    and nothing made the copies differ); ``distinct_images = N − duplicates``.
     """
 
-    images: list[Any]      # PIL.Image.Image, best first
+    images: Any
     rewards: Tensor        # [N] final rewards in the order of ``images``
     ranking: Tensor        # [N] long
     result: SampleResult
+    nsfw_content_detected: list[bool] | None = None
+    duplicates: int = 0
+    prompt: str | None = None
+
+    @property
+    def distinct_images(self) -> int:
+        return int(self.ranking.numel()) - self.duplicates
+
+
+def _pipeline_kind(pipe: Any) -> str:
+    """"t2i" (UNet2DConditionModel + VAE + encode_prompt) or "pixel" (unconditional UNet2DModel); else refuse."""
+    name = type(pipe).__name__
+    if getattr(pipe, "unet", None) is None or not hasattr(pipe, "scheduler"):
+        raise UnsupportedPipelineError(
+            f"{name} is not supported: align() needs a pipeline with a `unet` and a VP `scheduler` "
+            "(flow-matching transformer pipelines such as SD3 or FLUX are not supported yet)"
+        )
+    if hasattr(pipe, "encode_prompt") and getattr(pipe, "vae", None) is not None:
+        return "t2i"
+    if getattr(pipe, "vae", None) is None and getattr(pipe, "vqvae", None) is None:
+        return "pixel"
+    raise UnsupportedPipelineError(f"{name} is not supported: expected an unconditional UNet2DModel pipeline or a Stable Diffusion pipeline")
 
 
 def build_adapters(
     pipe: Any,
     prompt: str | None,
     reward: ImageReward,
-    guidance_scale: float = 7.5,
+    guidance_scale: float = DEFAULT_GUIDANCE,
     negative_prompt: str | None = None,
     batch_size: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
 ) -> tuple[Any, LatentImageReward | PixelImageReward]:
     """The Denoiser and the x̂0 reward for ``pipe``; raises a clear error for unsupported pipelines."""
     name = type(pipe).__name__
-    unet = getattr(pipe, "unet", None)
-    if unet is None or not hasattr(pipe, "scheduler"):
-        raise UnsupportedPipelineError(
-            f"{name} is not supported: align() needs a pipeline with a `unet` and a VP `scheduler` "
-            "(flow-matching transformer pipelines such as SD3 or FLUX are not supported yet)"
-        )
-    if hasattr(pipe, "encode_prompt") and getattr(pipe, "vae", None) is not None:
+    if _pipeline_kind(pipe) == "t2i":
         if not isinstance(prompt, str):
             raise ValueError(f"{name} is a text-to-image pipeline: pass the prompt as a string, got {prompt!r}")
-        denoiser = StableDiffusionDenoiser(pipe, prompt, negative_prompt, guidance_scale, batch_size)
+        denoiser = StableDiffusionDenoiser(pipe, prompt, negative_prompt, guidance_scale, batch_size, height, width)
         return denoiser, LatentImageReward(pipe, reward, batch_size)
-    if getattr(pipe, "vae", None) is None and getattr(pipe, "vqvae", None) is None:
-        if prompt is not None:
-            raise ValueError(f"{name} is unconditional: pass prompt=None")
-        return UNet2DModelDenoiser(unet, pipe.scheduler), PixelImageReward(reward, batch_size)
-    raise UnsupportedPipelineError(f"{name} is not supported: expected an unconditional UNet2DModel pipeline or a Stable Diffusion pipeline")
+    if prompt is not None:
+        raise ValueError(f"{name} is unconditional: pass prompt=None")
+    denoiser = UNet2DModelDenoiser(pipe.unet, pipe.scheduler)
+    size = tuple(denoiser.sample_shape[1:])
+    for arg, value, have in (("height", height, size[0]), ("width", width, size[1])):
+        if value is not None and value != have:
+            raise ValueError(f"{name} samples {size[0]}x{size[1]} pixels (its UNet's sample_size): {arg}={value} is not supported")
+    return denoiser, PixelImageReward(reward, batch_size)
 
 
 def to_pil(images: Tensor) -> list[Any]:
     """Float images [B, 3, H, W] in [0, 1] -> PIL RGB images."""
     image_module = require("PIL.Image", "plot")
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [image_module.fromarray(p) for p in pixels]
+    return [image_module.fromarray(p) for p in _to_uint8(images)]
+
+
+def _to_uint8(images: Tensor) -> Any:
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def rank_by_reward(rewards: Tensor) -> Tensor:
@@ -82,41 +131,286 @@ def rank_by_reward(rewards: Tensor) -> Tensor:
     return torch.sort(clean, descending=True, stable=True).indices
 
 
+# --- arguments ---------------------------------------------------------------------------------
+
+def _prompts(prompt: Any) -> tuple[list[str | None], bool]:
+    """(the prompts, whether one was given rather than a list)."""
+    if prompt is None or isinstance(prompt, str):
+        return [prompt], True
+    if isinstance(prompt, (list, tuple)):
+        if not prompt:
+            raise ValueError("prompt is an empty list: pass at least one prompt")
+        bad = [p for p in prompt if not isinstance(p, str)]
+        if bad:
+            raise TypeError(f"prompt lists must hold strings, got {type(bad[0]).__name__} {bad[0]!r}")
+        return list(prompt), False
+    raise TypeError(f"prompt must be a string, a list of strings or None, got {type(prompt).__name__}")
+
+
+def _negative_prompts(negative_prompt: Any, prompts: list[str | None], single: bool) -> list[str | None]:
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return [negative_prompt] * len(prompts)
+    if isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt):
+        if single or len(negative_prompt) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {len(prompts)} prompt(s): "
+                             "pass one string, or a list as long as the prompt list")
+        return list(negative_prompt)
+    raise TypeError(f"negative_prompt must be a string, a list of strings or None, got {type(negative_prompt).__name__}")
+
+
+def _particles(num_images_per_prompt: Any, n_particles: Any) -> int:
+    if num_images_per_prompt is not None and n_particles is not None and num_images_per_prompt != n_particles:
+        raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} and n_particles={n_particles!r} name the same "
+                         "thing (particles per prompt): pass one")
+    n = num_images_per_prompt if num_images_per_prompt is not None else n_particles
+    n = DEFAULT_PARTICLES if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_images_per_prompt (particles per prompt) must be a positive integer, got {n!r}")
+    return n
+
+
+def _check_generator(generator: Any, seed: Any) -> None:
+    if generator is None:
+        return
+    if isinstance(generator, (list, tuple)):
+        raise ValueError("generator: pass one torch.Generator (a list of generators, one per image, is not supported)")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if seed is not None:
+        raise ValueError("pass either generator or seed, not both (the engine's seed is drawn from the generator)")
+
+
+def _refuse_pipeline_arguments(pipe: Any, method: str, options: dict[str, Any]) -> None:
+    """A diffusers argument align() does not implement is named as such (not as an unknown method option)."""
+    fields = get_method(method).config_class.field_names()
+    if "num_steps" in options:
+        raise ValueError("align() takes the step count as num_inference_steps, not num_steps")
+    try:
+        pipe_args = set(inspect.signature(type(pipe).__call__).parameters)
+    except (AttributeError, TypeError, ValueError):
+        pipe_args = set()
+    for key in options:
+        if key not in fields and key in pipe_args:
+            raise ValueError(
+                f"align() does not support {type(pipe).__name__}'s argument {key!r}; the diffusers arguments it takes "
+                "are num_inference_steps, guidance_scale, negative_prompt, height, width, generator, latents, "
+                "num_images_per_prompt, output_type and callback_on_step_end"
+            )
+
+
+def _default_guidance(pipe: Any) -> float:
+    """The pipeline's own default guidance_scale (7.5 for SD, 5.0 for SDXL), else 7.5."""
+    try:
+        default = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return DEFAULT_GUIDANCE
+    return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else DEFAULT_GUIDANCE
+
+
+def _latent_dtype(pipe: Any) -> torch.dtype:
+    """The dtype diffusers draws the initial latents in: the text encoder's for SD pipelines, else the UNet's."""
+    encoder = getattr(pipe, "text_encoder", None)
+    module = encoder if isinstance(encoder, torch.nn.Module) else pipe.unet
+    return module_device_dtype(module)[1]
+
+
+def _draw_latents(generator: torch.Generator, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """torch.randn exactly as diffusers' ``randn_tensor`` draws a batch from one generator."""
+    device = torch.device(device)
+    if generator.device.type == "cpu":
+        draw_on = torch.device("cpu")
+    elif generator.device.type == device.type:
+        draw_on = device
+    else:
+        raise ValueError(f"generator is on {generator.device} but the pipeline runs on {device}: "
+                         f"create it with torch.Generator({device.type!r}) or on the CPU")
+    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(device)
+
+
+def _split_latents(latents: Any, n_prompts: int, n: int, sample_shape: tuple[int, ...]) -> list[Tensor]:
+    shape = (n_prompts * n, *sample_shape)
+    if not isinstance(latents, Tensor) or tuple(latents.shape) != shape:
+        got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+        raise ValueError(f"latents must be a tensor of shape {shape} (prompts x num_images_per_prompt, *sample shape), "
+                         f"got {got}")
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError("latents contain NaN or inf")
+    return list(latents.split(n))
+
+
+def _step_callback(pipe: Any, callback: Callable[[StepEvent], Any] | None, on_step_end: Callable[..., Any] | None,
+                   prompt_index: int, prompt: str | None) -> Callable[[StepEvent], Any] | None:
+    if callback is None and on_step_end is None:
+        return None
+
+    def observe(event: StepEvent) -> None:
+        if callback is not None:
+            callback(event)
+        if on_step_end is not None:
+            kwargs = {"latents": event.state.x.detach().clone(), "trace": event.trace,
+                      "prompt": prompt, "prompt_index": prompt_index}
+            on_step_end(pipe, event.info.index, event.info.t, kwargs)  # observe-only: the return value is ignored
+
+    return observe
+
+
+def _safety_check(pipe: Any, images: Tensor) -> tuple[Tensor, list[bool] | None]:
+    """Run the pipeline's safety checker on images [N, 3, H, W] in [0, 1]: (checked images, flags)."""
+    checker = getattr(pipe, "safety_checker", None)
+    if checker is None:
+        return images, None
+    extractor = getattr(pipe, "feature_extractor", None)
+    if extractor is None:
+        raise ValueError(f"{type(pipe).__name__} has a safety_checker but no feature_extractor to prepare its input")
+    device, dtype = module_device_dtype(checker) if isinstance(checker, torch.nn.Module) else (images.device, images.dtype)
+    clip_input = extractor(to_pil(images), return_tensors="pt").pixel_values.to(device, dtype)
+    checked, flags = checker(images=images.clone(), clip_input=clip_input)
+    flags = [bool(f) for f in flags]
+    if isinstance(checked, Tensor) and checked.shape == images.shape:
+        return checked.to(images.device, images.dtype), flags
+    # a checker that returns something else: blank flagged images the way diffusers' checker does
+    mask = torch.tensor(flags, device=images.device).view(-1, 1, 1, 1)
+    return torch.where(mask, torch.zeros_like(images), images), flags
+
+
+def _format(images: Tensor, output_type: str) -> Any:
+    if output_type == "pil":
+        return to_pil(images)
+    if output_type == "np":
+        return images.detach().float().permute(0, 2, 3, 1).cpu().numpy()
+    return images
+
+
+# --- align -------------------------------------------------------------------------------------
+
 def align(
     pipe: Any,
-    prompt: str | None,
+    prompt: str | list[str] | None,
     reward: ImageReward,
+    *,
     method: str = "fvd",
-    n_particles: int = 8,
     num_inference_steps: int = 50,
-    seed: int = 0,
-    guidance_scale: float = 7.5,
-    batch_size: int | None = None,
-    negative_prompt: str | None = None,
-    progress: bool = False,
+    guidance_scale: float | None = None,
+    negative_prompt: str | list[str] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    latents: Tensor | None = None,
+    num_images_per_prompt: int | None = None,
+    n_particles: int | None = None,
+    output_type: str = "pil",
+    callback_on_step_end: Callable[..., Any] | None = None,
     callback: Callable[[StepEvent], Any] | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
     **method_options: Any,
-) -> AlignResult:
-    """Sample ``n_particles`` images from ``pipe`` with ``method`` steering towards ``reward``.
+) -> AlignResult | list[AlignResult]:
+    """Sample ``num_images_per_prompt`` images per prompt from ``pipe`` with ``method`` steering towards ``reward``.
 
-    ``reward(images, prompt)`` takes float images [B, 3, H, W] in [0, 1] and returns [B]
-    (see ``fvdiffusion.rewards.image_rewards`` / ``model_rewards``). ``batch_size``
-    micro-batches the UNet, the VAE and the reward (results do not depend on it).
-    ``method_options`` go to :func:`fvdiffusion.sample` (e.g. ``lam``, ``eta``,
-    ``rebirth_noise``). ``result.cost.extra["vae_decodes"]`` counts every latent decoded,
-    the final decode for the returned images included. ``callback`` observes every step
-    (a :class:`~fvdiffusion.loop.StepEvent` with the latents; see :func:`fvdiffusion.sample`).
+    The arguments are the pipeline's own where they exist:
+
+    - ``prompt``: a string (one :class:`AlignResult`), a list (one population per prompt, a list of
+      results in the same order) or None for an unconditional pipeline;
+    - ``num_images_per_prompt`` (alias ``n_particles``, default 8): the particles per prompt;
+    - ``num_inference_steps``: K; the grid is the one ``pipe.scheduler.set_timesteps(K)`` chooses;
+    - ``guidance_scale`` (default: the pipeline's own), ``negative_prompt``, ``height``, ``width``;
+    - ``generator``: the initial latents are drawn from it as the pipeline draws them (one
+      ``torch.randn`` of shape [prompts × N, C, h, w] in the pipeline's dtype), then the engine's
+      seed for each prompt (``torch.randint(0, 2**63 − 1, (prompts,), generator=generator)``), which
+      drives everything else (step noise, selection). ``seed`` instead: the engine draws the initial
+      noise itself, prompt i with seed ``seed + i`` (default 0);
+    - ``latents`` [prompts × N, C, h, w]: the initial noise (unit variance, as diffusers takes it);
+    - ``output_type``: "pil", "np", "pt" or "latent" (see :class:`AlignResult`);
+    - ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`` after every step, with
+      ``callback_kwargs = {"latents", "trace" (the step's StepTrace), "prompt", "prompt_index"}``. It
+      observes only: its return value is ignored (diffusers would take latents back from it).
+      ``callback`` receives the engine's :class:`~fvdiffusion.loop.StepEvent` instead.
+
+    ``reward(images, prompt)`` takes float images [B, 3, H, W] in [0, 1] and returns [B].
+    ``batch_size`` micro-batches the UNet, the VAE and the reward (results do not depend on it).
+    ``method_options`` go to :func:`fvdiffusion.sample` (e.g. ``lam``, ``eta`` (default 1),
+    ``rebirth_noise``). A scheduler other than DDIM/DDPM has its timesteps used but its stepping
+    replaced by the engine's DDIM(η): one :class:`~fvdiffusion.errors.SchedulerReplacedWarning`
+    says so. Images that are copies of another raise one
+    :class:`~fvdiffusion.errors.DuplicateImagesWarning`.
     """
-    denoiser, latent_reward = build_adapters(pipe, prompt, reward, guidance_scale, negative_prompt, batch_size)
-    result = sample(
-        method=method, denoiser=denoiser, reward=latent_reward, n_particles=n_particles,
-        num_steps=num_inference_steps, seed=seed, cond=prompt, batch_size=batch_size, progress=progress,
-        callback=callback, **method_options,
-    )
-    images = latent_reward.decode(result.samples)
-    if isinstance(latent_reward, LatentImageReward):
-        result.cost.extra["vae_decodes"] = latent_reward.decodes
+    prompts, single = _prompts(prompt)
+    negatives = _negative_prompts(negative_prompt, prompts, single)
+    n = _particles(num_images_per_prompt, n_particles)
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
+    for arg, fn in (("callback_on_step_end", callback_on_step_end), ("callback", callback)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{arg} must be callable, got {type(fn).__name__}")
+    _check_generator(generator, seed)
+    name = type(pipe).__name__
+    kind = _pipeline_kind(pipe)
+    _refuse_pipeline_arguments(pipe, method, method_options)
+    if kind == "pixel":
+        for arg, value in (("guidance_scale", guidance_scale), ("negative_prompt", negative_prompt)):
+            if value is not None:
+                raise ValueError(f"{name} is unconditional: {arg} does not apply")
+        if not single or prompts[0] is not None:
+            raise ValueError(f"{name} is unconditional: pass prompt=None")
+    elif prompts[0] is None:
+        raise ValueError(f"{name} is a text-to-image pipeline: pass the prompt as a string, got None")
+    guidance = _default_guidance(pipe) if guidance_scale is None else guidance_scale
+    engine_seed = 0 if seed is None else seed
+    steps = scheduler_grid(pipe.scheduler, num_inference_steps, schedule_from_scheduler(pipe.scheduler))
+    # validate every engine option before any model runs (and read eta for the scheduler warning)
+    config = make_config(method, n_particles=n, num_steps=num_inference_steps, seed=engine_seed, batch_size=batch_size,
+                         **method_options)
+    if steps.replaced:
+        warnings.warn(steps.warning(config.eta), SchedulerReplacedWarning, stacklevel=2)
+
+    adapters = [build_adapters(pipe, p, reward, guidance, neg, batch_size, height, width)
+                for p, neg in zip(prompts, negatives)]
+    denoiser0 = adapters[0][0]
+    sample_shape = tuple(denoiser0.sample_shape)
+    takes_x_init = not issubclass(get_method(method).config_class, DTSConfig)  # a search tree has one root
+    if latents is not None:
+        x_inits: list[Tensor | None] = _split_latents(latents, len(prompts), n, sample_shape)
+    elif generator is not None and takes_x_init:
+        drawn = _draw_latents(generator, (len(prompts) * n, *sample_shape), denoiser0.device, _latent_dtype(pipe))
+        x_inits = list(drawn.split(n))
+    else:
+        x_inits = [None] * len(prompts)
+    if generator is not None:
+        seeds = torch.randint(0, SEED_MAX, (len(prompts),), generator=generator, device=generator.device).tolist()
+    else:
+        seeds = [engine_seed + i for i in range(len(prompts))]
+
+    results = []
+    for index, (p, (denoiser, image_reward)) in enumerate(zip(prompts, adapters)):
+        result = sample(
+            method=method, denoiser=denoiser, reward=image_reward, n_particles=n, num_steps=num_inference_steps,
+            seed=seeds[index], cond=p, batch_size=batch_size, progress=progress,
+            callback=_step_callback(pipe, callback, callback_on_step_end, index, p), grid=steps.grid,
+            x_init=x_inits[index], **method_options,
+        )
+        results.append(_output(pipe, p, result, image_reward, output_type))
+    duplicated = [(i, r) for i, r in enumerate(results) if r.duplicates]
+    if duplicated:
+        where = ", ".join(f"{r.duplicates} of {r.ranking.numel()}" + (f" for prompt {i}" if not single else "")
+                          for i, r in duplicated)
+        warnings.warn(f"align(): {where} returned images are copies of another image: selection cloned particles "
+                      "and nothing made the copies differ (eta=0 without rebirth noise, or a selection after the last "
+                      "step); AlignResult.duplicates counts them", DuplicateImagesWarning, stacklevel=2)
+    return results[0] if single else results
+
+
+def _output(pipe: Any, prompt: str | None, result: SampleResult, image_reward: Any, output_type: str) -> AlignResult:
     ranking = rank_by_reward(result.rewards)
-    pil = to_pil(images)
-    return AlignResult(images=[pil[i] for i in ranking.tolist()], rewards=result.rewards[ranking],
-                       ranking=ranking, result=result)
+    nsfw = None
+    if output_type == "latent":
+        images: Any = result.samples[ranking.to(result.samples.device)]
+    else:
+        decoded, flags = _safety_check(pipe, image_reward.decode(result.samples))
+        images = _format(decoded[ranking.to(decoded.device)], output_type)
+        nsfw = None if flags is None else [flags[i] for i in ranking.tolist()]
+    if isinstance(image_reward, LatentImageReward):
+        result.cost.extra["vae_decodes"] = image_reward.decodes
+    duplicates = int(result.samples.shape[0]) - result.diversity().distinct_samples
+    return AlignResult(images=images, rewards=result.rewards[ranking], ranking=ranking, result=result,
+                       nsfw_content_detected=nsfw, duplicates=duplicates, prompt=prompt)

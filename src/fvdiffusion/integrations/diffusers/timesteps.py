@@ -55,7 +55,7 @@ class SchedulerGrid:
                 f"{len(self.grid)} timesteps {self.scheduler}.set_timesteps chose ({self.grid[0].t} ... "
                 f"{self.grid[-1].t}): " + "; ".join(self.differences)
                 + ". Images differ from pipe(...) with this scheduler; a DDIMScheduler (eta=0) or DDPMScheduler "
-                  "(eta=1) steps exactly as diffusers does.")
+                  "(eta=1) without clip_sample or thresholding steps exactly as diffusers does.")
 
 
 def ddim_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "leading", steps_offset: int = 0) -> list[int]:
