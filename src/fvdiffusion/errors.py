@@ -52,6 +52,21 @@ class MissingWeightsError(OSError):
     """Model weights are neither on disk nor downloadable from here."""
 
 
+class HubUnreachableError(MissingWeightsError):
+    """A hub id is not in the local Hugging Face cache and the hub may not be contacted (HF_HUB_OFFLINE,
+    no network, or download=False); raised before any request. The message names the argument to pass
+    a local path to."""
+
+
+class RewardUnavailableError(NotImplementedError):
+    """A reward this library no longer provides; the message says why and what to use instead."""
+
+
+class ConversionError(ValueError):
+    """``fvd convert`` refused a file: not a plain state dict of tensors (e.g. a pickle that would run
+    code), or not the model's keys and shapes. The message names the file."""
+
+
 # --- integrations.diffusers ------------------------------------------------------------------
 
 class UnsupportedPipelineError(TypeError):

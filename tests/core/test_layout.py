@@ -8,7 +8,7 @@ numerical leaves import nothing of the project.
    imported nothing of fvdiffusion (one subprocess forks a clean child per module), so an
    import cycle that only bites when a given module comes first ("ImportError: partially
    initialized module") fails here, naming the module. The same child checks that the
-   optional integrations' libraries (diffusers, transformers, ImageReward) stay unimported.
+   optional integrations' libraries (diffusers, transformers, huggingface_hub) stay unimported.
 2. Direction: every import statement in the package (module level, inside functions, under
    ``TYPE_CHECKING``, relative, and ``import_module("fvdiffusion...")``) is parsed with
    ``ast`` and checked against the rules below.
@@ -40,7 +40,7 @@ KNOWN_CYCLES: set[str] = set()
 ENTRY_POINTS = {"fvdiffusion.cli.__main__"}
 
 # Optional extras' libraries that no module may import at import time (only lazily, when used).
-LAZY_LIBRARIES = ("diffusers", "transformers", "ImageReward")
+LAZY_LIBRARIES = ("diffusers", "transformers", "huggingface_hub")
 
 # Third-party libraries imported once in the parent before forking, so that each child pays
 # only for fvdiffusion's own modules. Never fvdiffusion, never the LAZY_LIBRARIES.

@@ -292,6 +292,7 @@ THREADS_ARGV = {
     "train export": lambda f: ["train", "export", "--kind", "ddpm", "--run", str(f["corrupt_ckpt"]),
                                "--out", str(f["under_file"])],
     "train quality": lambda f: ["train", "quality", "--out", str(f["root"])],
+    "convert aesthetic": lambda f: ["convert", "aesthetic", str(f["file"]), "--out", str(f["under_file"])],
 }
 
 

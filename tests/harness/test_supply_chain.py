@@ -116,11 +116,13 @@ def test_a_pipeline_with_only_pickled_weights_is_refused(tmp_path):
 # --- transformers rewards --------------------------------------------------------------------
 
 def test_clip_rewards_ask_for_safetensors_and_forward_the_revision(monkeypatch, tmp_path):
+    """A hub id that is not cached, with the hub reachable: every load asks for safetensors and the pin."""
     transformers = pytest.importorskip("transformers")
     import torch
+    from huggingface_hub import constants
     from safetensors.torch import save_file
 
-    from fvdiffusion.rewards import model_rewards
+    from fvdiffusion.rewards import hub, model_rewards
 
     seen = []
 
@@ -128,6 +130,7 @@ def test_clip_rewards_ask_for_safetensors_and_forward_the_revision(monkeypatch, 
         def __init__(self):
             super().__init__()
             self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.logit_scale = torch.nn.Parameter(torch.zeros(()))
             self.config = type("C", (), {"vision_config": type("V", (), {"image_size": 16}), "projection_dim": 8})
 
     def recorder(kind, result):
@@ -136,21 +139,32 @@ def test_clip_rewards_ask_for_safetensors_and_forward_the_revision(monkeypatch, 
             return result()
         return from_pretrained
 
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))  # nothing cached
+    monkeypatch.setattr(hub, "offline_reason", lambda download: None)                # the hub may be contacted
     monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", recorder("model", Model))
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recorder("tokenizer", object))
+    monkeypatch.setattr(transformers.ImageProcessingMixin, "get_image_processor_dict",
+                        recorder("image", lambda: ({"size": {"shortest_edge": 16}}, {})))
     model_rewards.CLIPScore("org/clip", revision="r1")
     mlp = {f"layers.{i}.{p}": torch.zeros((n, m) if p == "weight" else (n,))
            for i, (n, m) in zip((0, 2, 4, 6, 7), [(4, 8), (4, 4), (4, 4), (4, 4), (1, 4)]) for p in ("weight", "bias")}
     save_file(mlp, str(tmp_path / "mlp.safetensors"))
     model_rewards.AestheticScore(tmp_path / "mlp.safetensors", clip_model="org/clip", clip_revision="r2")
     model_rewards.CLIPScore("org/clip")
+    model_rewards.PickScore("org/pick", processor="org/proc", revision="r3", processor_revision="r4")
     assert seen == [
         ("model", "org/clip", {"use_safetensors": True, "revision": "r1"}),
         ("tokenizer", "org/clip", {"revision": "r1"}),
+        ("image", "org/clip", {"revision": "r1"}),
         ("model", "org/clip", {"use_safetensors": True, "revision": "r2"}),
         ("tokenizer", "org/clip", {"revision": "r2"}),
+        ("image", "org/clip", {"revision": "r2"}),
         ("model", "org/clip", {"use_safetensors": True}),
         ("tokenizer", "org/clip", {}),
+        ("image", "org/clip", {}),
+        ("model", "org/pick", {"use_safetensors": True, "revision": "r3"}),
+        ("tokenizer", "org/proc", {"revision": "r4"}),
+        ("image", "org/proc", {"revision": "r4"}),
     ]
 
 

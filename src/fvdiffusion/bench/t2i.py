@@ -51,8 +51,11 @@ REWARDS: dict[str, Callable[[Optional[str], Any], Any]] = {
     "jpeg": lambda reward_model, device: image_rewards.JpegCompressibility(),
     "clip": lambda reward_model, device: model_rewards.CLIPScore(reward_model or model_rewards.DEFAULT_CLIP, device=device),
     "aesthetic": _aesthetic,
-    "imagereward": lambda reward_model, device: model_rewards.ImageRewardScore(reward_model or "ImageReward-v1.0", device=device),
+    "pickscore": lambda reward_model, device: model_rewards.PickScore(reward_model or model_rewards.DEFAULT_PICKSCORE,
+                                                                      device=device),
 }
+# names that once were rewards: the message says why they are gone and what to use instead
+REMOVED_REWARDS = {"imagereward": model_rewards.IMAGEREWARD_REMOVED}
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -205,6 +208,8 @@ def run_t2i(
 ) -> Path:
     """Run every prompt not yet in ``out/metrics.jsonl``; returns that file's path."""
     prompts = read_prompts(prompts_file)
+    if settings.reward in REMOVED_REWARDS:
+        raise RunnerError(f"--reward {settings.reward}: {REMOVED_REWARDS[settings.reward]}")
     if settings.reward not in REWARDS:
         raise RunnerError(f"unknown reward {settings.reward!r}; expected one of {', '.join(REWARDS)}")
     if settings.dtype not in DTYPES:

@@ -21,7 +21,9 @@ from typing import Any, Callable, NoReturn, TypeVar
 
 import typer
 
-from fvdiffusion.errors import CliError, MissingExtraError, RewardError, UnsupportedPipelineError
+from fvdiffusion.errors import (
+    CliError, MissingExtraError, RewardError, RewardUnavailableError, UnsupportedPipelineError,
+)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -52,6 +54,7 @@ _LIBRARY_ERRORS: tuple[type[Exception], ...] = (
     RewardError,                # RuntimeError: a reward raised
     UnsupportedPipelineError,   # TypeError: a pipeline align() cannot drive
     MissingExtraError,          # ImportError: names the extra to install
+    RewardUnavailableError,     # NotImplementedError: a removed reward, names what to use instead
 )
 
 # Third-party error types, looked up only in modules that are already imported: an exception

@@ -13,7 +13,7 @@ from fvdiffusion.cli.errors import (
 )
 
 # the names of fvdiffusion.bench.t2i.REWARDS and DTYPES (that module imports torch; kept equal by a test)
-REWARD_NAMES = ("brightness", "colourfulness", "jpeg", "clip", "aesthetic", "imagereward")
+REWARD_NAMES = ("brightness", "colourfulness", "jpeg", "clip", "aesthetic", "pickscore")
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 # CLI flags that set config fields: `--option lam=...` is refused with the flag to use
 T2I_FLAGS = {"n_particles": "--particles", "num_steps": "--steps", "lam": "--lam", "seed": "--seed",
@@ -37,7 +37,7 @@ def t2i(
     guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
     lam: float = typer.Option(1.0, help="reward scale λ (inf only for argmax methods)"),
     option: list[str] = typer.Option([], help="method option KEY=VALUE, repeatable (e.g. rebirth_noise=0.5)"),
-    reward_model: Optional[str] = typer.Option(None, help="CLIP model id/path (clip), predictor .safetensors (aesthetic), or ImageReward name"),
+    reward_model: Optional[str] = typer.Option(None, help="clip / pickscore: the model's local directory or hub id; aesthetic: the predictor's .safetensors"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N, mps, or auto = cuda if available"),
     dtype: str = typer.Option("float32", help=f"pipeline dtype: {', '.join(DTYPE_NAMES)}"),
     threads: int = threads_option(),
