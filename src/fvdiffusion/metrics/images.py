@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-METRICS_EXTRA_HINT = "install the metrics extra: pip install 'fvdiffusion[metrics]'"
+METRICS_EXTRA_HINT = "install the metrics extra from the fvdiffusion clone: pip install -e '.[metrics]'"
 
 
 def _feature_matrix(features: Tensor, name: str, min_rows: int = 1) -> Tensor:

@@ -2,7 +2,7 @@
 
 Nothing here imports diffusers: the adapters work on the objects the user already holds
 (duck-typed on their ``config`` attributes), so the only requirement is the extra that
-built those objects (``pip install 'fvdiffusion[diffusers]'``). Code that loads a
+built those objects (``pip install -e '.[diffusers]'`` in the clone). Code that loads a
 pipeline itself (``fvdiffusion.bench.t2i``) imports diffusers through
 :func:`~fvdiffusion.rewards.model_rewards.require`, which names that extra when it is missing.
 """
