@@ -9,6 +9,7 @@ asserts which attempts (if any) it expected.
 """
 
 import collections
+import os
 import socket
 import sys
 from pathlib import Path
@@ -254,6 +255,28 @@ def test_offline_a_hub_id_fails_at_once_naming_the_argument(name, monkeypatch, t
     assert names in message and "HF_HUB_OFFLINE" in message and "local directory" in message
     assert isinstance(err.value, MissingWeightsError) and isinstance(err.value, OSError)
     assert network == [] and all(local for _, _, local in loads), (network, loads)
+
+
+def test_offline_fails_before_transformers_is_even_imported(tmp_path):
+    """Importing transformers is most of what an offline failure would cost: it is not imported at all.
+    (The wall time is measured in the report, not asserted: CPU load varies.)"""
+    import subprocess
+
+    code = ("import sys\n"
+            "from fvdiffusion.errors import HubUnreachableError\n"
+            "from fvdiffusion.rewards.model_rewards import CLIPScore, PickScore\n"
+            "for build in (CLIPScore, PickScore):\n"
+            "    try:\n"
+            "        build()\n"
+            "    except HubUnreachableError as exc:\n"
+            "        print(exc)\n"
+            "print('transformers imported' if 'transformers' in sys.modules else 'transformers not imported')\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0, out.stderr
+    assert len(lines) == 3 and "model='openai/clip-vit-large-patch14'" in lines[0], lines
+    assert "model='yuvalkirstain/PickScore_v1'" in lines[1] and lines[2] == "transformers not imported", lines
 
 
 def test_without_network_the_probe_is_the_only_attempt(monkeypatch, loads, network):

@@ -130,11 +130,30 @@ def hub_offline() -> Iterator[None]:
 
 
 def _in_hub_cache(repo_id: str) -> bool:
-    """Whether the local Hugging Face cache holds anything of ``repo_id`` (no request)."""
+    """Whether the local Hugging Face cache holds anything of ``repo_id`` (no request; the cache's
+    ``models--org--name`` layout, read without importing huggingface_hub's download code)."""
     from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
 
-    return (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")).is_dir()
+    return (Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))).is_dir()
+
+
+def _unreachable(who: str, arg: str, repo_id: str, what: str, reason: str) -> HubUnreachableError:
+    return HubUnreachableError(
+        f"{who}: {arg}={repo_id!r} is a hub id that is not in the local Hugging Face cache, and the hub may not "
+        f"be contacted ({reason}); pass {arg}= a local directory holding the {what} instead "
+        f"(fetch it where there is network, e.g. `hf download {repo_id} --local-dir DIR`)"
+    )
+
+
+def preflight(source: str | os.PathLike[str], *, who: str, arg: str, what: str, download: bool = True) -> None:
+    """Raise now, before transformers is even imported, what :func:`load_pretrained` would raise before
+    any request: a missing local path, or a hub id not in the cache while the hub may not be contacted.
+    (Importing transformers is most of the time an offline failure would otherwise take.)"""
+    where = locate(source, who=who, arg=arg)
+    if isinstance(where, str) and not _in_hub_cache(where):
+        reason = offline_reason(download)
+        if reason is not None:
+            raise _unreachable(who, arg, where, what, reason)
 
 
 def locate(source: str | os.PathLike[str], *, who: str, arg: str) -> Path | str:
@@ -181,11 +200,7 @@ def load_pretrained(
             pass  # partly cached, or another revision: the hub may still have it
     reason = offline_reason(download)
     if reason is not None:
-        raise HubUnreachableError(
-            f"{who}: {arg}={where!r} is a hub id that is not in the local Hugging Face cache, and the hub may not "
-            f"be contacted ({reason}); pass {arg}= a local directory holding the {what} instead "
-            f"(fetch it where there is network, e.g. `hf download {where} --local-dir DIR`)"
-        )
+        raise _unreachable(who, arg, where, what, reason)
     try:
         return load(where, **kwargs)
     except OSError as exc:

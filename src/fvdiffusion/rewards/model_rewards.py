@@ -21,6 +21,7 @@ the model's image processor) runs in torch on the batch, so rewards stay on the 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import pickle
 import zipfile
@@ -35,7 +36,7 @@ from torch.nn import functional as F
 from fvdiffusion.errors import (
     ConversionError, MissingExtraError, MissingWeightsError, RewardUnavailableError,
 )
-from fvdiffusion.rewards.hub import first_line, load_pretrained, locate
+from fvdiffusion.rewards.hub import first_line, load_pretrained, locate, preflight
 
 # OpenAI CLIP's normalisation: the default when a model comes without an image processor config
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,16 +48,28 @@ DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickSco
 PathLike = str | os.PathLike[str]
 
 
+def _missing(module: str, extra: str) -> MissingExtraError:
+    return MissingExtraError(f"{module.split('.')[0]} is not installed; install the {extra} extra from the "
+                             f"fvdiffusion clone: pip install -e '.[{extra}]'")
+
+
 def require(module: str, extra: str) -> Any:
     """Import ``module`` or raise MissingExtraError naming ``pip install -e '.[extra]'`` (fvdiffusion is
     installed from its repository, not from a package index)."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingExtraError(
-            f"{module.split('.')[0]} is not installed; install the {extra} extra from the fvdiffusion clone: "
-            f"pip install -e '.[{extra}]'"
-        ) from exc
+        raise _missing(module, extra) from exc
+
+
+def require_installed(module: str, extra: str) -> None:
+    """MissingExtraError now if ``module`` cannot be found, without importing it."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise _missing(module, extra)
 
 
 def prompt_from(cond: Any, who: str) -> str:
@@ -160,9 +173,13 @@ class _ClipBackbone:
                  processor: PathLike | None = None, revision: str | None = None,
                  processor_revision: str | None = None, download: bool = True,
                  model_arg: str = "model", processor_arg: str = "processor") -> None:
-        transformers = require("transformers", extra)
         if processor is None:
             processor, processor_revision, processor_arg = model, revision, model_arg
+        # what can fail before any request fails before transformers is imported (most of the time otherwise)
+        require_installed("transformers", extra)
+        preflight(model, who=who, arg=model_arg, what="CLIP model", download=download)
+        preflight(processor, who=who, arg=processor_arg, what="tokenizer", download=download)
+        transformers = require("transformers", extra)
         self.model = load_pretrained(
             lambda name, **kw: transformers.CLIPModel.from_pretrained(name, use_safetensors=True, **kw),
             model, who=who, arg=model_arg, what="CLIP model", revision=revision, download=download,
