@@ -31,6 +31,7 @@ from fvdiffusion.integrations.diffusers.denoisers import (
     UNet2DModelDenoiser,
     schedule_from_scheduler,
 )
+from fvdiffusion.integrations.diffusers.flow import FLUX_PIPELINES, SD3_PIPELINES, flow_denoiser_for, is_flow_pipeline
 from fvdiffusion.integrations.diffusers.rewards import LatentImageReward, PixelImageReward
 from fvdiffusion.integrations.diffusers.timesteps import scheduler_grid
 from fvdiffusion.loop import StepEvent
@@ -74,12 +75,17 @@ class AlignResult:
 
 
 def _pipeline_kind(pipe: Any) -> str:
-    """"t2i" (UNet2DConditionModel + VAE + encode_prompt) or "pixel" (unconditional UNet2DModel); else refuse."""
+    """"t2i" (UNet2DConditionModel + VAE + encode_prompt), "pixel" (unconditional UNet2DModel) or
+    "flow" (SD3 / FLUX text-to-image); else refuse."""
     name = type(pipe).__name__
+    if is_flow_pipeline(pipe):
+        if name not in SD3_PIPELINES | FLUX_PIPELINES:  # img2img, inpaint, control: their inputs would be dropped
+            flow_denoiser_for(pipe, "")  # raises UnsupportedPipelineError naming the class and what is supported
+        return "flow"
     if getattr(pipe, "unet", None) is None or not hasattr(pipe, "scheduler"):
         raise UnsupportedPipelineError(
-            f"{name} is not supported: align() needs a pipeline with a `unet` and a VP `scheduler` "
-            "(flow-matching transformer pipelines such as SD3 or FLUX are not supported yet)"
+            f"{name} is not supported: align() needs a pipeline with a `unet` and a VP `scheduler`, or an SD3 / "
+            "FLUX flow-matching pipeline"
         )
     if hasattr(pipe, "encode_prompt") and getattr(pipe, "vae", None) is not None:
         return "t2i"
@@ -100,7 +106,11 @@ def build_adapters(
 ) -> tuple[Any, LatentImageReward | PixelImageReward]:
     """The Denoiser and the x̂0 reward for ``pipe``; raises a clear error for unsupported pipelines."""
     name = type(pipe).__name__
-    if _pipeline_kind(pipe) == "t2i":
+    kind = _pipeline_kind(pipe)
+    if kind == "flow":
+        raise UnsupportedPipelineError(f"{name} is a flow-matching pipeline: its denoiser needs the step count, "
+                                       "use align() or flow_denoiser_for(pipe, prompt, num_inference_steps=...)")
+    if kind == "t2i":
         if not isinstance(prompt, str):
             raise ValueError(f"{name} is a text-to-image pipeline: pass the prompt as a string, got {prompt!r}")
         denoiser = StableDiffusionDenoiser(pipe, prompt, negative_prompt, guidance_scale, batch_size, height, width)
@@ -304,6 +314,7 @@ def align(
     callback: Callable[[StepEvent], Any] | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    max_sequence_length: int | None = None,
     **method_options: Any,
 ) -> AlignResult | list[AlignResult]:
     """Sample ``num_images_per_prompt`` images per prompt from ``pipe`` with ``method`` steering towards ``reward``.
@@ -325,7 +336,12 @@ def align(
     - ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`` after every step, with
       ``callback_kwargs = {"latents", "trace" (the step's StepTrace), "prompt", "prompt_index"}``. It
       observes only: its return value is ignored (diffusers would take latents back from it).
-      ``callback`` receives the engine's :class:`~fvdiffusion.loop.StepEvent` instead.
+      ``callback`` receives the engine's :class:`~fvdiffusion.loop.StepEvent` instead;
+    - ``max_sequence_length``: the T5 prompt length of SD3 / FLUX pipelines (their default if None).
+
+    SD3 and FLUX pipelines run through the flow-matching adapters
+    (:mod:`fvdiffusion.integrations.diffusers.flow`): their scheduler's sigmas decide the grid and
+    the engine steps the VP view of the rectified flow (η = 0 is the pipeline's Euler ODE).
 
     ``reward(images, prompt)`` takes float images [B, 3, H, W] in [0, 1] and returns [B].
     ``batch_size`` micro-batches the UNet, the VAE and the reward (results do not depend on it).
@@ -357,25 +373,43 @@ def align(
         raise ValueError(f"{name} is a text-to-image pipeline: pass the prompt as a string, got None")
     guidance = _default_guidance(pipe) if guidance_scale is None else guidance_scale
     engine_seed = 0 if seed is None else seed
-    steps = scheduler_grid(pipe.scheduler, num_inference_steps, schedule_from_scheduler(pipe.scheduler))
+    # the scheduler names a bad step count in its own terms, before the engine's config does
+    steps = None if kind == "flow" else scheduler_grid(pipe.scheduler, num_inference_steps,
+                                                        schedule_from_scheduler(pipe.scheduler))
     # validate every engine option before any model runs (and read eta for the scheduler warning)
     config = make_config(method, n_particles=n, num_steps=num_inference_steps, seed=engine_seed, batch_size=batch_size,
                          **method_options)
-    if steps.replaced:
-        warnings.warn(steps.warning(config.eta), SchedulerReplacedWarning, stacklevel=2)
-
-    adapters = [build_adapters(pipe, p, reward, guidance, neg, batch_size, height, width)
-                for p, neg in zip(prompts, negatives)]
+    if max_sequence_length is not None and kind != "flow":
+        raise ValueError(f"{name} has no T5 encoder: max_sequence_length applies to SD3 / FLUX pipelines only")
+    if kind == "flow":
+        # the flow adapters take the grid from the pipeline's FlowMatchEuler scheduler (and warn if it is another)
+        tokens = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        adapters = [(flow_denoiser_for(pipe, p, negative_prompt=neg, guidance_scale=guidance,
+                                       num_inference_steps=num_inference_steps, height=height, width=width,
+                                       batch_size=batch_size, **tokens), LatentImageReward(pipe, reward, batch_size))
+                    for p, neg in zip(prompts, negatives)]
+        grids = [denoiser.grid for denoiser, _ in adapters]
+    else:
+        if steps.replaced:
+            warnings.warn(steps.warning(config.eta), SchedulerReplacedWarning, stacklevel=2)
+        adapters = [build_adapters(pipe, p, reward, guidance, neg, batch_size, height, width)
+                    for p, neg in zip(prompts, negatives)]
+        grids = [steps.grid] * len(prompts)
     denoiser0 = adapters[0][0]
     sample_shape = tuple(denoiser0.sample_shape)
     takes_x_init = not issubclass(get_method(method).config_class, DTSConfig)  # a search tree has one root
     if latents is not None:
+        if kind == "flow" and isinstance(latents, Tensor) and latents.ndim == 3 and len(sample_shape) == 3:
+            latents = _unpack_flux_latents(pipe, latents, sample_shape)  # FLUX's own packed layout
         x_inits: list[Tensor | None] = _split_latents(latents, len(prompts), n, sample_shape)
     elif generator is not None and takes_x_init:
-        drawn = _draw_latents(generator, (len(prompts) * n, *sample_shape), denoiser0.device, _latent_dtype(pipe))
+        dtype = pipe.transformer.dtype if kind == "flow" else _latent_dtype(pipe)
+        drawn = _draw_latents(generator, (len(prompts) * n, *sample_shape), denoiser0.device, dtype)
         x_inits = list(drawn.split(n))
     else:
         x_inits = [None] * len(prompts)
+    if kind == "flow":  # the pipeline's latents are x_t at the first sigma; the engine's state is x_t / c(t)
+        x_inits = [None if x is None else denoiser.initial_state(x) for x, (denoiser, _) in zip(x_inits, adapters)]
     if generator is not None:
         seeds = torch.randint(0, SEED_MAX, (len(prompts),), generator=generator, device=generator.device).tolist()
     else:
@@ -386,7 +420,7 @@ def align(
         result = sample(
             method=method, denoiser=denoiser, reward=image_reward, n_particles=n, num_steps=num_inference_steps,
             seed=seeds[index], cond=p, batch_size=batch_size, progress=progress,
-            callback=_step_callback(pipe, callback, callback_on_step_end, index, p), grid=steps.grid,
+            callback=_step_callback(pipe, callback, callback_on_step_end, index, p), grid=grids[index],
             x_init=x_inits[index], **method_options,
         )
         results.append(_output(pipe, p, result, image_reward, output_type))
@@ -398,6 +432,16 @@ def align(
                       "and nothing made the copies differ (eta=0 without rebirth noise, or a selection after the last "
                       "step); AlignResult.duplicates counts them", DuplicateImagesWarning, stacklevel=2)
     return results[0] if single else results
+
+
+def _unpack_flux_latents(pipe: Any, latents: Tensor, sample_shape: tuple[int, ...]) -> Tensor:
+    """FLUX takes latents packed as [B, (h/2)(w/2), 4C]; the engine's particles are [B, C, h, w]."""
+    channels, h, w = sample_shape
+    if latents.shape[1:] != ((h // 2) * (w // 2), 4 * channels):
+        raise ValueError(f"latents: expected FLUX's packed shape [B, {(h // 2) * (w // 2)}, {4 * channels}] or "
+                         f"[B, {channels}, {h}, {w}], got {list(latents.shape)}")
+    scale = pipe.vae_scale_factor
+    return pipe._unpack_latents(latents, h * scale, w * scale, scale)
 
 
 def _output(pipe: Any, prompt: str | None, result: SampleResult, image_reward: Any, output_type: str) -> AlignResult:
