@@ -7,9 +7,11 @@
 The pipeline is used as it is (no forked pipeline): its UNet and text encoders become a
 Denoiser, its VAE decodes x̂0 latents for the image reward, its scheduler's
 ``set_timesteps(K)`` decides the step grid (:mod:`.timesteps`), and the engine does the
-stepping with DDIM(η). Supported: unconditional pixel pipelines built on ``UNet2DModel``
-(e.g. ``DDPMPipeline``, no prompt) and text-to-image pipelines built on
-``UNet2DConditionModel`` with a VAE (Stable Diffusion 1.x / 2.x, SDXL).
+stepping with DDIM(η). Supported, by exact class name (:mod:`.pipelines`):
+``StableDiffusionPipeline`` (1.x / 2.x), ``StableDiffusionXLPipeline`` (base), ``DDPMPipeline`` /
+``DDIMPipeline`` (``UNet2DModel``, no prompt), ``StableDiffusion3Pipeline`` and ``FluxPipeline``
+(:mod:`.flow`). Every other class (img2img, inpaint, ControlNet, DiT, PixArt, Kandinsky, …) is
+refused before any model runs with one :class:`UnsupportedPipelineError` line saying why.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from fvdiffusion.integrations.diffusers.denoisers import (
     UNet2DModelDenoiser,
     schedule_from_scheduler,
 )
-from fvdiffusion.integrations.diffusers.flow import FLUX_PIPELINES, SD3_PIPELINES, flow_denoiser_for, is_flow_pipeline
+from fvdiffusion.integrations.diffusers.flow import flow_denoiser_for
+from fvdiffusion.integrations.diffusers.pipelines import pipeline_kind
 from fvdiffusion.integrations.diffusers.rewards import LatentImageReward, PixelImageReward
 from fvdiffusion.integrations.diffusers.timesteps import scheduler_grid
 from fvdiffusion.loop import StepEvent
@@ -75,23 +78,9 @@ class AlignResult:
 
 
 def _pipeline_kind(pipe: Any) -> str:
-    """"t2i" (UNet2DConditionModel + VAE + encode_prompt), "pixel" (unconditional UNet2DModel) or
-    "flow" (SD3 / FLUX text-to-image); else refuse."""
-    name = type(pipe).__name__
-    if is_flow_pipeline(pipe):
-        if name not in SD3_PIPELINES | FLUX_PIPELINES:  # img2img, inpaint, control: their inputs would be dropped
-            flow_denoiser_for(pipe, "")  # raises UnsupportedPipelineError naming the class and what is supported
-        return "flow"
-    if getattr(pipe, "unet", None) is None or not hasattr(pipe, "scheduler"):
-        raise UnsupportedPipelineError(
-            f"{name} is not supported: align() needs a pipeline with a `unet` and a VP `scheduler`, or an SD3 / "
-            "FLUX flow-matching pipeline"
-        )
-    if hasattr(pipe, "encode_prompt") and getattr(pipe, "vae", None) is not None:
-        return "t2i"
-    if getattr(pipe, "vae", None) is None and getattr(pipe, "vqvae", None) is None:
-        return "pixel"
-    raise UnsupportedPipelineError(f"{name} is not supported: expected an unconditional UNet2DModel pipeline or a Stable Diffusion pipeline")
+    """"t2i" (SD / SDXL), "pixel" (DDPM / DDIM on a UNet2DModel) or "flow" (SD3 / FLUX text-to-image), by
+    class name (:mod:`.pipelines`); any other class is refused before anything runs."""
+    return pipeline_kind(pipe)
 
 
 def build_adapters(

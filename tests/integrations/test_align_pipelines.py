@@ -1,0 +1,202 @@
+"""Which pipelines align() drives: an allow-list by class name; every other class refused up front.
+
+A refused pipeline gets one UnsupportedPipelineError line that names its class, says why (its
+image / mask / control input would be dropped, it is a VP transformer or a multi-stage pipeline)
+and lists what is supported, and nothing of it runs. SDXL base is supported: its added time ids
+and pooled embeddings reproduce the pipeline's own latents (DDIM, eta = 0, method "base").
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "fixtures" / "t2i"))
+import tiny_diffusers  # noqa: E402
+from tiny_diffusers import one_thread  # noqa: E402,F401  (autouse fixture)
+
+import diffusers  # noqa: E402
+
+from fvdiffusion.errors import UnsupportedPipelineError  # noqa: E402
+from fvdiffusion.integrations.diffusers import align  # noqa: E402
+from fvdiffusion.integrations.diffusers.pipelines import SUPPORTED_PIPELINES  # noqa: E402
+from fvdiffusion.rewards.image_rewards import Brightness  # noqa: E402
+
+align_module = sys.modules["fvdiffusion.integrations.diffusers.align"]
+PROMPT = "a photo of the sea"
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "DDPMPipeline", "DDIMPipeline",
+             "StableDiffusion3Pipeline", "FluxPipeline")
+
+
+@pytest.fixture(scope="module")
+def sd():
+    pipe = tiny_diffusers.sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    pipe = tiny_diffusers.sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def no_engine(monkeypatch):
+    def fail(**kwargs):
+        raise AssertionError("the engine ran for a refused pipeline")
+
+    monkeypatch.setattr(align_module, "sample", fail)
+
+
+def count_calls(*modules):
+    """A list that grows by one on every forward of any of ``modules``."""
+    calls = []
+    for module in modules:
+        module.register_forward_pre_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def refused(pipe, prompt=PROMPT, **kwargs) -> str:
+    with pytest.raises(UnsupportedPipelineError) as err:
+        align(pipe, prompt, Brightness(), method="base", num_images_per_prompt=2, num_inference_steps=2, **kwargs)
+    message = str(err.value)
+    name = type(pipe).__name__
+    assert "\n" not in message
+    assert message.startswith(f"{name} is not supported by align(): ")
+    assert message.endswith("supported: " + ", ".join(SUPPORTED))
+    return message
+
+
+def bare(name):
+    """An instance of diffusers' class ``name`` with no components (nothing of it can run)."""
+    cls = getattr(diffusers, name)
+    return cls.__new__(cls)
+
+
+def test_the_allow_list_is_exactly_the_tested_pipelines():
+    assert tuple(SUPPORTED_PIPELINES) == SUPPORTED
+    for name in SUPPORTED:
+        assert hasattr(diffusers, name), name  # names of real diffusers classes
+
+
+# ---------------------------------------------------------------- refused with real tiny components
+
+def test_sd_img2img_is_refused_before_any_model_runs(sd, no_engine):
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(**sd.components)
+    calls = count_calls(pipe.unet, pipe.vae, pipe.text_encoder)
+    assert "init `image`" in refused(pipe)
+    assert calls == []
+
+
+def test_sd_inpaint_with_a_4_channel_unet_is_refused(sd, no_engine):
+    pipe = diffusers.StableDiffusionInpaintPipeline(**sd.components)
+    assert pipe.unet.config.in_channels == 4  # the layout the old structural check took for text-to-image
+    calls = count_calls(pipe.unet, pipe.vae, pipe.text_encoder)
+    assert "`mask_image` would be dropped" in refused(pipe)
+    assert calls == []
+
+
+def test_sd_controlnet_is_refused(sd, no_engine):
+    controlnet = diffusers.ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(4, 8))
+    pipe = diffusers.StableDiffusionControlNetPipeline(**sd.components, controlnet=controlnet)
+    calls = count_calls(pipe.unet, pipe.vae, pipe.text_encoder, controlnet)
+    assert "control image" in refused(pipe)
+    assert calls == []
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"])
+def test_sdxl_img2img_inpaint_and_refiner_are_refused_not_crashing_in_diffusers(sdxl, no_engine, name):
+    # SDXL's refiner is StableDiffusionXLImg2ImgPipeline; these used to crash in _get_add_time_ids
+    pipe = getattr(diffusers, name)(**sdxl.components)
+    calls = count_calls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
+    assert "would be dropped" in refused(pipe)
+    assert calls == []
+
+
+def test_a_subclass_of_a_supported_pipeline_is_refused(sd, no_engine):
+    class MyPipeline(diffusers.StableDiffusionPipeline):
+        pass
+
+    pipe = MyPipeline(**sd.components)
+    assert "not on align()'s list" in refused(pipe)
+
+
+def test_a_supported_class_without_its_components_is_refused(no_engine):
+    pipe = diffusers.DDPMPipeline(unet=None, scheduler=diffusers.DDPMScheduler())
+    with pytest.raises(UnsupportedPipelineError, match=r"^DDPMPipeline has no `unet`"):
+        align(pipe, None, Brightness(), method="base", num_inference_steps=2)
+
+
+# ---------------------------------------------------------------- refused by class (no components)
+
+@pytest.mark.parametrize("name,needle", [
+    ("StableDiffusionXLControlNetPipeline", "control image"),
+    ("StableDiffusionAdapterPipeline", "control image"),
+    ("StableDiffusionDepth2ImgPipeline", "init `image`"),
+    ("StableDiffusionUpscalePipeline", "init `image`"),
+    ("StableDiffusionInstructPix2PixPipeline", "init `image`"),
+])
+def test_other_sd_image_conditioned_variants_are_refused(no_engine, name, needle):
+    assert needle in refused(bare(name))
+
+
+@pytest.mark.parametrize("name", ["DiTPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline", "HunyuanDiTPipeline"])
+def test_dit_and_pixart_are_refused_as_vp_transformers_not_flow_matching(no_engine, name):
+    message = refused(bare(name))
+    assert "VP diffusion transformer pipeline (not flow-matching)" in message
+
+
+@pytest.mark.parametrize("name", ["KandinskyPipeline", "KandinskyV22Pipeline", "KandinskyV22PriorPipeline",
+                                  "UnCLIPPipeline", "WuerstchenCombinedPipeline", "StableCascadeDecoderPipeline",
+                                  "IFPipeline"])
+def test_kandinsky_unclip_and_cascades_are_refused_as_multi_stage(no_engine, name):
+    assert "multi-stage" in refused(bare(name))
+
+
+@pytest.mark.parametrize("name,needle", [
+    ("FluxImg2ImgPipeline", "init `image`"), ("FluxInpaintPipeline", "`mask_image`"),
+    ("FluxFillPipeline", "`mask_image`"), ("FluxControlNetPipeline", "control image"),
+    ("FluxControlPipeline", "control image"), ("FluxKontextPipeline", "init `image`"),
+    ("StableDiffusion3Img2ImgPipeline", "init `image`"), ("StableDiffusion3ControlNetPipeline", "control image"),
+])
+def test_flow_matching_variants_are_refused(no_engine, name, needle):
+    assert needle in refused(bare(name))
+
+
+@pytest.mark.parametrize("name", ["LatentConsistencyModelPipeline", "StableDiffusionPAGPipeline", "SanaPipeline",
+                                  "LDMTextToImagePipeline"])
+def test_anything_else_is_refused_by_name(no_engine, name):
+    assert "not on align()'s list" in refused(bare(name))
+
+
+def test_an_object_that_is_no_pipeline_is_refused():
+    with pytest.raises(UnsupportedPipelineError, match=r"^object is not supported by align\(\)"):
+        align(object(), PROMPT, Brightness())
+
+
+# ---------------------------------------------------------------- SDXL base: supported, golden
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sdxl_base_eta0_reproduces_the_pipeline(sdxl, steps):
+    def gen():
+        return torch.Generator().manual_seed(3)
+
+    ref = sdxl(PROMPT, num_images_per_prompt=2, num_inference_steps=steps, generator=gen(), output_type="latent").images
+    out = align(sdxl, PROMPT, Brightness(), method="base", eta=0.0, num_images_per_prompt=2,
+                num_inference_steps=steps, generator=gen(), output_type="latent")
+    torch.testing.assert_close(out.result.samples, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sdxl_time_ids_follow_height_width_and_the_negative_prompt_its_pooled_embedding(sdxl):
+    # 32x16 images: the time ids (original / target size) differ from the default 16x16 ones
+    kwargs = dict(num_images_per_prompt=2, num_inference_steps=3, negative_prompt="a red cat", height=32, width=16,
+                  guidance_scale=3.0)
+    gen = torch.Generator().manual_seed(5)
+    ref = sdxl(PROMPT, generator=gen, output_type="latent", **kwargs).images
+    out = align(sdxl, PROMPT, Brightness(), method="base", eta=0.0, generator=torch.Generator().manual_seed(5),
+                output_type="latent", **kwargs)
+    assert ref.shape == (2, 4, 16, 8)
+    torch.testing.assert_close(out.result.samples, ref, rtol=1e-5, atol=1e-5)
