@@ -221,3 +221,142 @@ def test_revision_reaches_the_pipeline_loader(app, model_dir, prompts_txt, tmp_p
     monkeypatch.setattr(runner, "load_pipeline", loader)
     one_line_error(invoke(app, model_dir, prompts_txt, tmp_path / "o", "--revision", "abc123"), "stop after")
     assert seen == {"revision": "abc123"}
+
+
+# --- issue 12 item 7: negative prompt, size, eta, eval reward, base comparison, shards ---------
+
+def _image_tensor(out: Path, paths: list[str]):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(out / p).convert("RGB"), dtype=np.float32) / 255.0 for p in paths]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def test_negative_prompt_size_and_eta_reach_align(app, model_dir, prompts_txt, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from fvdiffusion.bench import t2i as runner
+
+    seen = []
+    real_align = runner.align
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real_align(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "align", spy)
+    out = tmp_path / "run"
+    result = invoke(app, model_dir, prompts_txt, out, "--negative-prompt", "blurry", "--height", "24",
+                    "--width", "20", "--eta", "0.3")
+    assert result.exit_code == 0, result.output
+    assert [(k["negative_prompt"], k["height"], k["width"], k["eta"]) for k in seen] == [("blurry", 24, 20, 0.3)] * 2
+    for row in records(out):
+        assert all(Image.open(out / p).size == (20, 24) for p in row["images"])
+    stored = json.loads((out / "run.json").read_text())
+    assert (stored["negative_prompt"], stored["height"], stored["width"], stored["options"]["eta"]) == \
+        ("blurry", 24, 20, 0.3)
+    one_line_error(invoke(app, model_dir, prompts_txt, out, "--negative-prompt", "blurry", "--height", "24",
+                          "--width", "20", "--eta", "0.0"), "options")  # another eta is another run
+    odd = invoke(app, model_dir, prompts_txt, tmp_path / "odd", "--height", "25")  # known only once loaded
+    assert odd.exit_code == 2 and "Traceback" not in odd.output
+    errors = [line for line in odd.stderr.splitlines() if line.startswith("error: ")]  # diffusers' load bars aside
+    assert len(errors) == 1 and "--height 25" in errors[0] and "scale factor 2" in errors[0], odd.stderr
+    assert not (tmp_path / "odd" / "run.json").exists()
+
+
+def test_eval_reward_is_reported_and_never_used_for_selection(app, model_dir, prompts_txt, tmp_path):
+    from fvdiffusion.rewards.image_rewards import Colourfulness
+
+    plain, scored = tmp_path / "plain", tmp_path / "scored"
+    assert invoke(app, model_dir, prompts_txt, plain).exit_code == 0
+    result = invoke(app, model_dir, prompts_txt, scored, "--eval-reward", "colourfulness")
+    assert result.exit_code == 0, result.output
+    for a, b in zip(records(plain), records(scored)):
+        assert b["eval_reward"] == "colourfulness" and len(b["eval_rewards"]) == 3
+        # the selection, rewards and images are those of the run without an eval reward
+        assert _without_timing([a]) == _without_timing([{k: v for k, v in b.items() if not k.startswith("eval_")}])
+        # eval_rewards[i] scores images[i] (the PNGs are 8-bit: a loose tolerance)
+        expected = Colourfulness()(_image_tensor(scored, b["images"]))
+        assert b["eval_rewards"] == pytest.approx(expected.tolist(), abs=0.5)
+        assert b["eval_rewards"] != pytest.approx(b["rewards"])
+    summary = json.loads((scored / "summary.json").read_text())
+    assert summary["done"] == 2 and summary["eval_reward"] == "colourfulness"
+    assert summary["mean_eval_reward_of_best"] == pytest.approx(
+        sum(r["eval_rewards"][0] for r in records(scored)) / 2)
+
+
+def test_compare_base_writes_a_base_row_and_an_aligned_row(app, model_dir, prompts_txt, tmp_path):
+    import torch
+    from PIL import Image
+
+    base_out, out = tmp_path / "base", tmp_path / "cmp"
+    assert invoke(app, model_dir, prompts_txt, base_out, "--method", "base").exit_code == 0
+    result = invoke(app, model_dir, prompts_txt, out, "--compare-base", "--lam", "20")
+    assert result.exit_code == 0, result.output
+    for base_row, row in zip(records(base_out), records(out)):
+        # the base row is method=base from the prompt's seed: the same images a base run gives
+        assert row["base_rewards"] == pytest.approx(base_row["rewards"])
+        assert torch.equal(_image_tensor(out, row["base_images"]), _image_tensor(base_out, base_row["images"]))
+        grid = Image.open(out / row["grid"]).convert("RGB")
+        w = h = 16
+        assert grid.size == (64 + 3 * (w + 2), 2 * (h + 2))
+        for r, paths in enumerate((row["base_images"], row["images"])):
+            for c, path in enumerate(paths):
+                x, y = 64 + c * (w + 2), r * (h + 2)
+                assert grid.crop((x, y, x + w, y + h)).tobytes() == Image.open(out / path).convert("RGB").tobytes()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mean_best_reward"] > summary["base_mean_best_reward"]  # brightness steered at lam 20
+
+
+def test_shards_write_their_own_files_and_merge_into_one_run(app, model_dir, tmp_path, monkeypatch):
+    from fvdiffusion.bench import t2i as runner
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert invoke(app, model_dir, prompts, single).exit_code == 0
+    for i in (0, 1):
+        result = invoke(app, model_dir, prompts, sharded, "--shard", f"{i}/2")
+        assert result.exit_code == 0, result.output
+    assert not (sharded / "metrics.jsonl").exists() and not (sharded / "summary.json").exists()
+    assert [r["index"] for r in records_of(sharded / "metrics.shard-0-of-2.jsonl")] == [0, 2]
+    assert [r["index"] for r in records_of(sharded / "metrics.shard-1-of-2.jsonl")] == [1]
+
+    def no_loading(*args, **kwargs):
+        raise runner.RunnerError("a shard or merge rerun must not load the pipeline")
+
+    monkeypatch.setattr(runner, "load_pipeline", no_loading)
+    before = (sharded / "metrics.shard-0-of-2.jsonl").read_text()
+    assert invoke(app, model_dir, prompts, sharded, "--shard", "0/2").exit_code == 0  # resume: all done
+    assert (sharded / "metrics.shard-0-of-2.jsonl").read_text() == before
+    result = invoke(app, model_dir, prompts, sharded)  # no --shard: merge, nothing left to run
+    assert result.exit_code == 0, result.output
+    merged = sorted(records(sharded), key=lambda r: r["index"])
+    assert _without_timing(merged) == _without_timing(records(single))
+    summary = json.loads((sharded / "summary.json").read_text())
+    assert summary["done"] == 3 and summary["missing"] == []
+    assert summary == json.loads((single / "summary.json").read_text())
+    # merging again adds nothing
+    assert invoke(app, model_dir, prompts, sharded, "--merge").exit_code == 0
+    assert len(records(sharded)) == 3
+
+
+def test_merge_reports_missing_prompts_without_sampling(app, model_dir, tmp_path, monkeypatch):
+    from fvdiffusion.bench import t2i as runner
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "run"
+    assert invoke(app, model_dir, prompts, out, "--shard", "1/2").exit_code == 0
+    monkeypatch.setattr(runner, "load_pipeline", lambda *a, **k: pytest.fail("--merge must not sample"))
+    result = invoke(app, model_dir, prompts, out, "--merge")
+    assert result.exit_code == 0, result.output
+    assert [r["index"] for r in records(out)] == [1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done"] == 1 and summary["missing"] == [0, 2]
+
+
+def records_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]

@@ -9,6 +9,16 @@ index *and text*: a rerun skips the prompts already recorded, and a prompt edite
 runs is recomputed, its stale record dropped from the file. ``OUT/run.json`` holds the run's
 settings, and rerunning into the same directory with different settings is refused rather
 than mixing two runs in one file.
+
+``eval_reward`` scores the final images with a second reward that selection never sees;
+``compare_base`` also runs ``method="base"`` from the same seed and writes a grid per prompt,
+``OUT/grids/iiii.png`` (top row base, bottom row aligned, best reward first in each row).
+
+Sharding: ``shard=(i, n)`` runs prompts i, i + n, i + 2n, ... and appends to its own record file
+``OUT/metrics.shard-i-of-n.jsonl`` (n processes never write one file). A run without a shard
+first merges every shard file's records into ``metrics.jsonl`` (those whose index and prompt
+text match the prompt file), then runs what is still missing (``merge_only``: nothing) and
+writes ``OUT/summary.json``.
 """
 
 from __future__ import annotations
@@ -16,7 +26,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -26,6 +38,7 @@ from tqdm.auto import tqdm
 from fvdiffusion.durable import RecordLog, fsync_file, write_atomically
 from fvdiffusion.errors import CorruptRecordsError, PromptFileError, RunFileError, RunnerError
 from fvdiffusion.integrations.diffusers import align
+from fvdiffusion.integrations.diffusers.align import to_pil
 from fvdiffusion.jsonsafe import finite_or_none
 from fvdiffusion.rewards import image_rewards, model_rewards
 from fvdiffusion.rewards.model_rewards import require
@@ -33,6 +46,8 @@ from fvdiffusion.samplers import make_config
 
 METRICS_FILE = "metrics.jsonl"
 SETTINGS_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+SHARD_FILE = re.compile(r"^metrics\.shard-(\d+)-of-(\d+)\.jsonl$")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -120,6 +135,16 @@ class T2ISettings:
     dtype: str
     options: dict[str, Any] = field(default_factory=dict)
     revision: Optional[str] = None  # hub commit / tag of the pipeline (None: the default branch)
+    negative_prompt: Optional[str] = None
+    height: Optional[int] = None    # None: the pipeline's default size
+    width: Optional[int] = None
+    eval_reward: Optional[str] = None        # a second reward on the final images, never used for selection
+    eval_reward_model: Optional[str] = None
+    compare_base: bool = False               # also run method="base" from the same seed; a grid per prompt
+
+
+def shard_file(shard: tuple[int, int]) -> str:
+    return f"metrics.shard-{shard[0]}-of-{shard[1]}.jsonl"
 
 
 def check_settings(out: Path, settings: T2ISettings) -> None:
@@ -136,7 +161,10 @@ def check_settings(out: Path, settings: T2ISettings) -> None:
     if not isinstance(stored, dict):
         raise RunFileError(f"{path}: not a valid settings file (a JSON object expected); restore it, or use "
                            "another --out to start a new run")
-    changed = [k for k in current if stored.get(k) != current[k]]
+    # a field added since the run was started reads as its default (older run.json files stay valid)
+    defaults = _settings_json(T2ISettings(**{f.name: "" for f in fields(T2ISettings) if f.default is MISSING
+                                             and f.default_factory is MISSING}))
+    changed = [k for k in current if stored.get(k, defaults.get(k)) != current[k]]
     if changed:
         k = changed[0]
         raise RunnerError(
@@ -153,6 +181,10 @@ def save_settings(out: Path, settings: T2ISettings) -> None:
 
 def _settings_json(settings: T2ISettings) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(settings)))  # normalised as it reads back from the file
+
+
+def _build_reward(name: str, reward_model: Optional[str], device: Any) -> Any:
+    return REWARDS[name](reward_model, device)
 
 
 def open_metrics(metrics: Path) -> RecordLog:
@@ -198,6 +230,85 @@ def load_pipeline(model: str, dtype: str, device: str, revision: Optional[str] =
     return pipe.to(device)
 
 
+def check_reward_name(flag: str, name: str) -> None:
+    if name in REMOVED_REWARDS:
+        raise RunnerError(f"{flag} {name}: {REMOVED_REWARDS[name]}")
+    if name not in REWARDS:
+        raise RunnerError(f"{flag}: unknown reward {name!r}; expected one of {', '.join(REWARDS)}")
+
+
+def merge_shards(out: Path, prompts: list[str], log: RecordLog) -> int:
+    """Copy into ``log`` every shard record of a current prompt that ``log`` lacks; returns how many."""
+    merged = 0
+    for path in sorted(p for p in out.iterdir() if SHARD_FILE.match(p.name)):
+        for row in open_metrics(path).rows:
+            index, prompt = row["index"], row["prompt"]
+            if index >= len(prompts) or prompts[index] != prompt or log.done(index=index, prompt=prompt):
+                continue  # a prompt no longer in the file (or edited), or already merged
+            log.keep_where(lambda r: r["index"] != index or r["prompt"] == prompt)
+            log.append(row)
+            merged += 1
+    return merged
+
+
+def _mean(values: list[Any]) -> Optional[float]:
+    clean = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(clean) / len(clean) if clean else None
+
+
+def write_summary(out: Path, settings: T2ISettings, prompts: list[str], log: RecordLog) -> dict[str, Any]:
+    """``OUT/summary.json``: per-run means over the recorded prompts, and which prompts are missing."""
+    rows = {r["index"]: r for r in log.rows if r["index"] < len(prompts) and prompts[r["index"]] == r["prompt"]}
+    done = [rows[i] for i in sorted(rows)]
+    summary: dict[str, Any] = {
+        "prompts": len(prompts), "done": len(done), "missing": [i for i in range(len(prompts)) if i not in rows],
+        "method": settings.method, "reward": settings.reward,
+        "mean_best_reward": _mean([r["rewards"][0] for r in done if r["rewards"]]),
+        "mean_reward": _mean([_mean(r["rewards"]) for r in done]),
+    }
+    if settings.eval_reward is not None:
+        summary["eval_reward"] = settings.eval_reward
+        summary["mean_eval_reward_of_best"] = _mean([r["eval_rewards"][0] for r in done if r.get("eval_rewards")])
+        summary["mean_eval_reward"] = _mean([_mean(r.get("eval_rewards") or []) for r in done])
+    if settings.compare_base:
+        summary["base_mean_best_reward"] = _mean([r["base_rewards"][0] for r in done if r.get("base_rewards")])
+        summary["base_mean_reward"] = _mean([_mean(r.get("base_rewards") or []) for r in done])
+        if settings.eval_reward is not None:
+            summary["base_mean_eval_reward"] = _mean([_mean(r.get("base_eval_rewards") or []) for r in done])
+    summary = finite_or_none(summary)
+    write_atomically(out / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    return summary
+
+
+def save_grid(path: Path, rows: list[tuple[str, list[Any]]]) -> None:
+    """One labelled row of images per (label, PIL images); written atomically."""
+    image_module = require("PIL.Image", "plot")
+    draw_module = require("PIL.ImageDraw", "plot")
+    w, h = rows[0][1][0].size
+    label_w, gap = 64, 2
+    columns = max(len(images) for _, images in rows)
+    grid = image_module.new("RGB", (label_w + columns * (w + gap), len(rows) * (h + gap)), "white")
+    draw = draw_module.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        y = r * (h + gap)
+        draw.text((4, y + h // 2 - 5), label[:10], fill="black")
+        for c, image in enumerate(images):
+            grid.paste(image, (label_w + c * (w + gap), y))
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    write_atomically(path, buffer.getvalue())
+
+
+def _save_images(out: Path, image_dir: Path, images: list[Any], prefix: str = "") -> list[str]:
+    paths = []
+    for rank, image in enumerate(images):
+        path = image_dir / f"{prefix}{rank:02d}.png"
+        image.save(path)
+        fsync_file(path)
+        paths.append(str(path.relative_to(out)))
+    return paths
+
+
 def run_t2i(
     settings: T2ISettings,
     prompts_file: Path,
@@ -205,15 +316,24 @@ def run_t2i(
     batch_size: Optional[int] = None,
     device: str = "auto",
     show_progress: bool = True,
+    shard: Optional[tuple[int, int]] = None,
+    merge_only: bool = False,
 ) -> Path:
-    """Run every prompt not yet in ``out/metrics.jsonl``; returns that file's path."""
+    """Run every prompt not yet recorded (of this shard, if any); returns the record file's path.
+
+    Without ``shard``, shard files in ``out`` are merged into ``metrics.jsonl`` first and
+    ``summary.json`` is written at the end; ``merge_only`` merges and summarises without running.
+    """
     prompts = read_prompts(prompts_file)
-    if settings.reward in REMOVED_REWARDS:
-        raise RunnerError(f"--reward {settings.reward}: {REMOVED_REWARDS[settings.reward]}")
-    if settings.reward not in REWARDS:
-        raise RunnerError(f"unknown reward {settings.reward!r}; expected one of {', '.join(REWARDS)}")
+    check_reward_name("--reward", settings.reward)
+    if settings.eval_reward is not None:
+        check_reward_name("--eval-reward", settings.eval_reward)
     if settings.dtype not in DTYPES:
         raise RunnerError(f"unknown dtype {settings.dtype!r}; expected one of {', '.join(DTYPES)}")
+    if shard is not None and not (isinstance(shard, tuple) and len(shard) == 2 and 0 <= shard[0] < shard[1]):
+        raise RunnerError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
+    if shard is not None and merge_only:
+        raise RunnerError("--merge combines the shards' results: run it without --shard")
     # validate the method and its options before anything slow is loaded
     make_config(settings.method, n_particles=settings.particles, num_steps=settings.steps, seed=settings.seed,
                 batch_size=batch_size, **settings.options)
@@ -223,32 +343,71 @@ def run_t2i(
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, settings)
     metrics = out / METRICS_FILE
-    log = open_metrics(metrics)
-    todo = [(i, p) for i, p in enumerate(prompts) if not log.done(index=i, prompt=p)]
-    if not todo:
-        return metrics
+    main_log = open_metrics(metrics)
+    if shard is None:
+        merge_shards(out, prompts, main_log)
+        log = main_log
+        todo = [(i, p) for i, p in enumerate(prompts) if not log.done(index=i, prompt=p)]
+    else:
+        log = open_metrics(out / shard_file(shard))
+        todo = [(i, p) for i, p in enumerate(prompts) if i % shard[1] == shard[0]
+                and not log.done(index=i, prompt=p) and not main_log.done(index=i, prompt=p)]
+    if merge_only or not todo:
+        if shard is None:
+            write_summary(out, settings, prompts, main_log)
+        return log.path
 
     device = resolve_device(device)
-    reward = REWARDS[settings.reward](settings.reward_model, device)
+    reward = _build_reward(settings.reward, settings.reward_model, device)
+    eval_reward = (None if settings.eval_reward is None
+                   else _build_reward(settings.eval_reward, settings.eval_reward_model, device))
     pipe = load_pipeline(settings.model, settings.dtype, device, revision=settings.revision)
+    scale = getattr(pipe, "vae_scale_factor", None)
+    for name, value in (("--height", settings.height), ("--width", settings.width)):
+        if value is not None and isinstance(scale, int) and value % scale:
+            raise RunnerError(f"{name} {value}: must be a multiple of the pipeline's VAE scale factor {scale}")
     save_settings(out, settings)
-    for index, prompt in tqdm(todo, desc="prompts", initial=len(prompts) - len(todo), total=len(prompts),
+    size = {"negative_prompt": settings.negative_prompt, "height": settings.height, "width": settings.width}
+    total = len(prompts) if shard is None else len(range(shard[0], len(prompts), shard[1]))
+    for index, prompt in tqdm(todo, desc="prompts", initial=total - len(todo), total=total,
                               disable=not show_progress):
         seed = settings.seed + index
         aligned = align(pipe, prompt, reward, method=settings.method, n_particles=settings.particles,
                         num_inference_steps=settings.steps, seed=seed, guidance_scale=settings.guidance,
-                        batch_size=batch_size, **settings.options)
+                        batch_size=batch_size, output_type="pt", **size, **settings.options)
+        base = None
+        if settings.compare_base:  # the same seed: the same initial noise, no steering
+            eta = {"eta": settings.options["eta"]} if "eta" in settings.options else {}
+            base = align(pipe, prompt, reward, method="base", n_particles=settings.particles,
+                         num_inference_steps=settings.steps, seed=seed, guidance_scale=settings.guidance,
+                         batch_size=batch_size, output_type="pt", **size, **eta)
         # a record of the prompt this index held before an edit would point at the images about
         # to be overwritten: drop it first (atomic rewrite), so no stale record survives a crash
         log.keep_where(lambda r: r["index"] != index or r["prompt"] == prompt)
         image_dir = out / "images" / f"{index:04d}"
         image_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for rank, image in enumerate(aligned.images):
-            image.save(image_dir / f"{rank:02d}.png")
-            fsync_file(image_dir / f"{rank:02d}.png")
-            paths.append(str((image_dir / f"{rank:02d}.png").relative_to(out)))
+        images = to_pil(aligned.images)
         record = {"index": index, "prompt": prompt, "seed": seed, "device": device, **aligned.result.summary(),
-                  "rewards": aligned.rewards.tolist(), "images": paths}
+                  "rewards": aligned.rewards.tolist(), "images": _save_images(out, image_dir, images)}
+        if eval_reward is not None:  # scored after the run: selection never saw it
+            record["eval_reward"] = settings.eval_reward
+            record["eval_rewards"] = _score(eval_reward, aligned.images, prompt)
+        if base is not None:
+            base_images = to_pil(base.images)
+            record["base_rewards"] = base.rewards.tolist()
+            record["base_images"] = _save_images(out, image_dir, base_images, prefix="base_")
+            if eval_reward is not None:
+                record["base_eval_rewards"] = _score(eval_reward, base.images, prompt)
+            grid = out / "grids" / f"{index:04d}.png"
+            grid.parent.mkdir(parents=True, exist_ok=True)
+            save_grid(grid, [("base", base_images), (settings.method, images)])
+            record["grid"] = str(grid.relative_to(out))
         log.append(finite_or_none(record))  # strict JSON (NaN -> null); one whole fsynced line: done only now
-    return metrics
+    if shard is None:
+        write_summary(out, settings, prompts, main_log)
+    return log.path
+
+
+def _score(reward: Any, images: torch.Tensor, prompt: str) -> list[float]:
+    with torch.no_grad():
+        return [float(v) for v in reward(images, prompt)]
