@@ -74,8 +74,6 @@ def t2i(
     check_finite("--eta", eta)
     if eta is not None and not 0 <= eta <= 1:
         fail(f"--eta must be in [0, 1], got {eta}")
-    if eval_reward is not None and eval_reward not in REWARD_NAMES:
-        fail(f"--eval-reward: unknown reward {eval_reward!r}; expected one of {', '.join(REWARD_NAMES)}")
     if eval_reward_model is not None and eval_reward is None:
         fail("--eval-reward-model needs --eval-reward")
     if negative_prompt is not None and not negative_prompt.strip():
