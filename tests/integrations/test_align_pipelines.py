@@ -3,7 +3,8 @@
 A refused pipeline gets one UnsupportedPipelineError line that names its class, says why (its
 image / mask / control input would be dropped, it is a VP transformer or a multi-stage pipeline)
 and lists what is supported, and nothing of it runs. SDXL base is supported: its added time ids
-and pooled embeddings reproduce the pipeline's own latents (DDIM, eta = 0, method "base").
+and pooled embeddings reproduce the pipeline's own latents (DDIM, eta = 0, method "base"), and so
+does SD img2img, started from the noised init latent at ``strength``.
 """
 
 import sys
@@ -25,7 +26,7 @@ from fvdiffusion.rewards.image_rewards import Brightness  # noqa: E402
 
 align_module = sys.modules["fvdiffusion.integrations.diffusers.align"]
 PROMPT = "a photo of the sea"
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "DDPMPipeline", "DDIMPipeline",
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline", "DDPMPipeline", "DDIMPipeline",
              "StableDiffusion3Pipeline", "FluxPipeline")
 
 
@@ -51,12 +52,19 @@ def no_engine(monkeypatch):
     monkeypatch.setattr(align_module, "sample", fail)
 
 
-def count_calls(*modules):
-    """A list that grows by one on every forward of any of ``modules``."""
-    calls = []
-    for module in modules:
-        module.register_forward_pre_hook(lambda *args: calls.append(1))
-    return calls
+@pytest.fixture
+def count_calls():
+    """count_calls(*modules): a list that grows by one on every forward of any of ``modules`` (hooks removed after)."""
+    handles = []
+
+    def count(*modules):
+        calls = []
+        handles.extend(module.register_forward_pre_hook(lambda *args: calls.append(1)) for module in modules)
+        return calls
+
+    yield count
+    for handle in handles:
+        handle.remove()
 
 
 def refused(pipe, prompt=PROMPT, **kwargs) -> str:
@@ -84,14 +92,7 @@ def test_the_allow_list_is_exactly_the_tested_pipelines():
 
 # ---------------------------------------------------------------- refused with real tiny components
 
-def test_sd_img2img_is_refused_before_any_model_runs(sd, no_engine):
-    pipe = diffusers.StableDiffusionImg2ImgPipeline(**sd.components)
-    calls = count_calls(pipe.unet, pipe.vae, pipe.text_encoder)
-    assert "init `image`" in refused(pipe)
-    assert calls == []
-
-
-def test_sd_inpaint_with_a_4_channel_unet_is_refused(sd, no_engine):
+def test_sd_inpaint_with_a_4_channel_unet_is_refused(sd, no_engine, count_calls):
     pipe = diffusers.StableDiffusionInpaintPipeline(**sd.components)
     assert pipe.unet.config.in_channels == 4  # the layout the old structural check took for text-to-image
     calls = count_calls(pipe.unet, pipe.vae, pipe.text_encoder)
@@ -99,7 +100,7 @@ def test_sd_inpaint_with_a_4_channel_unet_is_refused(sd, no_engine):
     assert calls == []
 
 
-def test_sd_controlnet_is_refused(sd, no_engine):
+def test_sd_controlnet_is_refused(sd, no_engine, count_calls):
     controlnet = diffusers.ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(4, 8))
     pipe = diffusers.StableDiffusionControlNetPipeline(**sd.components, controlnet=controlnet)
     calls = count_calls(pipe.unet, pipe.vae, pipe.text_encoder, controlnet)
@@ -108,7 +109,7 @@ def test_sd_controlnet_is_refused(sd, no_engine):
 
 
 @pytest.mark.parametrize("name", ["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"])
-def test_sdxl_img2img_inpaint_and_refiner_are_refused_not_crashing_in_diffusers(sdxl, no_engine, name):
+def test_sdxl_img2img_inpaint_and_refiner_are_refused_not_crashing_in_diffusers(sdxl, no_engine, count_calls, name):
     # SDXL's refiner is StableDiffusionXLImg2ImgPipeline; these used to crash in _get_add_time_ids
     pipe = getattr(diffusers, name)(**sdxl.components)
     calls = count_calls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
@@ -200,3 +201,78 @@ def test_sdxl_time_ids_follow_height_width_and_the_negative_prompt_its_pooled_em
                 output_type="latent", **kwargs)
     assert ref.shape == (2, 4, 16, 8)
     torch.testing.assert_close(out.result.samples, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- SD img2img: supported, golden
+
+@pytest.fixture(scope="module")
+def img2img(sd):
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(**sd.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def init_image(seed=1):
+    return torch.rand(1, 3, 24, 16, generator=torch.Generator().manual_seed(seed))  # 24x16: not the UNet's 16x16
+
+
+def run_img2img(pipe, **kwargs):
+    options = dict(method="base", eta=0.0, num_images_per_prompt=2, num_inference_steps=4, guidance_scale=2.0,
+                   image=init_image(), output_type="latent")
+    options.update(kwargs)
+    return align(pipe, PROMPT, Brightness(), **options)
+
+
+@pytest.mark.filterwarnings("ignore:You have passed 2 text prompts")
+@pytest.mark.parametrize("steps,strength", [(4, 0.5), (4, 1.0), (10, 0.75), (1, 1.0)])
+def test_img2img_eta0_reproduces_the_pipeline_from_the_noised_init_latent(img2img, steps, strength):
+    image = init_image()
+    ref = img2img(PROMPT, image=image, strength=strength, num_images_per_prompt=2, num_inference_steps=steps,
+                  guidance_scale=2.0, generator=torch.Generator().manual_seed(3), output_type="latent").images
+    out = run_img2img(img2img, image=image, strength=strength, num_inference_steps=steps,
+                      generator=torch.Generator().manual_seed(3))
+    assert ref.shape == out.result.samples.shape == (2, 4, 12, 8)  # the init image's size
+    torch.testing.assert_close(out.result.samples, ref, rtol=1e-5, atol=2e-5)
+    assert len(out.result.trace) == int(steps * strength)  # the remaining steps of the truncated grid
+
+
+@pytest.mark.filterwarnings("ignore:You have passed 4 text prompts")
+def test_img2img_prompt_list_shares_the_init_image_like_the_pipeline(img2img):
+    prompts = [PROMPT, "a red cat on the mat"]
+    ref = img2img(prompts, image=init_image(), strength=0.75, num_images_per_prompt=2, num_inference_steps=4,
+                  guidance_scale=2.0, generator=torch.Generator().manual_seed(4), output_type="latent").images
+    outs = align(img2img, prompts, Brightness(), method="base", eta=0.0, num_images_per_prompt=2, num_inference_steps=4,
+                 guidance_scale=2.0, image=init_image(), strength=0.75, generator=torch.Generator().manual_seed(4),
+                 output_type="latent")
+    torch.testing.assert_close(torch.cat([o.result.samples for o in outs]), ref, rtol=1e-5, atol=2e-5)
+
+
+def test_img2img_with_a_seed_uses_the_image_and_the_seed(img2img):
+    a = run_img2img(img2img, seed=0, method="fvd", lam=10.0, eta=1.0).result.samples
+    assert torch.equal(a, run_img2img(img2img, seed=0, method="fvd", lam=10.0, eta=1.0).result.samples)
+    assert not torch.allclose(a, run_img2img(img2img, seed=1, method="fvd", lam=10.0, eta=1.0).result.samples)
+    other = run_img2img(img2img, seed=0, method="fvd", lam=10.0, eta=1.0, image=init_image(2)).result.samples
+    assert not torch.allclose(a, other)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(image=None), "needs an init image"),
+    (dict(strength=1.5), "strength must be a number in [0, 1]"),
+    (dict(strength=0.1), "leaves no step to run"),
+    (dict(latents=torch.zeros(2, 4, 12, 8)), "latents does not apply"),
+    (dict(height=32), "height does not apply"),
+    (dict(image=[init_image(), init_image()]), "pass one init image"),
+    (dict(method="dts"), "cannot start from the noised init image"),
+])
+def test_img2img_wrong_arguments_are_one_line_errors_before_any_model_runs(img2img, no_engine, count_calls, kwargs,
+                                                                           needle):
+    calls = count_calls(img2img.unet, img2img.vae, img2img.text_encoder)
+    with pytest.raises(ValueError) as err:
+        run_img2img(img2img, **kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert calls == []
+
+
+def test_an_init_image_for_a_text_to_image_pipeline_is_refused(sd):
+    with pytest.raises(ValueError, match="takes no init image: image applies to StableDiffusionImg2ImgPipeline"):
+        align(sd, PROMPT, Brightness(), image=init_image(), num_inference_steps=2)

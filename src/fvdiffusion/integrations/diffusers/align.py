@@ -8,9 +8,10 @@ The pipeline is used as it is (no forked pipeline): its UNet and text encoders b
 Denoiser, its VAE decodes x̂0 latents for the image reward, its scheduler's
 ``set_timesteps(K)`` decides the step grid (:mod:`.timesteps`), and the engine does the
 stepping with DDIM(η). Supported, by exact class name (:mod:`.pipelines`):
-``StableDiffusionPipeline`` (1.x / 2.x), ``StableDiffusionXLPipeline`` (base), ``DDPMPipeline`` /
+``StableDiffusionPipeline`` (1.x / 2.x), ``StableDiffusionXLPipeline`` (base), ``StableDiffusionImg2ImgPipeline``
+(from the noised init latent at ``strength``), ``DDPMPipeline`` /
 ``DDIMPipeline`` (``UNet2DModel``, no prompt), ``StableDiffusion3Pipeline`` and ``FluxPipeline``
-(:mod:`.flow`). Every other class (img2img, inpaint, ControlNet, DiT, PixArt, Kandinsky, …) is
+(:mod:`.flow`). Every other class (other img2img, inpaint, ControlNet, DiT, PixArt, Kandinsky, …) is
 refused before any model runs with one :class:`UnsupportedPipelineError` line saying why.
 """
 
@@ -43,6 +44,7 @@ from fvdiffusion.rewards.image_rewards import ImageReward
 from fvdiffusion.rewards.model_rewards import require
 from fvdiffusion.samplers import get_method, make_config
 from fvdiffusion.samplers.dts import DTSConfig
+from fvdiffusion.schedule import StepGrid
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DEFAULT_PARTICLES = 8
@@ -78,7 +80,7 @@ class AlignResult:
 
 
 def _pipeline_kind(pipe: Any) -> str:
-    """"t2i" (SD / SDXL), "pixel" (DDPM / DDIM on a UNet2DModel) or "flow" (SD3 / FLUX text-to-image), by
+    """"t2i" (SD / SDXL), "img2img" (SD img2img), "pixel" (DDPM / DDIM on a UNet2DModel) or "flow" (SD3 / FLUX), by
     class name (:mod:`.pipelines`); any other class is refused before anything runs."""
     return pipeline_kind(pipe)
 
@@ -99,7 +101,7 @@ def build_adapters(
     if kind == "flow":
         raise UnsupportedPipelineError(f"{name} is a flow-matching pipeline: its denoiser needs the step count, "
                                        "use align() or flow_denoiser_for(pipe, prompt, num_inference_steps=...)")
-    if kind == "t2i":
+    if kind in ("t2i", "img2img"):
         if not isinstance(prompt, str):
             raise ValueError(f"{name} is a text-to-image pipeline: pass the prompt as a string, got {prompt!r}")
         denoiser = StableDiffusionDenoiser(pipe, prompt, negative_prompt, guidance_scale, batch_size, height, width)
@@ -304,6 +306,8 @@ def align(
     batch_size: int | None = None,
     progress: bool = False,
     max_sequence_length: int | None = None,
+    image: Any = None,
+    strength: float | None = None,
     **method_options: Any,
 ) -> AlignResult | list[AlignResult]:
     """Sample ``num_images_per_prompt`` images per prompt from ``pipe`` with ``method`` steering towards ``reward``.
@@ -326,7 +330,14 @@ def align(
       ``callback_kwargs = {"latents", "trace" (the step's StepTrace), "prompt", "prompt_index"}``. It
       observes only: its return value is ignored (diffusers would take latents back from it).
       ``callback`` receives the engine's :class:`~fvdiffusion.loop.StepEvent` instead;
-    - ``max_sequence_length``: the T5 prompt length of SD3 / FLUX pipelines (their default if None).
+    - ``max_sequence_length``: the T5 prompt length of SD3 / FLUX pipelines (their default if None);
+    - ``image``, ``strength`` (default 0.8): ``StableDiffusionImg2ImgPipeline`` only. One init image
+      (PIL, array or tensor, as the pipeline takes it) for every prompt; its size decides the output
+      size. As in the pipeline: the image is preprocessed and VAE-encoded (a latent sample drawn from
+      ``generator``), then noised to the first timestep of the truncated grid (the last
+      ``int(K · strength)`` of the K timesteps ``set_timesteps(K)`` chose) with noise drawn from
+      ``generator``; the engine runs those remaining steps. Without a generator both draws come from
+      ``torch.Generator().manual_seed(seed)``.
 
     SD3 and FLUX pipelines run through the flow-matching adapters
     (:mod:`fvdiffusion.integrations.diffusers.flow`): their scheduler's sigmas decide the grid and
@@ -360,13 +371,23 @@ def align(
             raise ValueError(f"{name} is unconditional: pass prompt=None")
     elif prompts[0] is None:
         raise ValueError(f"{name} is a text-to-image pipeline: pass the prompt as a string, got None")
+    if kind != "img2img":
+        for arg, value in (("image", image), ("strength", strength)):
+            if value is not None:
+                raise ValueError(f"{name} takes no init image: {arg} applies to StableDiffusionImg2ImgPipeline")
+    else:
+        strength = _check_img2img(name, image, strength, latents, height, width, method)
     guidance = _default_guidance(pipe) if guidance_scale is None else guidance_scale
     engine_seed = 0 if seed is None else seed
     # the scheduler names a bad step count in its own terms, before the engine's config does
     steps = None if kind == "flow" else scheduler_grid(pipe.scheduler, num_inference_steps,
                                                         schedule_from_scheduler(pipe.scheduler))
+    num_steps = num_inference_steps
+    if kind == "img2img":
+        grid = _truncated_grid(schedule_from_scheduler(pipe.scheduler), steps.grid, strength)
+        num_steps = len(grid)
     # validate every engine option before any model runs (and read eta for the scheduler warning)
-    config = make_config(method, n_particles=n, num_steps=num_inference_steps, seed=engine_seed, batch_size=batch_size,
+    config = make_config(method, n_particles=n, num_steps=num_steps, seed=engine_seed, batch_size=batch_size,
                          **method_options)
     if max_sequence_length is not None and kind != "flow":
         raise ValueError(f"{name} has no T5 encoder: max_sequence_length applies to SD3 / FLUX pipelines only")
@@ -381,13 +402,20 @@ def align(
     else:
         if steps.replaced:
             warnings.warn(steps.warning(config.eta), SchedulerReplacedWarning, stacklevel=2)
+        if kind == "img2img":  # the init image decides the size; encoded (and drawn) after the prompts
+            init_image = _preprocess(pipe, image)
+            height, width = int(init_image.shape[-2]), int(init_image.shape[-1])
         adapters = [build_adapters(pipe, p, reward, guidance, neg, batch_size, height, width)
                     for p, neg in zip(prompts, negatives)]
-        grids = [steps.grid] * len(prompts)
+        grids = [grid if kind == "img2img" else steps.grid] * len(prompts)
     denoiser0 = adapters[0][0]
     sample_shape = tuple(denoiser0.sample_shape)
     takes_x_init = not issubclass(get_method(method).config_class, DTSConfig)  # a search tree has one root
-    if latents is not None:
+    if kind == "img2img":
+        draws = generator if generator is not None else torch.Generator().manual_seed(engine_seed)
+        noised = _noised_init_latents(pipe, init_image, grid[0].alpha_bar, len(prompts) * n, draws)
+        x_inits = list(noised.split(n))
+    elif latents is not None:
         if kind == "flow" and isinstance(latents, Tensor) and latents.ndim == 3 and len(sample_shape) == 3:
             latents = _unpack_flux_latents(pipe, latents, sample_shape)  # FLUX's own packed layout
         x_inits: list[Tensor | None] = _split_latents(latents, len(prompts), n, sample_shape)
@@ -407,7 +435,7 @@ def align(
     results = []
     for index, (p, (denoiser, image_reward)) in enumerate(zip(prompts, adapters)):
         result = sample(
-            method=method, denoiser=denoiser, reward=image_reward, n_particles=n, num_steps=num_inference_steps,
+            method=method, denoiser=denoiser, reward=image_reward, n_particles=n, num_steps=num_steps,
             seed=seeds[index], cond=p, batch_size=batch_size, progress=progress,
             callback=_step_callback(pipe, callback, callback_on_step_end, index, p), grid=grids[index],
             x_init=x_inits[index], **method_options,
@@ -421,6 +449,57 @@ def align(
                       "and nothing made the copies differ (eta=0 without rebirth noise, or a selection after the last "
                       "step); AlignResult.duplicates counts them", DuplicateImagesWarning, stacklevel=2)
     return results[0] if single else results
+
+
+def _check_img2img(name: str, image: Any, strength: Any, latents: Any, height: Any, width: Any, method: str) -> float:
+    """The img2img arguments, checked before any model runs; returns strength (diffusers' default 0.8)."""
+    if image is None:
+        raise ValueError(f"{name} needs an init image: pass image=... (and strength, default 0.8)")
+    if isinstance(image, (list, tuple)) or (isinstance(image, Tensor) and image.ndim == 4 and image.shape[0] != 1):
+        raise ValueError(f"{name}: pass one init image (it is used for every prompt and image), not a batch")
+    strength = 0.8 if strength is None else strength
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+    for arg, value in (("latents", latents), ("height", height), ("width", width)):
+        if value is not None:
+            raise ValueError(f"{name} starts from its init image, whose size decides the output: {arg} does not apply")
+    if issubclass(get_method(method).config_class, DTSConfig):
+        raise ValueError(f"method {method!r} grows a search tree from one root x_T: it cannot start from the noised "
+                         "init image; use a population method (fvd, smc, base, ...)")
+    return float(strength)
+
+
+def _truncated_grid(schedule: Any, grid: StepGrid, strength: float) -> StepGrid:
+    """The last ``int(K · strength)`` steps of the K-step grid, as diffusers' img2img ``get_timesteps``."""
+    k = len(grid)
+    keep = min(int(k * strength), k)
+    if keep < 1:
+        raise ValueError(f"strength={strength:g} with num_inference_steps={k} leaves no step to run "
+                         f"(int({k} * strength) = 0): raise strength or num_inference_steps")
+    kept = grid.steps[k - keep:]
+    return StepGrid.from_landings(schedule, [s.t for s in kept], [s.t_prev for s in kept])
+
+
+def _preprocess(pipe: Any, image: Any) -> Tensor:
+    """The init image as the pipeline preprocesses it: [1, 3, H, W] in [−1, 1], H and W multiples of the VAE factor."""
+    processed = pipe.image_processor.preprocess(image)
+    if processed.shape[0] != 1:
+        raise ValueError(f"{type(pipe).__name__}: pass one init image, got a batch of {processed.shape[0]}")
+    return processed
+
+
+@torch.no_grad()
+def _noised_init_latents(pipe: Any, image: Tensor, alpha_bar: float, count: int, generator: torch.Generator) -> Tensor:
+    """x_t = √ᾱ z0 + √(1 − ᾱ) ε for ``count`` particles, z0 the VAE latent of the image, drawn as diffusers draws
+    them: one latent sample from the encoder's distribution, then one noise batch, both from ``generator``."""
+    dtype = _latent_dtype(pipe)
+    device = pipe._execution_device
+    encoded = pipe.vae.encode(image.to(device=device, dtype=dtype)).latent_dist.sample(generator)
+    z0 = (pipe.vae.config.scaling_factor * encoded).expand(count, *encoded.shape[1:])
+    noise = _draw_latents(generator, tuple(z0.shape), device, dtype)
+    ab = torch.tensor(alpha_bar, dtype=torch.float64)
+    x = ab.sqrt().float() * z0.float() + (1 - ab).sqrt().float() * noise.float()
+    return x.to(dtype).float()
 
 
 def _unpack_flux_latents(pipe: Any, latents: Tensor, sample_shape: tuple[int, ...]) -> Tensor:

@@ -19,6 +19,7 @@ from fvdiffusion.errors import UnsupportedPipelineError
 SUPPORTED_PIPELINES: dict[str, str] = {
     "StableDiffusionPipeline": "t2i",
     "StableDiffusionXLPipeline": "t2i",
+    "StableDiffusionImg2ImgPipeline": "img2img",
     "DDPMPipeline": "pixel",
     "DDIMPipeline": "pixel",
     "StableDiffusion3Pipeline": "flow",
@@ -56,7 +57,7 @@ def refusal_reason(name: str) -> str:
 
 
 def pipeline_kind(pipe: Any) -> str:
-    """"t2i", "pixel" or "flow" for a supported pipeline; else one UnsupportedPipelineError line.
+    """"t2i", "img2img", "pixel" or "flow" for a supported pipeline; else one UnsupportedPipelineError line.
 
     Reads only the class name before refusing, so nothing of the pipeline is touched (or run).
     """
@@ -66,7 +67,7 @@ def pipeline_kind(pipe: Any) -> str:
         raise UnsupportedPipelineError(f"{name} is not supported by align(): {refusal_reason(name)}; "
                                        f"supported: {supported_pipelines()}")
     # the listed class with the components its kind needs (a pipeline built with some left out)
-    needs = {"t2i": ("unet", "vae", "scheduler"), "pixel": ("unet", "scheduler"), "flow": ("transformer", "vae", "scheduler")}
+    needs = {"t2i": ("unet", "vae", "scheduler"), "img2img": ("unet", "vae", "scheduler"), "pixel": ("unet", "scheduler"), "flow": ("transformer", "vae", "scheduler")}
     missing = [attr for attr in needs[kind] if getattr(pipe, attr, None) is None]
     if missing:
         raise UnsupportedPipelineError(f"{name} has no {', '.join('`' + m + '`' for m in missing)}: align() needs "
