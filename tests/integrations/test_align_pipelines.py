@@ -4,7 +4,8 @@ A refused pipeline gets one UnsupportedPipelineError line that names its class, 
 image / mask / control input would be dropped, it is a VP transformer or a multi-stage pipeline)
 and lists what is supported, and nothing of it runs. SDXL base is supported: its added time ids
 and pooled embeddings reproduce the pipeline's own latents (DDIM, eta = 0, method "base"), and so
-does SD img2img, started from the noised init latent at ``strength``.
+does SD img2img, started from the noised init latent at ``strength``, and SD ControlNet (one ControlNetModel),
+its control image passed to the ControlNet at every UNet call.
 """
 
 import sys
@@ -26,8 +27,8 @@ from fvdiffusion.rewards.image_rewards import Brightness  # noqa: E402
 
 align_module = sys.modules["fvdiffusion.integrations.diffusers.align"]
 PROMPT = "a photo of the sea"
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline", "DDPMPipeline", "DDIMPipeline",
-             "StableDiffusion3Pipeline", "FluxPipeline")
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
+             "StableDiffusionControlNetPipeline", "DDPMPipeline", "DDIMPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +101,6 @@ def test_sd_inpaint_with_a_4_channel_unet_is_refused(sd, no_engine, count_calls)
     assert calls == []
 
 
-def test_sd_controlnet_is_refused(sd, no_engine, count_calls):
-    controlnet = diffusers.ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(4, 8))
-    pipe = diffusers.StableDiffusionControlNetPipeline(**sd.components, controlnet=controlnet)
-    calls = count_calls(pipe.unet, pipe.vae, pipe.text_encoder, controlnet)
-    assert "control image" in refused(pipe)
-    assert calls == []
-
-
 @pytest.mark.parametrize("name", ["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"])
 def test_sdxl_img2img_inpaint_and_refiner_are_refused_not_crashing_in_diffusers(sdxl, no_engine, count_calls, name):
     # SDXL's refiner is StableDiffusionXLImg2ImgPipeline; these used to crash in _get_add_time_ids
@@ -135,6 +128,8 @@ def test_a_supported_class_without_its_components_is_refused(no_engine):
 
 @pytest.mark.parametrize("name,needle", [
     ("StableDiffusionXLControlNetPipeline", "control image"),
+    ("StableDiffusionControlNetImg2ImgPipeline", "control image"),
+    ("StableDiffusionControlNetInpaintPipeline", "control image"),
     ("StableDiffusionAdapterPipeline", "control image"),
     ("StableDiffusionDepth2ImgPipeline", "init `image`"),
     ("StableDiffusionUpscalePipeline", "init `image`"),
@@ -276,3 +271,102 @@ def test_img2img_wrong_arguments_are_one_line_errors_before_any_model_runs(img2i
 def test_an_init_image_for_a_text_to_image_pipeline_is_refused(sd):
     with pytest.raises(ValueError, match="takes no init image: image applies to StableDiffusionImg2ImgPipeline"):
         align(sd, PROMPT, Brightness(), image=init_image(), num_inference_steps=2)
+
+
+# ---------------------------------------------------------------- SD ControlNet: supported, golden
+
+def tiny_controlnet(sd, seed=0):
+    """A ControlNetModel from the tiny SD UNet whose zero convolutions are made non-zero (else its residuals are 0)."""
+    controlnet = diffusers.ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(4, 8)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    zero_init = [*controlnet.controlnet_down_blocks.parameters(), *controlnet.controlnet_mid_block.parameters(),
+                 *controlnet.controlnet_cond_embedding.conv_out.parameters()]
+    with torch.no_grad():
+        for param in zero_init:
+            param.copy_(0.3 * torch.randn(param.shape, generator=gen))
+    return controlnet
+
+
+@pytest.fixture(scope="module")
+def controlnet_pipe(sd):
+    pipe = diffusers.StableDiffusionControlNetPipeline(**sd.components, controlnet=tiny_controlnet(sd))
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def control_image(seed=2, size=(24, 16)):
+    return torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(seed))  # 24x16: not the UNet's 16x16
+
+
+def run_controlnet(pipe, **kwargs):
+    options = dict(method="base", eta=0.0, num_images_per_prompt=2, num_inference_steps=4, guidance_scale=2.0,
+                   image=control_image(), output_type="latent")
+    options.update(kwargs)
+    return align(pipe, PROMPT, Brightness(), **options)
+
+
+@pytest.mark.parametrize("guidance,scale", [(2.0, 1.0), (1.0, 1.0), (3.0, 0.5)])
+def test_controlnet_eta0_reproduces_the_pipeline_with_the_same_latents(controlnet_pipe, guidance, scale):
+    latents = torch.randn(2, 4, 12, 8, generator=torch.Generator().manual_seed(7))
+    ref = controlnet_pipe(PROMPT, image=control_image(), latents=latents, num_images_per_prompt=2, output_type="latent",
+                          num_inference_steps=4, guidance_scale=guidance,
+                          controlnet_conditioning_scale=scale).images
+    out = run_controlnet(controlnet_pipe, latents=latents, guidance_scale=guidance, controlnet_conditioning_scale=scale)
+    assert ref.shape == out.result.samples.shape == (2, 4, 12, 8)  # the control image's size
+    torch.testing.assert_close(out.result.samples, ref, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.filterwarnings("ignore:You have passed 4 text prompts")
+def test_controlnet_generator_prompt_list_and_height_width_follow_the_pipeline(controlnet_pipe):
+    prompts = [PROMPT, "a red cat on the mat"]
+    kwargs = dict(num_images_per_prompt=2, num_inference_steps=3, guidance_scale=2.0, height=16, width=24,
+                  output_type="latent")
+    ref = controlnet_pipe(prompts, image=control_image(), generator=torch.Generator().manual_seed(4), **kwargs).images
+    outs = align(controlnet_pipe, prompts, Brightness(), method="base", eta=0.0, image=control_image(),
+                 generator=torch.Generator().manual_seed(4), **kwargs)
+    assert ref.shape == (4, 4, 8, 12)  # resized to height x width as the pipeline resizes it
+    torch.testing.assert_close(torch.cat([o.result.samples for o in outs]), ref, rtol=1e-5, atol=2e-5)
+
+
+def test_the_control_image_changes_the_samples(controlnet_pipe):
+    latents = torch.randn(2, 4, 12, 8, generator=torch.Generator().manual_seed(7))
+    a = run_controlnet(controlnet_pipe, latents=latents).result.samples
+    assert not torch.allclose(a, run_controlnet(controlnet_pipe, latents=latents, image=control_image(3)).result.samples)
+    assert not torch.allclose(a, run_controlnet(controlnet_pipe, latents=latents,
+                                                controlnet_conditioning_scale=0.0).result.samples)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(image=None), "needs its control image"),
+    (dict(image=[control_image(), control_image()]), "pass one control image"),
+    (dict(strength=0.5), "strength does not apply"),
+    (dict(control_guidance_start=0.2), "control_guidance_start=0.2 is not supported"),
+    (dict(control_guidance_end=0.8), "control_guidance_end=0.8 is not supported"),
+    (dict(guess_mode=True), "guess_mode=True is not supported"),
+    (dict(controlnet_conditioning_scale=[1.0, 0.5]), "controlnet_conditioning_scale must be a number"),
+])
+def test_controlnet_wrong_arguments_are_one_line_errors_before_any_model_runs(controlnet_pipe, no_engine, count_calls,
+                                                                              kwargs, needle):
+    calls = count_calls(controlnet_pipe.unet, controlnet_pipe.vae, controlnet_pipe.text_encoder,
+                        controlnet_pipe.controlnet)
+    with pytest.raises(ValueError) as err:
+        run_controlnet(controlnet_pipe, **kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert calls == []
+
+
+def test_multi_controlnet_is_refused_in_one_line(sd, no_engine, count_calls):
+    pipe = diffusers.StableDiffusionControlNetPipeline(**sd.components,
+                                                       controlnet=[tiny_controlnet(sd, 0), tiny_controlnet(sd, 1)])
+    calls = count_calls(pipe.unet, pipe.vae, pipe.text_encoder)
+    with pytest.raises(UnsupportedPipelineError) as err:
+        run_controlnet(pipe, image=[control_image(), control_image(3)])
+    message = str(err.value)
+    assert "MultiControlNetModel" in message and "single ControlNetModel" in message and "\n" not in message
+    assert calls == []
+
+
+def test_controlnet_arguments_on_another_pipeline_are_refused(sd):
+    with pytest.raises(ValueError, match="has no ControlNet: controlnet_conditioning_scale applies"):
+        align(sd, PROMPT, Brightness(), controlnet_conditioning_scale=1.0, num_inference_steps=2)

@@ -9,9 +9,10 @@ Denoiser, its VAE decodes x̂0 latents for the image reward, its scheduler's
 ``set_timesteps(K)`` decides the step grid (:mod:`.timesteps`), and the engine does the
 stepping with DDIM(η). Supported, by exact class name (:mod:`.pipelines`):
 ``StableDiffusionPipeline`` (1.x / 2.x), ``StableDiffusionXLPipeline`` (base), ``StableDiffusionImg2ImgPipeline``
-(from the noised init latent at ``strength``), ``DDPMPipeline`` /
+(from the noised init latent at ``strength``), ``StableDiffusionControlNetPipeline`` (one ControlNetModel, its
+control image passed to the ControlNet at every UNet call), ``DDPMPipeline`` /
 ``DDIMPipeline`` (``UNet2DModel``, no prompt), ``StableDiffusion3Pipeline`` and ``FluxPipeline``
-(:mod:`.flow`). Every other class (other img2img, inpaint, ControlNet, DiT, PixArt, Kandinsky, …) is
+(:mod:`.flow`). Every other class (other img2img, inpaint, other ControlNet / adapter, DiT, PixArt, Kandinsky, …) is
 refused before any model runs with one :class:`UnsupportedPipelineError` line saying why.
 """
 
@@ -30,6 +31,7 @@ from fvdiffusion.config import SEED_MAX
 from fvdiffusion.errors import DuplicateImagesWarning, SchedulerReplacedWarning, UnsupportedPipelineError
 from fvdiffusion.integrations.diffusers._batching import module_device_dtype
 from fvdiffusion.integrations.diffusers.denoisers import (
+    ControlNetDenoiser,
     StableDiffusionDenoiser,
     UNet2DModelDenoiser,
     schedule_from_scheduler,
@@ -94,16 +96,26 @@ def build_adapters(
     batch_size: int | None = None,
     height: int | None = None,
     width: int | None = None,
+    control_image: Tensor | None = None,
+    controlnet_conditioning_scale: float = 1.0,
 ) -> tuple[Any, LatentImageReward | PixelImageReward]:
-    """The Denoiser and the x̂0 reward for ``pipe``; raises a clear error for unsupported pipelines."""
+    """The Denoiser and the x̂0 reward for ``pipe``; raises a clear error for unsupported pipelines.
+
+    A ControlNet pipeline takes ``control_image``, preprocessed ([1, 3, H, W], see :func:`_preprocess_control`)."""
     name = type(pipe).__name__
     kind = _pipeline_kind(pipe)
     if kind == "flow":
         raise UnsupportedPipelineError(f"{name} is a flow-matching pipeline: its denoiser needs the step count, "
                                        "use align() or flow_denoiser_for(pipe, prompt, num_inference_steps=...)")
-    if kind in ("t2i", "img2img"):
+    if kind in ("t2i", "img2img", "controlnet"):
         if not isinstance(prompt, str):
             raise ValueError(f"{name} is a text-to-image pipeline: pass the prompt as a string, got {prompt!r}")
+        if kind == "controlnet":
+            if control_image is None:
+                raise ValueError(f"{name} needs its control image: pass control_image=... (preprocessed)")
+            denoiser = ControlNetDenoiser(pipe, prompt, control_image, controlnet_conditioning_scale, negative_prompt,
+                                          guidance_scale, batch_size)
+            return denoiser, LatentImageReward(pipe, reward, batch_size)
         denoiser = StableDiffusionDenoiser(pipe, prompt, negative_prompt, guidance_scale, batch_size, height, width)
         return denoiser, LatentImageReward(pipe, reward, batch_size)
     if prompt is not None:
@@ -308,6 +320,10 @@ def align(
     max_sequence_length: int | None = None,
     image: Any = None,
     strength: float | None = None,
+    controlnet_conditioning_scale: float | None = None,
+    control_guidance_start: float | None = None,
+    control_guidance_end: float | None = None,
+    guess_mode: bool | None = None,
     **method_options: Any,
 ) -> AlignResult | list[AlignResult]:
     """Sample ``num_images_per_prompt`` images per prompt from ``pipe`` with ``method`` steering towards ``reward``.
@@ -338,6 +354,12 @@ def align(
       ``int(K · strength)`` of the K timesteps ``set_timesteps(K)`` chose) with noise drawn from
       ``generator``; the engine runs those remaining steps. Without a generator both draws come from
       ``torch.Generator().manual_seed(seed)``.
+    - ``image`` (the control image), ``controlnet_conditioning_scale`` (default 1.0):
+      ``StableDiffusionControlNetPipeline`` with one ``ControlNetModel`` only. One control image for every
+      prompt, preprocessed as the pipeline does (``control_image_processor``, resized to ``height`` / ``width``
+      when given, else its own size decides the output size); the ControlNet runs on every UNet call with the
+      image repeated for every row (both CFG halves) and its residuals scaled by the conditioning scale.
+      ``control_guidance_start`` must be 0 and ``control_guidance_end`` 1, ``guess_mode`` False (the defaults).
 
     SD3 and FLUX pipelines run through the flow-matching adapters
     (:mod:`fvdiffusion.integrations.diffusers.flow`): their scheduler's sigmas decide the grid and
@@ -371,11 +393,20 @@ def align(
             raise ValueError(f"{name} is unconditional: pass prompt=None")
     elif prompts[0] is None:
         raise ValueError(f"{name} is a text-to-image pipeline: pass the prompt as a string, got None")
-    if kind != "img2img":
+    if kind != "controlnet":
+        for arg, value in (("controlnet_conditioning_scale", controlnet_conditioning_scale),
+                           ("control_guidance_start", control_guidance_start),
+                           ("control_guidance_end", control_guidance_end), ("guess_mode", guess_mode)):
+            if value is not None:
+                raise ValueError(f"{name} has no ControlNet: {arg} applies to StableDiffusionControlNetPipeline")
+    else:
+        controlnet_conditioning_scale = _check_controlnet(pipe, image, strength, controlnet_conditioning_scale,
+                                                          control_guidance_start, control_guidance_end, guess_mode)
+    if kind not in ("img2img", "controlnet"):
         for arg, value in (("image", image), ("strength", strength)):
             if value is not None:
                 raise ValueError(f"{name} takes no init image: {arg} applies to StableDiffusionImg2ImgPipeline")
-    else:
+    elif kind == "img2img":
         strength = _check_img2img(name, image, strength, latents, height, width, method)
     guidance = _default_guidance(pipe) if guidance_scale is None else guidance_scale
     engine_seed = 0 if seed is None else seed
@@ -405,7 +436,12 @@ def align(
         if kind == "img2img":  # the init image decides the size; encoded (and drawn) after the prompts
             init_image = _preprocess(pipe, image)
             height, width = int(init_image.shape[-2]), int(init_image.shape[-1])
-        adapters = [build_adapters(pipe, p, reward, guidance, neg, batch_size, height, width)
+        control = None
+        if kind == "controlnet":  # the control image (resized to height / width if given) decides the size
+            control = _preprocess_control(pipe, image, height, width)
+            height, width = int(control.shape[-2]), int(control.shape[-1])
+        adapters = [build_adapters(pipe, p, reward, guidance, neg, batch_size, height, width, control,
+                                   1.0 if controlnet_conditioning_scale is None else controlnet_conditioning_scale)
                     for p, neg in zip(prompts, negatives)]
         grids = [grid if kind == "img2img" else steps.grid] * len(prompts)
     denoiser0 = adapters[0][0]
@@ -467,6 +503,45 @@ def _check_img2img(name: str, image: Any, strength: Any, latents: Any, height: A
         raise ValueError(f"method {method!r} grows a search tree from one root x_T: it cannot start from the noised "
                          "init image; use a population method (fvd, smc, base, ...)")
     return float(strength)
+
+
+def _check_controlnet(pipe: Any, image: Any, strength: Any, scale: Any, start: Any, end: Any, guess_mode: Any) -> float:
+    """The ControlNet arguments, checked before any model runs; returns controlnet_conditioning_scale (default 1)."""
+    name = type(pipe).__name__
+    from diffusers import ControlNetModel
+
+    controlnet = pipe.controlnet
+    if not isinstance(controlnet, ControlNetModel):
+        raise UnsupportedPipelineError(f"{name} with a {type(controlnet).__name__} is not supported by align(): only a "
+                                       "single ControlNetModel (pass one ControlNet, not a MultiControlNetModel / list)")
+    if getattr(controlnet.config, "global_pool_conditions", False):
+        raise ValueError(f"{name}: the ControlNet has global_pool_conditions (the pipeline would run it in guess mode), "
+                         "which align() does not support")
+    if image is None:
+        raise ValueError(f"{name} needs its control image: pass image=... (and controlnet_conditioning_scale, "
+                         "default 1.0)")
+    if isinstance(image, (list, tuple)) or (isinstance(image, Tensor) and image.ndim == 4 and image.shape[0] != 1):
+        raise ValueError(f"{name}: pass one control image (it is used for every prompt and image), not a batch or list")
+    if strength is not None:
+        raise ValueError(f"{name} takes a control image, not an init image: strength does not apply")
+    if guess_mode not in (None, False):
+        raise ValueError(f"{name}: guess_mode={guess_mode!r} is not supported by align() (only guess_mode=False)")
+    for arg, value, only in (("control_guidance_start", start, 0.0), ("control_guidance_end", end, 1.0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != only):
+            raise ValueError(f"{name}: {arg}={value!r} is not supported by align(): the ControlNet runs at every "
+                             f"step ({arg}={only:g} only)")
+    scale = 1.0 if scale is None else scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"controlnet_conditioning_scale must be a number (one ControlNet), got {scale!r}")
+    return float(scale)
+
+
+def _preprocess_control(pipe: Any, image: Any, height: int | None, width: int | None) -> Tensor:
+    """The control image as the pipeline's ``prepare_image`` preprocesses it: [1, 3, H, W] in [0, 1], float32."""
+    processed = pipe.control_image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+    if processed.shape[0] != 1:
+        raise ValueError(f"{type(pipe).__name__}: pass one control image, got a batch of {processed.shape[0]}")
+    return processed
 
 
 def _truncated_grid(schedule: Any, grid: StepGrid, strength: float) -> StepGrid:

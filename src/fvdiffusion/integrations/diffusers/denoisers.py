@@ -184,3 +184,51 @@ class StableDiffusionDenoiser:
         x, tt = x_t.to(device, dtype), t.to(device)
         outs = [self._unet(x[s], tt[s]) for s in chunks(x.shape[0], self.batch_size)]
         return torch.cat(outs).to(x_t.device, x_t.dtype)
+
+
+class ControlNetDenoiser(StableDiffusionDenoiser):
+    """``StableDiffusionControlNetPipeline`` as a Denoiser: :class:`StableDiffusionDenoiser` whose every UNet call
+    gets the residuals of the pipeline's single ``ControlNetModel`` run on the same rows, as the pipeline does it
+    (guess_mode off, control_guidance_start 0 / end 1): the ControlNet sees the CFG-doubled latents, timesteps and
+    text embeddings with the control image repeated for every row (both halves), and its down / mid residuals,
+    scaled by ``conditioning_scale``, go to the UNet's ``down_block_additional_residuals`` /
+    ``mid_block_additional_residual``.
+
+    ``control_image``: the preprocessed control image [1, 3, H, W] (``pipe.control_image_processor``, in [0, 1]);
+    its size decides the sample size.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        prompt: str,
+        control_image: Tensor,
+        conditioning_scale: float = 1.0,
+        negative_prompt: str | None = None,
+        guidance_scale: float = 7.5,
+        batch_size: int | None = None,
+    ) -> None:
+        if not isinstance(control_image, Tensor) or control_image.ndim != 4 or control_image.shape[0] != 1:
+            raise ValueError("control_image must be one preprocessed image of shape [1, 3, H, W]")
+        height, width = int(control_image.shape[-2]), int(control_image.shape[-1])
+        super().__init__(pipe, prompt, negative_prompt, guidance_scale, batch_size, height, width)
+        self.controlnet = pipe.controlnet
+        self.conditioning_scale = float(conditioning_scale)
+        self.control_image = control_image.to(self.device, self.controlnet.dtype)
+
+    def _unet(self, x: Tensor, t: Tensor) -> Tensor:
+        n = x.shape[0]
+        copies = 2 if self.do_cfg else 1
+        x_in = torch.cat([x] * copies)
+        t_in = torch.cat([t] * copies)
+        embeds = self.text_embeds.repeat_interleave(n, dim=0)
+        added = {k: v.repeat_interleave(n, dim=0) for k, v in self.added_cond.items()}
+        control = self.control_image.expand(n * copies, *self.control_image.shape[1:])
+        down, mid = self.controlnet(x_in, t_in, encoder_hidden_states=embeds, controlnet_cond=control,
+                                    conditioning_scale=self.conditioning_scale, guess_mode=False, return_dict=False)
+        out = self.unet(x_in, t_in, encoder_hidden_states=embeds, added_cond_kwargs=added or None,
+                        down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        if not self.do_cfg:
+            return out
+        uncond, text = out.chunk(2)
+        return uncond + self.guidance_scale * (text - uncond)

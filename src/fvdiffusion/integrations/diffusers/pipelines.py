@@ -4,7 +4,7 @@ An explicit allow-list: a pipeline is supported only if its exact class name is 
 (a subclass may change ``__call__`` in ways ``align()`` cannot see). Every other class is
 refused up front, before any model runs, with one :class:`UnsupportedPipelineError` line
 naming the class, the reason, and what is supported. The reasons come from the class name
-(img2img / inpaint / ControlNet variants would silently lose their image, mask or control
+(other img2img / inpaint / ControlNet variants would silently lose their image, mask or control
 input; DiT / PixArt are VP transformer pipelines; Kandinsky / unCLIP are multi-stage).
 """
 
@@ -14,12 +14,14 @@ from typing import Any
 
 from fvdiffusion.errors import UnsupportedPipelineError
 
-# class name -> kind: "t2i" (UNet2DConditionModel + VAE + text encoder), "pixel" (UNet2DModel,
+# class name -> kind: "t2i" (UNet2DConditionModel + VAE + text encoder), "img2img", "controlnet" (SD with one
+# ControlNetModel, its control image passed through), "pixel" (UNet2DModel,
 # unconditional), "flow" (SD3 / FLUX transformers, see .flow)
 SUPPORTED_PIPELINES: dict[str, str] = {
     "StableDiffusionPipeline": "t2i",
     "StableDiffusionXLPipeline": "t2i",
     "StableDiffusionImg2ImgPipeline": "img2img",
+    "StableDiffusionControlNetPipeline": "controlnet",
     "DDPMPipeline": "pixel",
     "DDIMPipeline": "pixel",
     "StableDiffusion3Pipeline": "flow",
@@ -57,7 +59,7 @@ def refusal_reason(name: str) -> str:
 
 
 def pipeline_kind(pipe: Any) -> str:
-    """"t2i", "img2img", "pixel" or "flow" for a supported pipeline; else one UnsupportedPipelineError line.
+    """"t2i", "img2img", "controlnet", "pixel" or "flow" for a supported pipeline; else one UnsupportedPipelineError line.
 
     Reads only the class name before refusing, so nothing of the pipeline is touched (or run).
     """
@@ -67,7 +69,8 @@ def pipeline_kind(pipe: Any) -> str:
         raise UnsupportedPipelineError(f"{name} is not supported by align(): {refusal_reason(name)}; "
                                        f"supported: {supported_pipelines()}")
     # the listed class with the components its kind needs (a pipeline built with some left out)
-    needs = {"t2i": ("unet", "vae", "scheduler"), "img2img": ("unet", "vae", "scheduler"), "pixel": ("unet", "scheduler"), "flow": ("transformer", "vae", "scheduler")}
+    needs = {"t2i": ("unet", "vae", "scheduler"), "img2img": ("unet", "vae", "scheduler"),
+             "controlnet": ("unet", "vae", "scheduler", "controlnet"), "pixel": ("unet", "scheduler"), "flow": ("transformer", "vae", "scheduler")}
     missing = [attr for attr in needs[kind] if getattr(pipe, attr, None) is None]
     if missing:
         raise UnsupportedPipelineError(f"{name} has no {', '.join('`' + m + '`' for m in missing)}: align() needs "
