@@ -306,6 +306,7 @@ THREADS_ARGV = {
                                "--out", str(f["under_file"])],
     "train quality": lambda f: ["train", "quality", "--out", str(f["root"])],
     "convert aesthetic": lambda f: ["convert", "aesthetic", str(f["file"]), "--out", str(f["under_file"])],
+    "export diffusers-ddpm": lambda f: ["export", "diffusers-ddpm", "--out", str(f["file"])],
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from fvdiffusion.cli import bench_mnist, convert, sample, suite, t2i, toy, train
+from fvdiffusion.cli import bench_mnist, convert, export, sample, suite, t2i, toy, train
 from fvdiffusion.cli.errors import version_callback
 
 app = typer.Typer(
@@ -31,7 +31,7 @@ def _root(
     (Fleming-Viot Diffusion and baselines)."""
 
 
-for _module in (toy, suite, sample, bench_mnist, t2i, train, convert):
+for _module in (toy, suite, sample, bench_mnist, t2i, train, convert, export):
     _module.register(app)
 
 
