@@ -59,6 +59,18 @@ def _aesthetic(reward_model: Optional[str], device: Any) -> Any:
     return model_rewards.AestheticScore(reward_model, device=device)
 
 
+def _digit(reward_model: Optional[str], device: Any) -> Any:
+    """log p(class C | image) from the shipped MNIST classifier, on [0, 1] images (the exported DDPM's)."""
+    text = (reward_model or "").strip()
+    if not re.fullmatch(r"[0-9]", text):
+        raise RunnerError(f"--reward digit needs --reward-model C, the target class 0..9, got {reward_model!r}")
+    from fvdiffusion.integrations.diffusers.export_mnist import DigitImageReward
+    from fvdiffusion.rewards.classifier import ClassifierReward
+    from fvdiffusion.zoo.loaders import load_reward_classifier
+
+    return DigitImageReward(ClassifierReward(load_reward_classifier(device=device), int(text)))
+
+
 # name -> builder(reward_model, device); model-backed rewards import their extra only when built
 REWARDS: dict[str, Callable[[Optional[str], Any], Any]] = {
     "brightness": lambda reward_model, device: image_rewards.Brightness(),
@@ -68,6 +80,7 @@ REWARDS: dict[str, Callable[[Optional[str], Any], Any]] = {
     "aesthetic": _aesthetic,
     "pickscore": lambda reward_model, device: model_rewards.PickScore(reward_model or model_rewards.DEFAULT_PICKSCORE,
                                                                       device=device),
+    "digit": _digit,
 }
 # names that once were rewards: the message says why they are gone and what to use instead
 REMOVED_REWARDS = {"imagereward": model_rewards.IMAGEREWARD_REMOVED}
@@ -311,20 +324,32 @@ def _save_images(out: Path, image_dir: Path, images: list[Any], prefix: str = ""
 
 def run_t2i(
     settings: T2ISettings,
-    prompts_file: Path,
+    prompts_file: Optional[Path],
     out: Path,
     batch_size: Optional[int] = None,
     device: str = "auto",
     show_progress: bool = True,
     shard: Optional[tuple[int, int]] = None,
     merge_only: bool = False,
+    populations: Optional[int] = None,
 ) -> Path:
     """Run every prompt not yet recorded (of this shard, if any); returns the record file's path.
 
     Without ``shard``, shard files in ``out`` are merged into ``metrics.jsonl`` first and
     ``summary.json`` is written at the end; ``merge_only`` merges and summarises without running.
+
+    An unconditional pipeline (``DDPMPipeline`` / ``DDIMPipeline``) takes ``populations=K`` instead
+    of a prompt file: K independent populations, prompt None, seeds seed + i (recorded with prompt "").
     """
-    prompts = read_prompts(prompts_file)
+    if (prompts_file is None) == (populations is None):
+        raise RunnerError("give exactly one of --prompts FILE (text-to-image pipelines) and --populations K "
+                          "(unconditional pipelines)")
+    if populations is not None:
+        if isinstance(populations, bool) or not isinstance(populations, int) or populations < 1:
+            raise RunnerError(f"--populations must be an integer >= 1, got {populations!r}")
+        prompts = [""] * populations
+    else:
+        prompts = read_prompts(prompts_file)
     check_reward_name("--reward", settings.reward)
     if settings.eval_reward is not None:
         check_reward_name("--eval-reward", settings.eval_reward)
@@ -362,24 +387,34 @@ def run_t2i(
     eval_reward = (None if settings.eval_reward is None
                    else _build_reward(settings.eval_reward, settings.eval_reward_model, device))
     pipe = load_pipeline(settings.model, settings.dtype, device, revision=settings.revision)
+    unconditional = _is_unconditional(pipe)
+    if unconditional and populations is None:
+        raise RunnerError(f"{type(pipe).__name__} is unconditional: it takes no prompts; use --populations K "
+                          "instead of --prompts")
+    if not unconditional and populations is not None:
+        raise RunnerError(f"{type(pipe).__name__} is a text-to-image pipeline: use --prompts FILE, not --populations")
+    if unconditional and settings.negative_prompt is not None:
+        raise RunnerError(f"{type(pipe).__name__} is unconditional: --negative-prompt does not apply")
     scale = getattr(pipe, "vae_scale_factor", None)
     for name, value in (("--height", settings.height), ("--width", settings.width)):
         if value is not None and isinstance(scale, int) and value % scale:
             raise RunnerError(f"{name} {value}: must be a multiple of the pipeline's VAE scale factor {scale}")
     save_settings(out, settings)
-    size = {"negative_prompt": settings.negative_prompt, "height": settings.height, "width": settings.width}
+    size = {"negative_prompt": settings.negative_prompt, "height": settings.height, "width": settings.width,
+            "guidance_scale": None if unconditional else settings.guidance}
     total = len(prompts) if shard is None else len(range(shard[0], len(prompts), shard[1]))
     for index, prompt in tqdm(todo, desc="prompts", initial=total - len(todo), total=total,
                               disable=not show_progress):
         seed = settings.seed + index
-        aligned = align(pipe, prompt, reward, method=settings.method, n_particles=settings.particles,
-                        num_inference_steps=settings.steps, seed=seed, guidance_scale=settings.guidance,
+        condition = None if unconditional else prompt
+        aligned = align(pipe, condition, reward, method=settings.method, n_particles=settings.particles,
+                        num_inference_steps=settings.steps, seed=seed,
                         batch_size=batch_size, output_type="pt", **size, **settings.options)
         base = None
         if settings.compare_base:  # the same seed: the same initial noise, no steering
             eta = {"eta": settings.options["eta"]} if "eta" in settings.options else {}
-            base = align(pipe, prompt, reward, method="base", n_particles=settings.particles,
-                         num_inference_steps=settings.steps, seed=seed, guidance_scale=settings.guidance,
+            base = align(pipe, condition, reward, method="base", n_particles=settings.particles,
+                         num_inference_steps=settings.steps, seed=seed,
                          batch_size=batch_size, output_type="pt", **size, **eta)
         # a record of the prompt this index held before an edit would point at the images about
         # to be overwritten: drop it first (atomic rewrite), so no stale record survives a crash
@@ -391,13 +426,13 @@ def run_t2i(
                   "rewards": aligned.rewards.tolist(), "images": _save_images(out, image_dir, images)}
         if eval_reward is not None:  # scored after the run: selection never saw it
             record["eval_reward"] = settings.eval_reward
-            record["eval_rewards"] = _score(eval_reward, aligned.images, prompt)
+            record["eval_rewards"] = _score(eval_reward, aligned.images, condition)
         if base is not None:
             base_images = to_pil(base.images)
             record["base_rewards"] = base.rewards.tolist()
             record["base_images"] = _save_images(out, image_dir, base_images, prefix="base_")
             if eval_reward is not None:
-                record["base_eval_rewards"] = _score(eval_reward, base.images, prompt)
+                record["base_eval_rewards"] = _score(eval_reward, base.images, condition)
             grid = out / "grids" / f"{index:04d}.png"
             grid.parent.mkdir(parents=True, exist_ok=True)
             save_grid(grid, [("base", base_images), (settings.method, images)])
@@ -408,6 +443,12 @@ def run_t2i(
     return log.path
 
 
-def _score(reward: Any, images: torch.Tensor, prompt: str) -> list[float]:
+def _is_unconditional(pipe: Any) -> bool:
+    from fvdiffusion.integrations.diffusers.pipelines import SUPPORTED_PIPELINES
+
+    return SUPPORTED_PIPELINES.get(type(pipe).__name__) == "pixel"
+
+
+def _score(reward: Any, images: torch.Tensor, prompt: Optional[str]) -> list[float]:
     with torch.no_grad():
         return [float(v) for v in reward(images, prompt)]

@@ -14,7 +14,7 @@ from fvdiffusion.cli.errors import (
 )
 
 # the names of fvdiffusion.bench.t2i.REWARDS and DTYPES (that module imports torch; kept equal by a test)
-REWARD_NAMES = ("brightness", "colourfulness", "jpeg", "clip", "aesthetic", "pickscore")
+REWARD_NAMES = ("brightness", "colourfulness", "jpeg", "clip", "aesthetic", "pickscore", "digit")
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 # CLI flags that set config fields: `--option lam=...` is refused with the flag to use
 T2I_FLAGS = {"n_particles": "--particles", "num_steps": "--steps", "lam": "--lam", "seed": "--seed",
@@ -27,7 +27,10 @@ LATENT_BYTES_PER_PARTICLE = 4 * 128 * 128 * 4 * 32 + 3 * 1024 * 1024 * 4
 @handles_errors
 def t2i(
     model: str = typer.Option(..., help="diffusers pipeline: a local directory or a hub id"),
-    prompts: Path = typer.Option(..., help="TXT (one prompt per line) or CSV with a 'Prompts' column, UTF-8"),
+    prompts: Optional[Path] = typer.Option(None, help="TXT (one prompt per line) or CSV with a 'Prompts' column, "
+                                           "UTF-8 (text-to-image pipelines)"),
+    populations: Optional[int] = typer.Option(None, help="unconditional pipelines (DDPMPipeline, DDIMPipeline): K "
+                                              "independent populations, population i with seed + i (instead of --prompts)"),
     reward: str = typer.Option(..., help=f"one of: {', '.join(REWARD_NAMES)}"),
     out: Path = typer.Option(..., help="output directory (images/, metrics.jsonl, run.json)"),
     method: str = typer.Option("fvd", help="sampling method (see fvdiffusion.METHODS)"),
@@ -38,7 +41,8 @@ def t2i(
     guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
     lam: float = typer.Option(1.0, help="reward scale λ (inf only for argmax methods)"),
     option: list[str] = typer.Option([], help="method option KEY=VALUE, repeatable (e.g. rebirth_noise=0.5)"),
-    reward_model: Optional[str] = typer.Option(None, help="clip / pickscore: the model's local directory or hub id; aesthetic: the predictor's .safetensors"),
+    reward_model: Optional[str] = typer.Option(None, help="clip / pickscore: the model's local directory or hub id; aesthetic: the predictor's "
+                                               ".safetensors; digit: the target class 0..9"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N, mps, or auto = cuda if available"),
     dtype: str = typer.Option("float32", help=f"pipeline dtype: {', '.join(DTYPE_NAMES)}"),
     threads: int = threads_option(),
@@ -65,6 +69,10 @@ def t2i(
     check_out(out)
     check_finite("--guidance", guidance)
     check_finite("--lam", lam, allow_inf=True)
+    if (prompts is None) == (populations is None):
+        fail("give exactly one of --prompts FILE (text-to-image pipelines) and --populations K (unconditional "
+             "pipelines such as an exported DDPMPipeline)")
+    check_range("--populations", populations, 1)
     check_range("--particles", particles, 1)
     check_range("--steps", steps, 1)
     check_range("--batch-size", batch_size, 1)
@@ -92,7 +100,7 @@ def t2i(
                            revision=revision, negative_prompt=negative_prompt, height=height, width=width,
                            eval_reward=eval_reward, eval_reward_model=eval_reward_model, compare_base=compare_base)
     metrics = run_t2i(settings, prompts, out, batch_size=batch_size, device=device, show_progress=progress,
-                      shard=shard_of, merge_only=merge)
+                      shard=shard_of, merge_only=merge, populations=populations)
     typer.echo(f"metrics: {metrics}")
     summary = out / "summary.json"
     if shard_of is None and summary.is_file():

@@ -129,8 +129,10 @@ def build_adapters(
 
 
 def to_pil(images: Tensor) -> list[Any]:
-    """Float images [B, 3, H, W] in [0, 1] -> PIL RGB images."""
+    """Float images [B, 3, H, W] (or single-channel [B, 1, H, W], shown grey) in [0, 1] -> PIL RGB images."""
     image_module = require("PIL.Image", "plot")
+    if images.dim() == 4 and images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
     return [image_module.fromarray(p) for p in _to_uint8(images)]
 
 
