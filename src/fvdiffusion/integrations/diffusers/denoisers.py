@@ -170,11 +170,15 @@ class StableDiffusionDenoiser:
         t_in = torch.cat([t] * copies)
         embeds = self.text_embeds.repeat_interleave(n, dim=0)
         added = {k: v.repeat_interleave(n, dim=0) for k, v in self.added_cond.items()}
-        out = self.unet(x_in, t_in, encoder_hidden_states=embeds, added_cond_kwargs=added or None).sample
+        out = self._predict(x_in, t_in, embeds, added or None)
         if not self.do_cfg:
             return out
         uncond, text = out.chunk(2)
         return uncond + self.guidance_scale * (text - uncond)
+
+    def _predict(self, x_in: Tensor, t_in: Tensor, embeds: Tensor, added: dict[str, Tensor] | None) -> Tensor:
+        """The UNet on the (CFG-doubled) rows; subclasses add conditioning here."""
+        return self.unet(x_in, t_in, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
 
     @torch.no_grad()
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
@@ -216,19 +220,9 @@ class ControlNetDenoiser(StableDiffusionDenoiser):
         self.conditioning_scale = float(conditioning_scale)
         self.control_image = control_image.to(self.device, self.controlnet.dtype)
 
-    def _unet(self, x: Tensor, t: Tensor) -> Tensor:
-        n = x.shape[0]
-        copies = 2 if self.do_cfg else 1
-        x_in = torch.cat([x] * copies)
-        t_in = torch.cat([t] * copies)
-        embeds = self.text_embeds.repeat_interleave(n, dim=0)
-        added = {k: v.repeat_interleave(n, dim=0) for k, v in self.added_cond.items()}
-        control = self.control_image.expand(n * copies, *self.control_image.shape[1:])
+    def _predict(self, x_in: Tensor, t_in: Tensor, embeds: Tensor, added: dict[str, Tensor] | None) -> Tensor:
+        control = self.control_image.expand(x_in.shape[0], *self.control_image.shape[1:])
         down, mid = self.controlnet(x_in, t_in, encoder_hidden_states=embeds, controlnet_cond=control,
                                     conditioning_scale=self.conditioning_scale, guess_mode=False, return_dict=False)
-        out = self.unet(x_in, t_in, encoder_hidden_states=embeds, added_cond_kwargs=added or None,
-                        down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        if not self.do_cfg:
-            return out
-        uncond, text = out.chunk(2)
-        return uncond + self.guidance_scale * (text - uncond)
+        return self.unet(x_in, t_in, encoder_hidden_states=embeds, added_cond_kwargs=added,
+                         down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
