@@ -19,6 +19,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parents[1] / "fixtures" / "t2i"))
 import tiny_diffusers  # noqa: E402
 from tiny_diffusers import one_thread  # noqa: E402,F401  (autouse fixture)
+from tiny_diffusers import sd  # noqa: E402,F401  (module fixture)
 
 import fvdiffusion  # noqa: E402
 from fvdiffusion.errors import DuplicateImagesWarning  # noqa: E402
@@ -29,13 +30,6 @@ from fvdiffusion.rewards.image_rewards import Brightness  # noqa: E402
 PROMPT = "a photo of the sea"
 OTHER = "a red cat on the mat"
 N = 3
-
-
-@pytest.fixture(scope="module")
-def sd():
-    pipe = tiny_diffusers.sd_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "fixtures" / "t2i"))
 import tiny_diffusers  # noqa: E402
 from tiny_diffusers import one_thread  # noqa: E402,F401  (autouse fixture)
+from tiny_diffusers import sd  # noqa: E402,F401  (module fixture)
 
 import diffusers  # noqa: E402
 
@@ -29,13 +30,6 @@ align_module = sys.modules["fvdiffusion.integrations.diffusers.align"]
 PROMPT = "a photo of the sea"
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
              "StableDiffusionControlNetPipeline", "DDPMPipeline", "DDIMPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
-
-
-@pytest.fixture(scope="module")
-def sd():
-    pipe = tiny_diffusers.sd_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "fixtures" / "t2i"))
 import tiny_diffusers  # noqa: E402
 from tiny_diffusers import one_thread  # noqa: E402,F401  (autouse fixture)
+from tiny_diffusers import sd  # noqa: E402,F401  (module fixture)
 
 from fvdiffusion.errors import SchedulerReplacedWarning  # noqa: E402
 from fvdiffusion.integrations.diffusers import align, schedule_from_scheduler  # noqa: E402
@@ -34,13 +35,6 @@ def with_scheduler(pipe, scheduler):
     out = copy.copy(pipe)  # the same modules, another scheduler
     out.scheduler = scheduler
     return out
-
-
-@pytest.fixture(scope="module")
-def sd():
-    pipe = tiny_diffusers.sd_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
