@@ -8,6 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "fixtures" / "t2i"))
 import tiny_flow_pipelines as tiny  # noqa: E402
+from tiny_flow_pipelines import flux, sd3  # noqa: E402,F401  (module fixtures)
 from tiny_diffusers import one_thread  # noqa: E402,F401  (autouse fixture)
 
 from fvdiffusion.errors import UnsupportedPipelineError  # noqa: E402
@@ -18,18 +19,7 @@ PROMPT = "a red cat on the mat"
 TOKENS = {"max_sequence_length": tiny.T5_TOKENS}
 
 
-@pytest.fixture(scope="module")
-def sd3():
-    return tiny.sd3_pipeline()
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return tiny.flux_pipeline()
-
-
-def _latents(n, seed):
-    return torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+_latents = tiny.unpacked_latents
 
 
 @pytest.mark.parametrize("steps", [1, 4])
