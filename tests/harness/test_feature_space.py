@@ -10,9 +10,7 @@ scales: near-copies, not copies).
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import signal
 import statistics
 
 import pytest
@@ -26,6 +24,7 @@ from fvdiffusion.train.feature_net import FeatureNetTrainConfig, train_feature_n
 from fvdiffusion.zoo.feature_net import FeatureNet, FeatureNetConfig
 from fvdiffusion.zoo.loaders import default_path, load_feature_net, write_weights
 from fvdiffusion.zoo.mnist_data import load_mnist
+from tiny_models import interrupt_training_at
 
 # collapsed / diverse and jittered / diverse; measured 10-28 and 7.1-16 in the 'ae' space,
 # 2.4-10.5 and 1.5-8.0 with the eval net (docs/feature_space.md)
@@ -148,16 +147,7 @@ def test_feature_net_training_resumes_exactly_and_fits_the_feature_scale(tmp_pat
     config = FeatureNetTrainConfig(steps=6, batch_size=4, warmup_steps=1, log_every=1,
                                    model=FeatureNetConfig(channels1=4, channels2=8, latent_dim=3))
 
-    class InterruptingBar(resumable.tqdm):
-        steps_seen = 0  # a disabled tqdm does not count, so count here
-
-        def update(self, n=1):
-            super().update(n)
-            InterruptingBar.steps_seen += n
-            if InterruptingBar.steps_seen == 3:  # Ctrl-C: the loop stops at the next step boundary
-                os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(resumable, "tqdm", InterruptingBar)
+    interrupt_training_at(monkeypatch, 3)  # Ctrl-C at step 3
     with pytest.raises(resumable.TrainingInterrupted, match="SIGINT: stopped at step 3"):
         train_feature_net(config, tmp_path / "resumed", images, progress=False)
     monkeypatch.undo()

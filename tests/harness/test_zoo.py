@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -31,7 +29,7 @@ from fvdiffusion.zoo.loaders import (
 )
 from fvdiffusion.zoo.mnist_data import load_mnist
 from fvdiffusion.zoo.unet import UNet, UNetConfig
-from tiny_models import TINY_UNET
+from tiny_models import TINY_UNET, interrupt_training_at
 
 
 
@@ -245,16 +243,7 @@ def test_interrupted_classifier_run_resumes_exactly(tmp_path, monkeypatch):
     data = (torch.rand(16, 1, 28, 28, generator=gen) * 2 - 1, torch.randint(0, 10, (16,), generator=gen))
     config = ClassifierTrainConfig.for_kind("reward", steps=5, batch_size=4, warmup_steps=1)
 
-    class InterruptingBar(resumable.tqdm):
-        steps_seen = 0  # a disabled tqdm does not count, so count here
-
-        def update(self, n=1):
-            super().update(n)
-            InterruptingBar.steps_seen += n
-            if InterruptingBar.steps_seen == 3:  # Ctrl-C: the loop stops at the next step boundary
-                os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(resumable, "tqdm", InterruptingBar)
+    interrupt_training_at(monkeypatch, 3)  # Ctrl-C at step 3
     with pytest.raises(resumable.TrainingInterrupted, match="SIGINT: stopped at step 3"):
         train_classifier(config, tmp_path / "resumed", data, None, progress=False)
     monkeypatch.undo()
