@@ -30,6 +30,7 @@ def sample(
     callback: Callable[[StepEvent], Any] | None = None,
     grid: StepGrid | None = None,
     x_init: Tensor | None = None,
+    sharded: bool | None = None,
     **method_options: Any,
 ) -> SampleResult:
     """Sample N particles with ``method`` and return a :class:`SampleResult`.
@@ -47,6 +48,11 @@ def sample(
     ``grid`` (a :class:`~fvdiffusion.schedule.StepGrid` of ``num_steps`` steps) replaces the evenly
     spaced default, e.g. with the timesteps a diffusers scheduler chose; ``x_init``
     [n_particles, *sample_shape] replaces the initial noise (the seed still drives everything else).
+
+    In an initialised ``torch.distributed`` process group (torchrun, ``fvd sample --nproc``) the
+    population is spread over the ranks — each runs the denoiser and the reward on its block —
+    and every rank returns the whole result, equal to one process with the same ``noise_chunk``
+    (docs/distributed.md). ``sharded=False`` keeps the whole population in this process.
     """
     spec = get_method(method)
     if config is None:
@@ -58,4 +64,4 @@ def sample(
     if reward is None and spec.needs_reward_during_sampling:
         raise ValueError(f"method {method!r} needs a reward; got reward=None")
     return spec.run(denoiser, reward, config, cond=cond, progress=progress, callback=callback, grid=grid,
-                    x_init=x_init)
+                    x_init=x_init, sharded=sharded)

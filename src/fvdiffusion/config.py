@@ -76,6 +76,10 @@ class CommonConfig:
     ``fvdiffusion.loop.auto_batch_rows``; results do not depend on it).  nonfinite_denoiser: what a NaN/±inf denoiser output does — "raise"
     (DenoiserError naming the step and the count) or "kill" (those particles die and are
     reborn as copies of survivors, counted and warned once; an error only if none is left).
+    noise_chunk: None draws the run's noise from one generator in call order; C draws it per
+    chunk of C particle slots from generators keyed by (seed, draw, chunk), so that the same
+    run split over processes gives the same numbers (set automatically in a process group;
+    see ``fvdiffusion.noise``). Population methods only.
     """
 
     n_particles: int = 64
@@ -85,6 +89,7 @@ class CommonConfig:
     seed: int = 0
     batch_size: int | None = None
     nonfinite_denoiser: str = "raise"
+    noise_chunk: int | None = None
 
     allow_infinite_lambda = False  # class-level: argmax methods (svdd, dts*) switch it on
 
@@ -99,14 +104,18 @@ class CommonConfig:
         if self.batch_size is not None:
             check_int("batch_size", self.batch_size, 1)
         check_choice("nonfinite_denoiser", self.nonfinite_denoiser, NONFINITE_DENOISER)
+        if self.noise_chunk is not None:
+            check_int("noise_chunk", self.noise_chunk, 1)
         check_bool_fields(self)
 
     def as_dict(self) -> dict[str, Any]:
-        """Every field, except a fault policy at its default: it cannot change a healthy run, and
-        stored results keyed by this dict must not all rerun because such a field was added."""
+        """Every field, except a fault policy or the one-stream noise at their defaults: stored
+        results keyed by this dict must not all rerun because such a field was added."""
         values = asdict(self)
         if values["nonfinite_denoiser"] == "raise":
             del values["nonfinite_denoiser"]
+        if values["noise_chunk"] is None:
+            del values["noise_chunk"]
         return values
 
     @classmethod

@@ -29,6 +29,11 @@ class DenoiserError(ValueError):
     """The denoiser raised, returned the wrong shape, or returned NaN/inf; the message names the step."""
 
 
+class ShardFailedError(RuntimeError):
+    """A rank of a population spread over processes failed; every rank raises the same one line
+    (the failing rank, the step, the error), or a collective timed out."""
+
+
 class NonFiniteRewardWarning(RuntimeWarning):
     """Some rewards of a run were NaN/±inf; those particles got zero weight. Issued once per run."""
 

@@ -16,6 +16,12 @@ noise tensor is drawn for the whole population at once, so micro-batching the de
 reward cannot change a result. Seeded runs are reproducible on one device; a CUDA generator
 draws a different stream than the CPU one, so the same seed gives different (equally valid)
 samples on CPU and GPU.
+
+In a process group (:mod:`fvdiffusion.distributed`) each rank holds a block of the slots: the
+particle tensors x, x̂0, ε̂ have the block's rows, every per-particle scalar has all N (rewards
+are all-gathered when evaluated), noise is keyed by slot chunks (:mod:`fvdiffusion.noise`), and
+:func:`select` moves only the clones that cross ranks. The result is the same as one process
+with the same ``noise_chunk``.
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from fvdiffusion import selection
+from fvdiffusion import distributed, selection
 from fvdiffusion.checks import HostChecks, eager_for
 from fvdiffusion.config import CommonConfig
 from fvdiffusion.denoisers.base import Denoiser
 from fvdiffusion.errors import (
     AllParticlesDeadWarning, ConfigError, DenoiserError, NonFiniteDenoiserWarning, NonFiniteRewardWarning, RewardError,
 )
+from fvdiffusion.noise import DEFAULT_NOISE_CHUNK, ChunkedNoise
 from fvdiffusion.population import ParticleState, copy_into_dead, gather, initial_state
 from fvdiffusion.result import Cost, Lineage, SampleResult, StepTrace
 from fvdiffusion.rewards.base import Reward
@@ -197,28 +204,59 @@ class RunContext:
     batch_rows: int | None = None   # micro-batch for model calls (config.batch_size, or from the memory budget)
     callback: Callable[[StepEvent], Any] | None = None
     x_init: Tensor | None = None    # the population at the first step, when the caller gives it
+    shard: distributed.Shard | None = None  # this process's block of a population over a process group
+    noise: ChunkedNoise | None = None       # keyed per slot chunk (config.noise_chunk), else one stream
+    assembled: bool = False                 # after the loop: the whole population is on every rank
+    step_alpha_bar: float = 1.0             # ᾱ of the step being taken
+
+    def at_step(self, info: StepInfo) -> None:
+        """The driver enters step ``info``; across processes, stop here if another rank failed."""
+        self.step_alpha_bar = info.alpha_bar
+        if self.shard is not None:
+            self.shard.where = f"at step k={info.k} (t={info.t})"
+            self.shard.poll()
+
+    def assemble(self, state: ParticleState) -> ParticleState:
+        """After the loop: the whole population on every rank (the samples all-gathered once).
+
+        x̂0 and ε̂ are not gathered: the final weighting reads the samples and their rewards only.
+        """
+        if self.shard is None or self.assembled:
+            return state
+        self.shard.where = "on the final samples"
+        x = self.shard.all_gather_rows(state.x, final=True)
+        self.assembled = True
+        if self.noise is not None:
+            self.noise.lo, self.noise.hi = 0, self.config.n_particles
+        return replace(state, x=x, x0_hat=x, eps_hat=x)
 
     def initial_x(self) -> Tensor:
-        """x at the first step: the caller's ``x_init`` or fresh noise for the whole population."""
-        shape = (self.config.n_particles, *self.denoiser.sample_shape)
+        """x at the first step (this process's rows): the caller's ``x_init`` or fresh noise."""
         if self.x_init is None:
-            return self.randn(shape)
-        return self.x_init.to(self.device, torch.float32).clone()
+            return self.particle_noise(tuple(self.denoiser.sample_shape))
+        return self.local(self.x_init).to(self.device, torch.float32).clone()
 
     @classmethod
     def create(cls, denoiser: Denoiser, reward: Reward | None, config: CommonConfig, cond: Any = None,
                progress: bool = False, desc: str = "", callback: Callable[[StepEvent], Any] | None = None,
-               grid: StepGrid | None = None, x_init: Tensor | None = None) -> "RunContext":
+               grid: StepGrid | None = None, x_init: Tensor | None = None, sharded: bool = True) -> "RunContext":
         device = _device_of(denoiser)
+        shard = distributed.shard_for(config.n_particles, device) if sharded else None
+        if shard is not None and config.noise_chunk is None:
+            config = replace(config, noise_chunk=DEFAULT_NOISE_CHUNK)
         generator = torch.Generator(device=device).manual_seed(config.seed)
         ctx = cls(denoiser=denoiser, reward=reward, config=config, cond=cond, generator=generator, device=device,
                   checks=HostChecks(eager=eager_for(device)), callback=callback,
                   grid=grid if grid is not None else StepGrid.build(denoiser.schedule, config.num_steps),
-                  x_init=_checked_x_init(x_init, config, denoiser))
+                  x_init=_checked_x_init(x_init, config, denoiser), shard=shard)
         if len(ctx.grid) != config.num_steps:
             raise ConfigError(f"invalid grid: it has {len(ctx.grid)} steps, expected num_steps={config.num_steps}")
+        lo, hi = (shard.lo, shard.hi) if shard is not None else (0, config.n_particles)
+        if config.noise_chunk is not None:
+            ctx.noise = ChunkedNoise(seed=config.seed, chunk=config.noise_chunk, n=config.n_particles, lo=lo, hi=hi,
+                                     device=device)
         ctx.batch_rows = config.batch_size if config.batch_size is not None else auto_batch_rows(
-            config.n_particles, tuple(denoiser.sample_shape), device)
+            hi - lo, tuple(denoiser.sample_shape), device)
         ctx.lineage = Lineage(n_particles=config.n_particles, num_steps=config.num_steps)
         if progress:
             from tqdm.auto import tqdm
@@ -227,6 +265,22 @@ class RunContext:
         return ctx
 
     # --- randomness -------------------------------------------------------------------
+    def particle_noise(self, tail: tuple[int, ...]) -> Tensor:
+        """Gaussian noise [rows, *tail] for this process's particles (all N in one process)."""
+        if self.noise is not None:
+            return self.noise.particles(tuple(tail))
+        return self.randn((self.config.n_particles, *tail))
+
+    def decision_generator(self) -> torch.Generator:
+        """The generator of a population-wide decision (a selection): the same on every rank."""
+        return self.noise.decisions() if self.noise is not None else self.generator
+
+    def local(self, values: Tensor) -> Tensor:
+        """This process's rows of a population-wide [N, ...] tensor (all of them in one process)."""
+        if self.shard is None or self.assembled:
+            return values
+        return self.shard.local(values)
+
     def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
         """Gaussian noise for a whole population, drawn on the population's device."""
         return torch.randn(shape, generator=self.generator, dtype=dtype, device=self.device)
@@ -328,6 +382,8 @@ class RunContext:
             values.append(r.detach().to(self.device, torch.float64))
             self.cost.reward_calls += chunk.shape[0]
         rewards = torch.cat(values)
+        if self.shard is not None and not self.assembled:
+            rewards = self.shard.all_gather_rows(rewards)  # every rank keeps all N rewards
         self.health.reward_values += rewards.numel()
         self.health.nonfinite_rewards = self.health.nonfinite_rewards + (~torch.isfinite(rewards)).sum()
         return rewards
@@ -484,19 +540,46 @@ def select(ctx: RunContext, state: ParticleState, log_w: Tensor, scheme: str, k:
     """
     scheme_fn = selection.get_scheme(scheme)
     checked = False  # potentials are cleaned upstream; validating would read the device
+    generator = ctx.decision_generator()
     if parent_rule is not None:
-        outcome = scheme_fn(log_w, ctx.generator, parent_rule=parent_rule, checked=checked)
+        outcome = scheme_fn(log_w, generator, parent_rule=parent_rule, checked=checked)
     else:
-        outcome = scheme_fn(log_w, ctx.generator, checked=checked)
+        outcome = scheme_fn(log_w, generator, checked=checked)
     state = _copy_selected(ctx, state, outcome.ancestors, outcome.reborn)
     ctx.lineage.record(k, outcome.ancestors)
     return state, outcome
 
 
 def _copy_selected(ctx: RunContext, state: ParticleState, ancestors: Tensor, reborn: Tensor) -> ParticleState:
+    if ctx.shard is not None and not ctx.assembled:
+        return _exchange_selected(ctx, state, ancestors)
     if ctx.checks.eager:
         return copy_into_dead(state, ancestors, reborn)
     return gather(state, ancestors)
+
+
+def _exchange_selected(ctx: RunContext, state: ParticleState, ancestors: Tensor) -> ParticleState:
+    """A selection over processes: the scalars are gathered on every rank, x̂0 and ε̂ cross ranks.
+
+    Only x̂0 and ε̂ move (the DDIM step reads nothing else); a clone received from another rank
+    gets x_t = √ᾱ x̂0 + √(1−ᾱ) ε̂ from them, local clones copy their parent's x_t exactly.
+    """
+    (x0_hat, eps_hat), plan = ctx.shard.exchange([state.x0_hat, state.eps_hat], ancestors)
+    local_rows = torch.where(plan.received, 0, plan.source).to(state.x.device)
+    x = state.x[local_rows]
+    if bool(plan.received.any()):
+        alpha_bar = ctx.step_alpha_bar
+        rebuilt = math.sqrt(alpha_bar) * x0_hat + math.sqrt(1 - alpha_bar) * eps_hat
+        received = plan.received.to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+        x = torch.where(received, rebuilt, x)
+    idx = ancestors.long()
+    scalars = {name: _take_rows(getattr(state, name), idx) for name in ("reward", "log_weight", "root")}
+    return ParticleState(x=x, x0_hat=x0_hat, eps_hat=eps_hat, **scalars,
+                         aux={k: _take_rows(v, idx) for k, v in state.aux.items()}, scalars=dict(state.scalars))
+
+
+def _take_rows(values: Tensor, idx: Tensor) -> Tensor:
+    return values[idx.to(values.device)]
 
 
 def rebirth_killed(ctx: RunContext, state: ParticleState, dead: Tensor, k: int) -> ParticleState:
@@ -511,7 +594,7 @@ def rebirth_killed(ctx: RunContext, state: ParticleState, dead: Tensor, k: int) 
     if bool(torch.isneginf(log_w).all()):
         log_w = torch.zeros_like(log_w)
     parents_alive = torch.multinomial(torch.softmax(log_w, dim=0), int(dead.sum()), replacement=True,
-                                      generator=ctx.generator)
+                                      generator=ctx.decision_generator())
     ancestors = torch.arange(state.n, device=dead.device)
     ancestors[dead] = torch.nonzero(alive).flatten()[parents_alive]
     mean_log_w = torch.logsumexp(log_w, dim=0) - math.log(log_w.numel())
@@ -542,9 +625,10 @@ def equalise_final(ctx: RunContext, state: ParticleState, weighting: FinalWeight
 
 def particle_loop(ctx: RunContext, kernel: ParticleKernel) -> ParticleState:
     """Denoise N particles from pure noise to t = 0, letting ``kernel.step`` act after each denoiser call."""
-    shape = (ctx.config.n_particles, *ctx.denoiser.sample_shape)
-    state = kernel.init(ctx, initial_state(ctx.initial_x()))
+    sample_shape = tuple(ctx.denoiser.sample_shape)
+    state = kernel.init(ctx, initial_state(ctx.initial_x(), n=ctx.config.n_particles))
     for info in ctx.grid:
+        ctx.at_step(info)
         with record_function(STEP_RANGE):
             pred, dead = ctx.denoise(state.x, info.t, info.alpha_bar, info.k)
             state = replace(state, x0_hat=pred.x0, eps_hat=pred.eps)
@@ -553,7 +637,7 @@ def particle_loop(ctx: RunContext, kernel: ParticleKernel) -> ParticleState:
                     raise ctx.all_killed(info.k, info.t, state.n)
                 state = rebirth_killed(ctx, state, dead, info.k)
             state, trace = kernel.step(ctx, info, state)
-            noise = ctx.randn(shape) if ctx.config.eta > 0 else None
+            noise = ctx.particle_noise(sample_shape) if ctx.config.eta > 0 else None
             x_prev = ddim_step(state.x0_hat, state.eps_hat, info.alpha_bar, info.alpha_bar_prev, ctx.config.eta,
                                noise)
             state = replace(state, x=x_prev)
@@ -564,14 +648,21 @@ def particle_loop(ctx: RunContext, kernel: ParticleKernel) -> ParticleState:
 def run_kernel(method: str, kernel: ParticleKernel | Sampler, denoiser: Denoiser, reward: Reward | None,
                config: CommonConfig, cond: Any = None, progress: bool = False,
                callback: Callable[[StepEvent], Any] | None = None, grid: StepGrid | None = None,
-               x_init: Tensor | None = None) -> SampleResult:
+               x_init: Tensor | None = None, sharded: bool | None = None) -> SampleResult:
     """Run one method end to end: context, loop (or search), final reward and selection, result, cost.
 
     ``grid``: the steps to take (default: ``StepGrid.build(denoiser.schedule, num_steps)``);
-    ``x_init``: the population at the first step, [N, *sample_shape] (default: fresh noise).
+    ``x_init``: the population at the first step, [N, *sample_shape] (default: fresh noise);
+    ``sharded``: None spreads the population over the initialised process group when there is
+    one; False keeps it in this process whatever the group.
     """
+    if isinstance(kernel, Sampler) and config.noise_chunk is not None:
+        raise ConfigError(f"invalid noise_chunk={config.noise_chunk} for method {method!r}: slot-keyed noise "
+                          f"applies to the population methods only")
+    if sharded is not False and distributed.process_group() is not None:
+        _check_shardable(method, kernel, config, sharded)
     ctx = RunContext.create(denoiser, reward, config, cond, progress, desc=method, callback=callback, grid=grid,
-                            x_init=x_init)
+                            x_init=x_init, sharded=sharded is not False)
     try:
         with Timer(ctx.cost, ctx.device):
             if isinstance(kernel, Sampler):
@@ -580,6 +671,10 @@ def run_kernel(method: str, kernel: ParticleKernel | Sampler, denoiser: Denoiser
                 finished = _finish_particles(ctx, kernel, particle_loop(ctx, kernel))
             ctx.checks.resolve()
             result = make_result(ctx, method, finished.state, finished.extras)
+    except BaseException as exc:
+        if ctx.shard is not None and isinstance(exc, Exception):
+            raise ctx.shard.fail(exc) from exc
+        raise
     finally:
         ctx.close()
     result.extras.setdefault("health", ctx.health.as_dict())
@@ -587,9 +682,27 @@ def run_kernel(method: str, kernel: ParticleKernel | Sampler, denoiser: Denoiser
     return result
 
 
+def _check_shardable(method: str, kernel: ParticleKernel | Sampler, config: CommonConfig,
+                     sharded: bool | None) -> None:
+    """What cannot run across processes is refused before any model call, in one line."""
+    hint = "pass sharded=False to run a whole population in each process"
+    if isinstance(kernel, Sampler):
+        raise ConfigError(f"method {method!r} cannot spread one population over processes (its search is "
+                          f"driven from one process); {hint}")
+    if config.nonfinite_denoiser == "kill":
+        raise ConfigError("invalid nonfinite_denoiser='kill' across processes (a kill is a data-dependent, "
+                          "host-driven rebirth); use 'raise', or " + hint)
+    if getattr(config, "rebirth", None) == "langevin":
+        raise ConfigError("invalid rebirth='langevin' across processes (each clone's Langevin moves need its "
+                          "parent's x_t on the clone's rank); use rebirth='renoise', or " + hint)
+
+
 def _finish_particles(ctx: RunContext, kernel: ParticleKernel, state: ParticleState) -> Finished:
     if ctx.reward is not None or kernel.requires_final_reward:
+        if ctx.shard is not None:
+            ctx.shard.where = "on the final samples"
         state = replace(state, x0_hat=state.x, reward=ctx.evaluate_reward(state.x, None))
+    state = ctx.assemble(state)
     weighting = kernel.finish(ctx, state)
     if weighting.log_w is None:
         return Finished(weighting.state, dict(weighting.extras))
@@ -607,6 +720,8 @@ def make_result(ctx: RunContext, method: str, state: ParticleState, extras: dict
     else:
         log_weights = torch.full_like(log_weights, -math.log(log_weights.numel()))
     ctx.lineage.settle()
+    if ctx.shard is not None:
+        extras = {**(extras or {}), "distributed": _whole_run_costs(ctx)}
     return SampleResult(
         samples=state.x,
         rewards=state.reward.detach().cpu(),
@@ -617,6 +732,20 @@ def make_result(ctx: RunContext, method: str, state: ParticleState, extras: dict
         config={"method": method, **ctx.config.as_dict()},
         extras=extras or {},
     )
+
+
+def _whole_run_costs(ctx: RunContext) -> dict[str, Any]:
+    """Sum the counts every rank made for its own block; returns what the communication cost."""
+    shard = ctx.shard
+    stats = shard.stats
+    totals = shard.sum_ints([ctx.cost.denoiser_calls, ctx.cost.reward_calls, ctx.health.denoiser_values,
+                             stats.particle_rows_sent, stats.particle_bytes_sent, stats.scalar_bytes_sent,
+                             stats.final_bytes_sent])
+    ctx.cost.denoiser_calls, ctx.cost.reward_calls, ctx.health.denoiser_values = totals[:3]
+    return {"world_size": shard.world, "rank": shard.rank, "blocks": list(shard.starts),
+            "noise_chunk": ctx.config.noise_chunk, "selections": stats.selections,
+            "particle_rows_moved": totals[3], "particle_bytes_moved": totals[4], "scalar_bytes_gathered": totals[5],
+            "samples_bytes_gathered": totals[6]}
 
 
 class Timer:

@@ -43,9 +43,13 @@ class ParticleState:
         return replace(self, scalars={**self.scalars, **values})
 
 
-def initial_state(x: Tensor, weight_device: torch.device | None = None) -> ParticleState:
-    """A fresh population at x; rewards, weights and roots live on ``weight_device`` (default: x's)."""
-    n = x.shape[0]
+def initial_state(x: Tensor, weight_device: torch.device | None = None, n: int | None = None) -> ParticleState:
+    """A fresh population at x; rewards, weights and roots live on ``weight_device`` (default: x's).
+
+    ``n``: the whole population's size when x holds only this process's block of it (the
+    per-particle scalars always cover all n particles).
+    """
+    n = x.shape[0] if n is None else n
     device = x.device if weight_device is None else weight_device
     return ParticleState(
         x=x,

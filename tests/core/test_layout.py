@@ -221,8 +221,9 @@ def area(module: str) -> str:
     return ROOT if module == PACKAGE else module.split(".")[1]
 
 
-CORE = {"samplers", "loop", "potentials", "selection", "population", "schedule", "result", "config", "errors", "checks"}
-LEAVES = {"schedule", "selection", "population", "result"}  # import nothing of the project ...
+CORE = {"samplers", "loop", "potentials", "selection", "population", "schedule", "result", "config", "errors", "checks",
+        "distributed", "noise"}
+LEAVES = {"schedule", "selection", "population", "result", "noise"}  # import nothing of the project ...
 LEAF_MAY_IMPORT = {"errors"}                                 # ... but the exception classes
 
 # (rule, importers it applies to, target areas they must not import)

@@ -33,9 +33,9 @@ class Method:
 
     def run(self, denoiser, reward, config: CommonConfig, cond: Any = None, progress: bool = False,
             callback: Callable[[StepEvent], Any] | None = None, grid: StepGrid | None = None,
-            x_init: Any = None) -> SampleResult:
+            x_init: Any = None, sharded: bool | None = None) -> SampleResult:
         return run_kernel(self.name, self.kernel(config), denoiser, reward, config, cond=cond, progress=progress,
-                          callback=callback, grid=grid, x_init=x_init)
+                          callback=callback, grid=grid, x_init=x_init, sharded=sharded)
 
 
 METHODS: dict[str, Method] = {

@@ -186,9 +186,9 @@ class FVDKernel:
         nu = self._clone_nu(outcome, info)
         if nu is None:
             return state
-        xi = ctx.randn(tuple(state.x.shape))  # drawn for all N so the stream does not depend on who died
-        nu = nu.to(state.x.device, state.x.dtype).reshape(-1, *([1] * (state.x.ndim - 1)))
-        mask = outcome.reborn.to(state.x.device).reshape(nu.shape)
+        xi = ctx.particle_noise(tuple(state.x.shape[1:]))  # for every slot: the stream does not depend on who died
+        nu = ctx.local(nu).to(state.x.device, state.x.dtype).reshape(-1, *([1] * (state.x.ndim - 1)))
+        mask = ctx.local(outcome.reborn).to(state.x.device).reshape(nu.shape)
         eps_new = torch.sqrt(1 - nu**2) * state.eps_hat + nu * xi
         eps = torch.where(mask, eps_new, state.eps_hat)
         x_new = math.sqrt(info.alpha_bar) * state.x0_hat + math.sqrt(1 - info.alpha_bar) * eps
@@ -217,7 +217,7 @@ class FVDKernel:
 
         The clones' count decides the denoiser batch, so this kernel reads ``reborn`` on the host."""
         cfg = self.config
-        xi_all = [ctx.randn(tuple(state.x.shape)) for _ in range(cfg.langevin_steps)]  # fixed stream
+        xi_all = [ctx.particle_noise(tuple(state.x.shape[1:])) for _ in range(cfg.langevin_steps)]  # fixed stream
         rows = torch.nonzero(reborn).flatten().to(state.x.device)
         if rows.numel() == 0 or info.alpha_bar >= 1.0:
             return state

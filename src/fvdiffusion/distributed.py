@@ -1,0 +1,326 @@
+"""One population over several processes (DESIGN §8), on torch.distributed.
+
+Rank r of a process group holds the contiguous block of particle slots [lo, hi) and runs the
+denoiser and the reward on it. The per-particle scalars (rewards, weights, roots, a kernel's
+aux values) are small, so every rank keeps all N of them: a reward evaluation all-gathers the
+N new values, after which the potentials, the selection and the lineage are the same pure
+functions of the same numbers on every rank (the decisions come from a generator keyed by the
+shared seed, :mod:`fvdiffusion.noise`). Only the particle tensors (x̂0 and ε̂) of the parents
+that are cloned into another rank's block move, once per (parent, receiving rank), with
+point-to-point sends: a selection costs N scalars plus the cross-rank clones, never N particles.
+After the last step the samples are all-gathered once, and the final selection runs on the
+assembled population identically on every rank.
+
+Faults: a rank that raises publishes one line (its rank, the step, the error) in the process
+group's store; every other rank sees it while it waits in its next collective or at its next
+step, and raises :class:`~fvdiffusion.errors.ShardFailedError` with the same line. A rank that
+dies without a word is caught by the collective timeout (``timeout_s``, default
+:data:`DEFAULT_TIMEOUT_S`, or ``FVD_COLLECTIVE_TIMEOUT`` seconds in the environment).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fvdiffusion.errors import ConfigError, ShardFailedError
+
+DEFAULT_TIMEOUT_S = 600.0    # longest wait in one collective before a silent rank counts as dead
+FAILURE_ACK_S = 10.0         # how long the rank hosting the store waits for the others to read a failure
+POLL_S = 0.0005              # sleep between completion checks while waiting in a collective
+STORE_POLL_S = 0.01          # how often a waiting rank reads the store for a published failure
+
+_runs = 0  # sampling runs started in this process: every rank starts the same runs in the same order
+
+
+def process_group() -> tuple[int, int] | None:
+    """(rank, world size) of the initialised default process group, or None when there is none."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def block_starts(n: int, world: int) -> tuple[int, ...]:
+    """Slot boundaries of the ranks' blocks: as even as possible, the larger blocks last."""
+    return tuple(r * n // world for r in range(world + 1))
+
+
+@dataclass
+class CommStats:
+    """What one rank sent: the all-gathered scalars and the particles moved by selections."""
+
+    selections: int = 0
+    particle_rows_sent: int = 0
+    particle_bytes_sent: int = 0
+    scalar_bytes_sent: int = 0
+    final_bytes_sent: int = 0  # the samples, all-gathered once after the last step
+
+
+@dataclass
+class ExchangePlan:
+    """Where every local slot's new particle comes from after a selection.
+
+    ``source[i]`` indexes the rows of ``cat([local rows, received rows])``; ``received[i]`` is
+    True where slot i's parent lives on another rank.
+    """
+
+    source: Tensor
+    received: Tensor
+
+
+@dataclass
+class Shard:
+    """This rank's block of a population of ``n`` and the collectives that keep the ranks in step."""
+
+    rank: int
+    world: int
+    n: int
+    device: torch.device          # where the population lives
+    comm_device: torch.device     # where collectives run (CPU for gloo, the rank's GPU for NCCL)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    run_id: int = 0
+    store: Any = None
+    where: str = "before the first step"  # updated by the driver, named in failure messages
+    stats: CommStats = field(default_factory=CommStats)
+    _last_store_poll: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.starts = block_starts(self.n, self.world)
+        self.lo, self.hi = self.starts[self.rank], self.starts[self.rank + 1]
+        self._bounds = torch.tensor(self.starts[1:-1], dtype=torch.long)
+
+    @property
+    def n_local(self) -> int:
+        return self.hi - self.lo
+
+    def local(self, values: Tensor) -> Tensor:
+        """This rank's rows of a population-wide [N, ...] tensor."""
+        return values[self.lo : self.hi]
+
+    def owners(self, slots: Tensor) -> Tensor:
+        """The rank holding each slot (slots on the CPU)."""
+        return torch.bucketize(slots, self._bounds, right=True)
+
+    # --- collectives -------------------------------------------------------------------
+    def all_gather_rows(self, local: Tensor, final: bool = False) -> Tensor:
+        """The population-wide [N, ...] tensor from every rank's [n_local, ...] block.
+
+        ``final``: the one gather of the samples after the loop (counted apart from the scalars).
+        """
+        widest = max(b - a for a, b in zip(self.starts, self.starts[1:]))
+        padded = local.detach().to(self.comm_device).contiguous()
+        if padded.shape[0] < widest:
+            padded = torch.cat([padded, padded.new_zeros((widest - padded.shape[0], *padded.shape[1:]))])
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        sent = local.numel() * local.element_size()
+        if final:
+            self.stats.final_bytes_sent += sent
+        else:
+            self.stats.scalar_bytes_sent += sent
+        self._wait(torch.distributed.all_gather(parts, padded, async_op=True), "all-gather")
+        rows = [part[: b - a] for part, a, b in zip(parts, self.starts, self.starts[1:])]
+        return torch.cat(rows).to(local.device)
+
+    def sum_ints(self, values: list[int]) -> list[int]:
+        """Each value summed over the ranks."""
+        total = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
+        self._wait(torch.distributed.all_reduce(total, async_op=True), "all-reduce")
+        return [int(v) for v in total.cpu().tolist()]
+
+    def max_float(self, value: float) -> float:
+        total = torch.tensor([value], dtype=torch.float64, device=self.comm_device)
+        self._wait(torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX, async_op=True), "all-reduce")
+        return float(total.item())
+
+    def plan(self, ancestors: Tensor) -> tuple[ExchangePlan, list[tuple[int, Tensor]], list[tuple[int, int]]]:
+        """The exchange for a selection: local plan, (rank, local rows) to send, (rank, count) to receive.
+
+        Every rank derives the whole plan from the same N ancestors, so no sizes are exchanged;
+        a parent is sent once per receiving rank however many slots there clone it.
+        """
+        anc = ancestors.detach().to("cpu", torch.long)
+        owner = self.owners(anc)
+        local_anc, local_owner = anc[self.lo : self.hi], owner[self.lo : self.hi]
+        source = torch.empty(self.n_local, dtype=torch.long)
+        mine = local_owner == self.rank
+        source[mine] = local_anc[mine] - self.lo
+        offset, receives = self.n_local, []
+        for s in range(self.world):
+            wanted = local_owner == s
+            if s == self.rank or not bool(wanted.any()):
+                continue
+            parents, inverse = torch.unique(local_anc[wanted], return_inverse=True)
+            source[wanted] = offset + inverse
+            receives.append((s, parents.numel()))
+            offset += parents.numel()
+        sends = []
+        for d in range(self.world):
+            block = slice(self.starts[d], self.starts[d + 1])
+            wanted = owner[block] == self.rank
+            if d == self.rank or not bool(wanted.any()):
+                continue
+            sends.append((d, torch.unique(anc[block][wanted]) - self.lo))  # sorted, as the receiver expects
+        return ExchangePlan(source=source, received=~mine), sends, receives
+
+    def exchange(self, tensors: list[Tensor], ancestors: Tensor) -> tuple[list[Tensor], ExchangePlan]:
+        """Each local slot i gets row ``ancestors[lo + i]`` of every tensor, wherever that row lives.
+
+        One all-to-all with uneven splits carries the parents each rank needs from each other
+        rank (the tensors packed side by side per row); ranks with nothing to swap send 0 rows.
+        """
+        plan, sends, receives = self.plan(ancestors)
+        self.stats.selections += 1
+        widths = [math.prod(t.shape[1:]) for t in tensors]
+        dtype, device = tensors[0].dtype, tensors[0].device
+        send_rows, recv_rows = [0] * self.world, [0] * self.world
+        payloads = []
+        for rank, rows in sends:
+            rows = rows.to(device)
+            payloads.append(torch.cat([t.index_select(0, rows).reshape(rows.numel(), -1) for t in tensors], dim=1))
+            send_rows[rank] = rows.numel()
+        for rank, count in receives:
+            recv_rows[rank] = count
+        if not any(send_rows) and not any(self._any_receives(ancestors)):
+            return [t[plan.source.to(t.device)] for t in tensors], plan
+        outgoing = (torch.cat(payloads) if payloads else torch.empty((0, sum(widths)), dtype=dtype, device=device))
+        outgoing = outgoing.to(self.comm_device, dtype).contiguous()
+        incoming = torch.empty((sum(recv_rows), sum(widths)), dtype=dtype, device=self.comm_device)
+        self.stats.particle_rows_sent += sum(send_rows)
+        self.stats.particle_bytes_sent += outgoing.numel() * outgoing.element_size()
+        self._wait(torch.distributed.all_to_all_single(incoming, outgoing, output_split_sizes=recv_rows,
+                                                       input_split_sizes=send_rows, async_op=True),
+                   "particle exchange")
+        received = incoming.to(device)
+        out, column = [], 0
+        for t, width in zip(tensors, widths):
+            rows = torch.cat([t, received[:, column : column + width].reshape(-1, *t.shape[1:]).to(t.dtype)])
+            out.append(rows[plan.source.to(t.device)])
+            column += width
+        return out, plan
+
+    def _any_receives(self, ancestors: Tensor) -> list[bool]:
+        """Whether each rank takes a parent from another rank (every rank computes the same list)."""
+        owner = self.owners(ancestors.detach().to("cpu", torch.long))
+        return [bool((owner[a:b] != r).any()) for r, (a, b) in enumerate(zip(self.starts, self.starts[1:]))]
+
+    # --- faults ------------------------------------------------------------------------
+    def _key(self, name: str) -> str:
+        return f"fvdiffusion/run{self.run_id}/{name}"
+
+    def poll(self) -> None:
+        """Raise the failure another rank published, if any (one store read, at most every STORE_POLL_S)."""
+        if self.store is None:
+            return
+        now = time.monotonic()
+        if now - self._last_store_poll < STORE_POLL_S:
+            return
+        self._last_store_poll = now
+        try:
+            published = self.store.check([self._key("error")])
+        except Exception as exc:  # the store lives in rank 0's process: it is gone
+            raise ShardFailedError(f"rank {self.rank} of {self.world} lost the process group {self.where} "
+                                   f"(another rank exited): {_one_line(exc)}") from exc
+        if published:
+            message = self.store.get(self._key("error")).decode()
+            self._acknowledge()
+            raise ShardFailedError(message)
+
+    def _acknowledge(self) -> None:
+        """Count this rank as having seen the failure; rank 0 (the store's host) waits for all of them."""
+        try:
+            self.store.add(self._key("seen"), 1)
+            deadline = time.monotonic() + FAILURE_ACK_S
+            while self.rank == 0 and self.store.add(self._key("seen"), 0) < self.world and time.monotonic() < deadline:
+                time.sleep(STORE_POLL_S)
+        except Exception:
+            pass
+
+    def _wait(self, work: Any, what: str) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while not work.is_completed():
+            self.poll()
+            if time.monotonic() > deadline:
+                raise ShardFailedError(f"rank {self.rank} of {self.world}: {what} {self.where} did not complete "
+                                       f"within {self.timeout_s:g} s (a rank died or hangs)")
+            time.sleep(POLL_S)
+        try:
+            work.wait()
+        except Exception as exc:
+            self.poll()  # a published failure explains more than the transport's error
+            raise ShardFailedError(f"rank {self.rank} of {self.world}: {what} {self.where} failed: "
+                                   f"{_one_line(exc)}") from exc
+
+    def fail(self, exc: BaseException) -> ShardFailedError:
+        """The one error every rank raises for a fault of this rank: published first, then returned."""
+        if isinstance(exc, ShardFailedError):
+            return exc
+        message = f"rank {self.rank} of {self.world} failed {self.where}: {_one_line(exc)}"
+        if self.store is None:
+            return ShardFailedError(message)
+        try:  # the first rank to publish wins: a fault every rank hits is reported once
+            self.store.compare_set(self._key("error"), "", message)
+            message = self.store.get(self._key("error")).decode()
+        except Exception:
+            return ShardFailedError(message)
+        self._acknowledge()
+        return ShardFailedError(message)
+
+
+def shard_for(n: int, device: torch.device, timeout_s: float | None = None) -> Shard | None:
+    """The shard of this process when a process group is initialised, else None."""
+    global _runs
+    group = process_group()
+    if group is None:
+        return None
+    rank, world = group
+    if n < world:
+        raise ConfigError(f"invalid n_particles={n}: a population over {world} processes needs at least one "
+                          f"particle per process")
+    backend = str(torch.distributed.get_backend())
+    if backend == "nccl":
+        if device.type != "cuda":
+            raise ConfigError(f"the process group uses NCCL but the population is on {device}: put the "
+                              f"denoiser on this rank's GPU, or use the gloo backend on the CPU")
+        comm_device = device
+    else:
+        comm_device = torch.device("cpu")
+    _runs += 1
+    return Shard(rank=rank, world=world, n=n, device=device, comm_device=comm_device,
+                 timeout_s=collective_timeout() if timeout_s is None else timeout_s, run_id=_runs,
+                 store=_default_store())
+
+
+def collective_timeout() -> float:
+    """Seconds one collective may wait: FVD_COLLECTIVE_TIMEOUT from the environment, else the default."""
+    raw = os.environ.get("FVD_COLLECTIVE_TIMEOUT")
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or math.isinf(value):
+        raise ConfigError(f"invalid FVD_COLLECTIVE_TIMEOUT={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def _default_store() -> Any:
+    """The key-value store the process group was set up with (None if torch does not expose it)."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:
+        return None
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    more = " ..." if len(lines) > 1 else ""
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}{more}"
