@@ -46,9 +46,14 @@ def process_group() -> tuple[int, int] | None:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def block_starts(n: int, world: int) -> tuple[int, ...]:
-    """Slot boundaries of the ranks' blocks: as even as possible, the larger blocks last."""
-    return tuple(r * n // world for r in range(world + 1))
+def block_starts(n: int, world: int, chunk: int) -> tuple[int, ...]:
+    """Slot boundaries of the ranks' blocks: whole noise chunks, as even as possible, the larger blocks last.
+
+    Whole chunks, so that a chunk's rows go through the networks in the same micro-batches
+    whatever the layout (a network's output for a row can depend on its batch in the last bits).
+    """
+    chunks = -(-n // chunk)
+    return tuple(min(n, (r * chunks // world) * chunk) for r in range(world + 1))
 
 
 @dataclass
@@ -81,6 +86,7 @@ class Shard:
     rank: int
     world: int
     n: int
+    chunk: int                    # the noise chunk: blocks are whole chunks
     device: torch.device          # where the population lives
     comm_device: torch.device     # where collectives run (CPU for gloo, the rank's GPU for NCCL)
     timeout_s: float = DEFAULT_TIMEOUT_S
@@ -91,7 +97,7 @@ class Shard:
     _last_store_poll: float = 0.0
 
     def __post_init__(self) -> None:
-        self.starts = block_starts(self.n, self.world)
+        self.starts = block_starts(self.n, self.world, self.chunk)
         self.lo, self.hi = self.starts[self.rank], self.starts[self.rank + 1]
         self._bounds = torch.tensor(self.starts[1:-1], dtype=torch.long)
 
@@ -272,7 +278,15 @@ class Shard:
         return ShardFailedError(message)
 
 
-def shard_for(n: int, device: torch.device, timeout_s: float | None = None) -> Shard | None:
+def default_chunk(n: int) -> int:
+    """The noise chunk when none is set: 64 chunks (so up to 64 processes), at most 256 slots each.
+
+    It depends on N only, so the same run on any number of processes draws the same noise.
+    """
+    return max(1, min(256, n // 64))
+
+
+def shard_for(n: int, chunk: int, device: torch.device, timeout_s: float | None = None) -> Shard | None:
     """The shard of this process when a process group is initialised, else None."""
     global _runs
     group = process_group()
@@ -282,6 +296,9 @@ def shard_for(n: int, device: torch.device, timeout_s: float | None = None) -> S
     if n < world:
         raise ConfigError(f"invalid n_particles={n}: a population over {world} processes needs at least one "
                           f"particle per process")
+    if -(-n // chunk) < world:
+        raise ConfigError(f"invalid noise_chunk={chunk}: {n} particles make {-(-n // chunk)} chunk(s), fewer than "
+                          f"the {world} processes (each holds whole chunks); use noise_chunk <= {n // world}")
     backend = str(torch.distributed.get_backend())
     if backend == "nccl":
         if device.type != "cuda":
@@ -291,7 +308,7 @@ def shard_for(n: int, device: torch.device, timeout_s: float | None = None) -> S
     else:
         comm_device = torch.device("cpu")
     _runs += 1
-    return Shard(rank=rank, world=world, n=n, device=device, comm_device=comm_device,
+    return Shard(rank=rank, world=world, n=n, chunk=chunk, device=device, comm_device=comm_device,
                  timeout_s=collective_timeout() if timeout_s is None else timeout_s, run_id=_runs,
                  store=_default_store())
 

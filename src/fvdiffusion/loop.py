@@ -44,7 +44,7 @@ from fvdiffusion.denoisers.base import Denoiser
 from fvdiffusion.errors import (
     AllParticlesDeadWarning, ConfigError, DenoiserError, NonFiniteDenoiserWarning, NonFiniteRewardWarning, RewardError,
 )
-from fvdiffusion.noise import DEFAULT_NOISE_CHUNK, ChunkedNoise
+from fvdiffusion.noise import ChunkedNoise
 from fvdiffusion.population import ParticleState, copy_into_dead, gather, initial_state
 from fvdiffusion.result import Cost, Lineage, SampleResult, StepTrace
 from fvdiffusion.rewards.base import Reward
@@ -241,9 +241,9 @@ class RunContext:
                progress: bool = False, desc: str = "", callback: Callable[[StepEvent], Any] | None = None,
                grid: StepGrid | None = None, x_init: Tensor | None = None, sharded: bool = True) -> "RunContext":
         device = _device_of(denoiser)
-        shard = distributed.shard_for(config.n_particles, device) if sharded else None
-        if shard is not None and config.noise_chunk is None:
-            config = replace(config, noise_chunk=DEFAULT_NOISE_CHUNK)
+        if sharded and distributed.process_group() is not None and config.noise_chunk is None:
+            config = replace(config, noise_chunk=distributed.default_chunk(config.n_particles))
+        shard = distributed.shard_for(config.n_particles, config.noise_chunk, device) if sharded else None
         generator = torch.Generator(device=device).manual_seed(config.seed)
         ctx = cls(denoiser=denoiser, reward=reward, config=config, cond=cond, generator=generator, device=device,
                   checks=HostChecks(eager=eager_for(device)), callback=callback,
@@ -290,6 +290,16 @@ class RunContext:
         return torch.rand(n, generator=self.generator, dtype=torch.float64, device=self.device)
 
     # --- model calls -------------------------------------------------------------------
+    def batches(self, x: Tensor):
+        """The micro-batches of a model call. With slot-keyed noise, a batch never crosses a noise
+        chunk, so every chunk meets the networks in the same batches on any number of processes."""
+        noise = self.noise
+        if noise is None or x.shape[0] != noise.hi - noise.lo or noise.lo % noise.chunk:
+            yield from _chunks(x, self.batch_rows)
+            return
+        for start in range(0, x.shape[0], noise.chunk):
+            yield from _chunks(x[start : start + noise.chunk], self.batch_rows)
+
     def denoise(self, x: Tensor, t: int, alpha_bar: float, k: int | None = None,
                 what: str = "particles") -> tuple[Prediction, Tensor | None]:
         """One denoiser evaluation per row of x, micro-batched: (x̂0, ε̂) and the rows to kill.
@@ -303,7 +313,7 @@ class RunContext:
         """
         where = f"at step k={k} (t={t})" if k is not None else f"at t={t}"
         outputs = []
-        for chunk in _chunks(x, self.batch_rows):
+        for chunk in self.batches(x):
             t_batch = torch.full((chunk.shape[0],), t, dtype=torch.long, device=chunk.device)
             try:
                 with record_function(DENOISER_RANGE):
@@ -364,7 +374,7 @@ class RunContext:
             raise RewardError("this method needs a reward, but reward=None was given")
         where = f"at step k={k}" if k is not None else "on the final samples"
         values = []
-        for chunk in _chunks(x0, self.batch_rows):
+        for chunk in self.batches(x0):
             try:
                 with record_function(REWARD_RANGE):
                     r = self.reward(chunk, self.cond)

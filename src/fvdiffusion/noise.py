@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-DEFAULT_NOISE_CHUNK = 256   # slots per noise chunk when a process group is active and none was set
 SELECTION = -1              # the chunk key of the population-wide decisions
 _MASK64 = (1 << 64) - 1
 

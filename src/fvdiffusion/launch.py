@@ -1,0 +1,142 @@
+"""Start K local processes in one torch.distributed group, run a function in each, collect rank 0's value.
+
+What ``fvd sample --nproc K``, the tests and the scaling benchmark use; ``torchrun`` does the
+same job across machines. Each worker sets its torch threads, joins the group (gloo on the
+CPU, NCCL with one GPU per rank), runs ``fn(*args)`` and reports back: rank 0 its value, every
+rank its failure as one line. The first failure is raised here as
+:class:`~fvdiffusion.errors.ShardFailedError`; workers still running after ``grace_s`` are
+terminated, so a launch never hangs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue as queue_module
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from fvdiffusion.distributed import DEFAULT_TIMEOUT_S
+from fvdiffusion.errors import ConfigError, ShardFailedError
+
+BACKENDS = ("gloo", "nccl")
+GRACE_S = 30.0  # after the first failure, how long the other workers get to stop on their own
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start the workers."""
+
+    nproc: int
+    backend: str = "gloo"
+    threads: int = 1                      # torch threads per worker
+    timeout_s: float = DEFAULT_TIMEOUT_S  # the group's collective timeout (also FVD_COLLECTIVE_TIMEOUT)
+    every_rank: bool = False              # return every rank's value, not only rank 0's
+    grace_s: float = GRACE_S              # after the first failure, the others' time to stop before termination
+
+    def __post_init__(self) -> None:
+        if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
+            raise ConfigError(f"invalid nproc={self.nproc!r}: expected an integer >= 1")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"invalid backend={self.backend!r}: expected one of {', '.join(BACKENDS)}")
+        if self.backend == "nccl" and torch.cuda.device_count() < self.nproc:
+            raise ConfigError(f"invalid nproc={self.nproc} with NCCL: {torch.cuda.device_count()} GPU(s) visible, "
+                              f"one per process needed")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"invalid timeout_s={self.timeout_s!r}: expected a positive number of seconds")
+
+
+def launch(fn: Callable[..., Any], args: tuple = (), nproc: int = 2, backend: str = "gloo", threads: int = 1,
+           timeout_s: float = DEFAULT_TIMEOUT_S, every_rank: bool = False, grace_s: float = GRACE_S) -> Any:
+    """Run ``fn(*args)`` on ``nproc`` fresh processes in one group; returns rank 0's return value
+    (``every_rank``: the list of every rank's value).
+
+    ``fn`` and ``args`` must be picklable (a module-level function): workers are spawned, not forked.
+    """
+    spec = Launch(nproc=nproc, backend=backend, threads=threads, timeout_s=timeout_s, every_rank=every_rank,
+                  grace_s=grace_s)
+    context = torch.multiprocessing.get_context("spawn")
+    reports = context.Queue()
+    release = context.Event()  # tensors in the reports are shared from the workers' memory: keep them alive
+    port = _free_port()
+    workers = [context.Process(target=_worker, args=(rank, spec, port, fn, args, reports, release), daemon=True)
+               for rank in range(spec.nproc)]
+    for worker in workers:
+        worker.start()
+    failed = True
+    try:
+        value = _collect(workers, reports, spec)
+        failed = False
+        return value
+    finally:
+        release.set()
+        for worker in workers:
+            worker.join(timeout=0.5 if failed else 5)  # after a failure a hung worker is not waited for
+            if worker.is_alive():
+                worker.terminate()
+            worker.join(timeout=5)
+
+
+def _collect(workers: list, reports: Any, spec: Launch) -> Any:
+    values, done, failure, failed_at = [None] * spec.nproc, set(), None, None
+    deadline = None
+    while len(done) < spec.nproc:
+        if failure is not None and time.monotonic() > failed_at + spec.grace_s:
+            break
+        try:
+            kind, rank, payload = reports.get(timeout=0.2)
+        except queue_module.Empty:
+            dead = [r for r, w in enumerate(workers) if not w.is_alive() and r not in done]
+            if dead and failure is None:
+                deadline = deadline or time.monotonic() + 2.0  # a report may still be in the pipe
+                if time.monotonic() > deadline:
+                    failure = (f"rank {dead[0]} of {spec.nproc} exited (code {workers[dead[0]].exitcode}) "
+                               f"without a result")
+                    failed_at = time.monotonic()
+            continue
+        done.add(rank)
+        if kind == "ok":
+            values[rank] = payload
+        elif failure is None:
+            failure, failed_at = payload, time.monotonic()
+    if failure is not None:
+        raise ShardFailedError(failure)
+    return values if spec.every_rank else values[0]
+
+
+def _worker(rank: int, spec: Launch, port: int, fn: Callable[..., Any], args: tuple, reports: Any,
+            release: Any) -> None:
+    torch.set_num_threads(spec.threads)
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(spec.nproc), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "FVD_COLLECTIVE_TIMEOUT": str(spec.timeout_s)})
+    try:
+        if spec.backend == "nccl":
+            torch.cuda.set_device(rank)
+        torch.distributed.init_process_group(spec.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                             world_size=spec.nproc,
+                                             timeout=datetime.timedelta(seconds=spec.timeout_s))
+        value = fn(*args)
+        reports.put(("ok", rank, value if rank == 0 or spec.every_rank else None))
+        release.wait(timeout=spec.timeout_s)
+    except BaseException as exc:  # one line back to the parent, whatever it was
+        message = str(exc).strip().splitlines()
+        text = message[0] if isinstance(exc, ShardFailedError) and message else \
+            f"rank {rank} of {spec.nproc}: {type(exc).__name__}: {message[0] if message else ''}"
+        reports.put(("error", rank, text))
+    finally:
+        if torch.distributed.is_initialized():
+            try:
+                torch.distributed.destroy_process_group()
+            except Exception:
+                pass
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,125 @@
+"""Runs the sharded-population tests start in spawned workers (module-level, so they pickle by name)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+import fvdiffusion as fv
+from fvdiffusion.schedule import VPSchedule
+from fvdiffusion.testbeds import toy_problem
+
+N, STEPS, SEED, CHUNK = 10, 6, 3, 3  # chunks 3/3/3/1: blocks 6/4 on 2 processes, 3/3/4 on 3
+
+# name -> (method, toy problem, options)
+CASES: dict[str, tuple[str, str, dict]] = {
+    "fvd": ("fvd", "gmm2d-component", {}),
+    "fvd_ddim": ("fvd", "gmm8d-linear", {"eta": 0.0}),
+    "fvd_level_controller": ("fvd", "gmm2d-component", {"potential": "level", "target_dead_fraction": 0.3}),
+    "fvd_weighted_interval": ("fvd", "gmm2d-linear", {"parent_rule": "weighted", "selection_interval": 2}),
+    **{f"smc_{scheme}": ("smc", "gmm2d-component", {"scheme": scheme})
+       for scheme in ("multinomial", "systematic", "stratified", "residual", "fleming_viot", "killing")},
+    "smc_ess_max": ("smc", "gmm2d-linear", {"scheme": "systematic", "ess_threshold": 0.7, "potential": "max"}),
+    "vasr": ("vasr", "gmm2d-linear", {}),
+    "base": ("base", "gmm2d-component", {}),
+    "bon": ("bon", "gmm2d-component", {}),
+}
+
+
+def run_case(name: str, noise_chunk: int | None = CHUNK) -> fv.SampleResult:
+    method, problem_name, options = CASES[name]
+    problem = toy_problem(problem_name)
+    return fv.sample(method, problem.denoiser(VPSchedule.linear(1000)), problem.reward, lam=problem.lam,
+                     n_particles=N, num_steps=STEPS, seed=SEED, noise_chunk=noise_chunk, **options)
+
+
+def essentials(result: fv.SampleResult) -> dict:
+    """Everything a run reports that must not depend on the number of processes."""
+    steps = result.lineage.num_steps
+    return {
+        "samples": result.samples.detach().cpu(),
+        "rewards": result.rewards,
+        "log_weights": result.log_weights,
+        "ancestors": torch.stack([result.lineage.ancestors_at(k) for k in range(1, steps + 1)]),
+        "parents": [p.clone() for p in result.lineage.parents],
+        "selection_steps": list(result.lineage.steps),
+        "trace": repr([row.as_dict() for row in result.trace]),  # repr: NaN rewards compare equal
+        "denoiser_calls": result.cost.denoiser_calls,
+        "reward_calls": result.cost.reward_calls,
+        "config": result.config,
+        "distributed": result.extras.get("distributed"),
+    }
+
+
+def all_cases() -> dict[str, dict]:
+    return {name: essentials(run_case(name)) for name in CASES}
+
+
+def mnist_case(noise_chunk: int = CHUNK) -> dict:
+    """FVD on the shipped MNIST UNet and classifier: a real network, micro-batched per block."""
+    from fvdiffusion.rewards.classifier import ClassifierReward
+    from fvdiffusion.zoo.loaders import load_ddpm, load_reward_classifier
+
+    result = fv.sample("fvd", load_ddpm(), ClassifierReward(load_reward_classifier(), 3), n_particles=7,
+                       num_steps=3, seed=1, noise_chunk=noise_chunk, batch_size=2)
+    return essentials(result)
+
+
+class FailingReward:
+    """The toy reward, except that on ``rank`` its ``calls``-th call raises (or hangs, or kills the process)."""
+
+    def __init__(self, reward, rank: int, calls: int, how: str = "raise") -> None:
+        self.reward, self.rank, self.calls, self.how, self.seen = reward, rank, calls, how, 0
+
+    def __call__(self, x, cond=None):
+        self.seen += 1
+        if torch.distributed.get_rank() == self.rank and self.seen == self.calls:
+            if self.how == "raise":
+                raise ValueError("injected fault")
+            if self.how == "exit":
+                os._exit(3)
+            time.sleep(3600)  # "hang"
+        return self.reward(x, cond)
+
+
+def failing_run(rank: int, calls: int, how: str = "raise") -> str:
+    """An FVD run where one rank's reward fails; returns the error this rank raised."""
+    problem = toy_problem("gmm2d-component")
+    reward = FailingReward(problem.reward, rank, calls, how)
+    started = time.monotonic()
+    try:
+        fv.sample("fvd", problem.denoiser(VPSchedule.linear(1000)), reward, lam=problem.lam, n_particles=N,
+                  num_steps=STEPS, seed=SEED)
+    except Exception as exc:  # every rank must raise; report what and how fast
+        return f"{type(exc).__name__}|{exc}|{time.monotonic() - started:.2f}"
+    return "no error"
+
+
+def refusals() -> dict[str, str]:
+    """What a process group refuses, one line each; and sharded=False runs alone in each process."""
+    problem = toy_problem("gmm2d-component")
+    denoiser = problem.denoiser(VPSchedule.linear(1000))
+    messages = {}
+    for name, method, options in [("svdd", "svdd", {}), ("kill", "fvd", {"nonfinite_denoiser": "kill"}),
+                                  ("langevin", "fvd", {"rebirth": "langevin"}),
+                                  ("too_few", "fvd", {"n_particles": 1})]:
+        options = {"n_particles": N, **options}
+        try:
+            fv.sample(method, denoiser, problem.reward, num_steps=2, **options)
+            messages[name] = "no error"
+        except Exception as exc:
+            messages[name] = f"{type(exc).__name__}: {exc}"
+    alone = fv.sample("fvd", denoiser, problem.reward, lam=problem.lam, n_particles=N, num_steps=STEPS, seed=SEED,
+                      sharded=False)
+    messages["alone_samples"] = alone.samples
+    messages["alone_extras"] = sorted(alone.extras)
+    return messages
+
+
+def failing_run_raising(rank: int, calls: int, how: str = "raise") -> None:
+    """As :func:`failing_run`, but the error propagates (to the launcher)."""
+    problem = toy_problem("gmm2d-component")
+    fv.sample("fvd", problem.denoiser(VPSchedule.linear(1000)), FailingReward(problem.reward, rank, calls, how),
+              lam=problem.lam, n_particles=N, num_steps=STEPS, seed=SEED)
