@@ -140,3 +140,38 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def rank_device(device: str) -> str:
+    """The device of this rank: ``cuda`` becomes this rank's GPU (LOCAL_RANK) in a group, else unchanged."""
+    if device == "cuda" and os.environ.get("LOCAL_RANK") is not None:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
+def join_environment_group(device: str, timeout_s: float | None = None) -> bool:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1); True if joined.
+
+    NCCL when ``device`` is a GPU (one per rank, chosen by LOCAL_RANK), gloo otherwise. Does
+    nothing when there is no such environment or a group is already initialised.
+    """
+    if torch.distributed.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {name} is not: start the "
+                              f"processes with torchrun (or unset WORLD_SIZE)")
+    from fvdiffusion.distributed import collective_timeout
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(torch.device(rank_device(device)))
+    seconds = collective_timeout() if timeout_s is None else timeout_s
+    torch.distributed.init_process_group("nccl" if cuda else "gloo",
+                                         timeout=datetime.timedelta(seconds=seconds))
+    return True
+
+
+def is_rank_zero() -> bool:
+    """True outside a process group and on its rank 0: the process that writes files and prints."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

@@ -22,7 +22,7 @@ from typing import Any, Callable, NoReturn, TypeVar
 import typer
 
 from fvdiffusion.errors import (
-    CliError, MissingExtraError, RewardError, RewardUnavailableError, UnsupportedPipelineError,
+    CliError, MissingExtraError, RewardError, RewardUnavailableError, ShardFailedError, UnsupportedPipelineError,
 )
 
 EXIT_USAGE = 2
@@ -55,6 +55,7 @@ _LIBRARY_ERRORS: tuple[type[Exception], ...] = (
     UnsupportedPipelineError,   # TypeError: a pipeline align() cannot drive
     MissingExtraError,          # ImportError: names the extra to install
     RewardUnavailableError,     # NotImplementedError: a removed reward, names what to use instead
+    ShardFailedError,           # RuntimeError: a rank of a population over processes failed (one line)
 )
 
 # Third-party error types, looked up only in modules that are already imported: an exception
