@@ -123,3 +123,18 @@ def failing_run_raising(rank: int, calls: int, how: str = "raise") -> None:
     problem = toy_problem("gmm2d-component")
     fv.sample("fvd", problem.denoiser(VPSchedule.linear(1000)), FailingReward(problem.reward, rank, calls, how),
               lam=problem.lam, n_particles=N, num_steps=STEPS, seed=SEED)
+
+
+def align_mnist_pipeline(pipeline_dir: str, noise_chunk: int = CHUNK) -> dict:
+    """align() on the exported MNIST DDPMPipeline: FVD toward class 3 from the pipeline's own latents."""
+    from diffusers import DDPMPipeline
+
+    from fvdiffusion.integrations.diffusers.export_mnist import DigitImageReward
+    from fvdiffusion.rewards.classifier import ClassifierReward
+    from fvdiffusion.zoo.loaders import load_reward_classifier
+
+    pipe = DDPMPipeline.from_pretrained(pipeline_dir)
+    reward = DigitImageReward(ClassifierReward(load_reward_classifier(), 3))
+    aligned = fv.align(pipe, None, reward, method="fvd", num_inference_steps=3, num_images_per_prompt=7,
+                       generator=torch.Generator().manual_seed(5), output_type="latent", noise_chunk=noise_chunk)
+    return essentials(aligned.result)

@@ -90,7 +90,7 @@ def test_the_shipped_mnist_unet_over_two_processes_equals_one():
 
 
 def test_a_failing_reward_on_one_rank_ends_every_rank_with_its_one_line():
-    reports = launch(runs.failing_run, (1, 3), nproc=2, every_rank=True)
+    reports = launch(runs.failing_run, (1, 3), nproc=2, every_rank=True, timeout_s=20)
     kinds, messages, seconds = zip(*(r.split("|") for r in reports))
     assert set(kinds) == {"ShardFailedError"}
     assert len(set(messages)) == 1, messages  # the same line on every rank
@@ -102,7 +102,7 @@ def test_a_failing_reward_on_one_rank_ends_every_rank_with_its_one_line():
 
 def test_a_failing_rank_makes_launch_raise_the_same_line():
     with pytest.raises(ShardFailedError, match=r"^rank 0 of 3 failed at step k=\d+ .*injected fault$"):
-        launch(runs.failing_run_raising, (0, 2), nproc=3)
+        launch(runs.failing_run_raising, (0, 2), nproc=3, timeout_s=20)
 
 
 def test_a_rank_that_dies_ends_the_run_within_the_timeout():
@@ -174,3 +174,14 @@ def test_noise_chunk_changes_the_stream_but_not_the_law():
     assert not torch.equal(one.samples, chunked.samples)
     assert torch.allclose(one.samples.mean(0), chunked.samples.mean(0), atol=0.25)
     assert chunked.config["noise_chunk"] == 256 and "noise_chunk" not in one.config
+
+
+def test_align_on_a_diffusers_pipeline_over_two_processes_equals_one(tmp_path):
+    pytest.importorskip("diffusers")
+    from fvdiffusion.integrations.diffusers.export_mnist import export_ddpm_pipeline
+
+    pipeline_dir = str(export_ddpm_pipeline(tmp_path / "mnist-ddpm"))
+    one = runs.align_mnist_pipeline(pipeline_dir)
+    many = launch(runs.align_mnist_pipeline, (pipeline_dir,), nproc=2)
+    assert_same_run(one, many, "align on the MNIST DDPMPipeline")
+    assert many["distributed"]["world_size"] == 2 and many["distributed"]["particle_bytes_moved"] >= 0

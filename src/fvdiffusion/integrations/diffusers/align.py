@@ -326,6 +326,7 @@ def align(
     control_guidance_start: float | None = None,
     control_guidance_end: float | None = None,
     guess_mode: bool | None = None,
+    sharded: bool | None = None,
     **method_options: Any,
 ) -> AlignResult | list[AlignResult]:
     """Sample ``num_images_per_prompt`` images per prompt from ``pipe`` with ``method`` steering towards ``reward``.
@@ -374,6 +375,11 @@ def align(
     replaced by the engine's DDIM(η): one :class:`~fvdiffusion.errors.SchedulerReplacedWarning`
     says so. Images that are copies of another raise one
     :class:`~fvdiffusion.errors.DuplicateImagesWarning`.
+
+    In an initialised process group (torchrun; NCCL with each rank's pipeline on its own GPU)
+    each prompt's population is spread over the ranks as in :func:`fvdiffusion.sample`: every
+    rank gets the whole result, and the step callbacks see this rank's block of the latents.
+    ``sharded=False`` runs every population whole in each process (docs/distributed.md).
     """
     prompts, single = _prompts(prompt)
     negatives = _negative_prompts(negative_prompt, prompts, single)
@@ -476,7 +482,7 @@ def align(
             method=method, denoiser=denoiser, reward=image_reward, n_particles=n, num_steps=num_steps,
             seed=seeds[index], cond=p, batch_size=batch_size, progress=progress,
             callback=_step_callback(pipe, callback, callback_on_step_end, index, p), grid=grids[index],
-            x_init=x_inits[index], **method_options,
+            x_init=x_inits[index], sharded=sharded, **method_options,
         )
         results.append(_output(pipe, p, result, image_reward, output_type))
     duplicated = [(i, r) for i, r in enumerate(results) if r.duplicates]
