@@ -192,7 +192,7 @@ class Shard:
             send_rows[rank] = rows.numel()
         for rank, count in receives:
             recv_rows[rank] = count
-        if not any(send_rows) and not any(self._any_receives(ancestors)):
+        if not any(self._any_receives(ancestors)):  # every rank agrees: nothing crosses, no collective
             return [t[plan.source.to(t.device)] for t in tensors], plan
         outgoing = (torch.cat(payloads) if payloads else torch.empty((0, sum(widths)), dtype=dtype, device=device))
         outgoing = outgoing.to(self.comm_device, dtype).contiguous()
