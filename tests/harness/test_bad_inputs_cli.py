@@ -299,6 +299,7 @@ THREADS_ARGV = {
     "suite": lambda f: ["suite", "--out", str(f["under_file"])],
     "t2i": lambda f: _t2i(f, out=f["file"]),
     "bench mnist": lambda f: ["bench", "mnist", "--quick", "--out", str(f["under_file"])],
+    "bench scaling": lambda f: ["bench", "scaling", "--quick", "--out", str(f["file"]), "--no-progress"],
     "train ddpm": lambda f: ["train", "ddpm", "--out", str(f["file"])],
     "train classifier": lambda f: ["train", "classifier", "--kind", "reward", "--out", str(f["file"])],
     "train features": lambda f: ["train", "features", "--out", str(f["file"])],
