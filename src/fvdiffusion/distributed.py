@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fvdiffusion.errors import ConfigError, ShardFailedError
+from fvdiffusion.errors import ConfigError, ShardFailedError, exception_line
 
 DEFAULT_TIMEOUT_S = 600.0    # longest wait in one collective before a silent rank counts as dead
 FAILURE_ACK_S = 10.0         # how long the rank hosting the store waits for the others to read a failure
@@ -231,7 +231,7 @@ class Shard:
             published = self.store.check([self._key("error")])
         except Exception as exc:  # the store lives in rank 0's process: it is gone
             raise ShardFailedError(f"rank {self.rank} of {self.world} lost the process group {self.where} "
-                                   f"(another rank exited): {_one_line(exc)}") from exc
+                                   f"(another rank exited): {exception_line(exc)}") from exc
         if published:
             message = self.store.get(self._key("error")).decode()
             self._acknowledge()
@@ -260,13 +260,13 @@ class Shard:
         except Exception as exc:
             self.poll()  # a published failure explains more than the transport's error
             raise ShardFailedError(f"rank {self.rank} of {self.world}: {what} {self.where} failed: "
-                                   f"{_one_line(exc)}") from exc
+                                   f"{exception_line(exc)}") from exc
 
     def fail(self, exc: BaseException) -> ShardFailedError:
         """The one error every rank raises for a fault of this rank: published first, then returned."""
         if isinstance(exc, ShardFailedError):
             return exc
-        message = f"rank {self.rank} of {self.world} failed {self.where}: {_one_line(exc)}"
+        message = f"rank {self.rank} of {self.world} failed {self.where}: {exception_line(exc)}"
         if self.store is None:
             return ShardFailedError(message)
         try:  # the first rank to publish wins: a fault every rank hits is reported once
@@ -335,9 +335,3 @@ def _default_store() -> Any:
         return _get_default_store()
     except Exception:
         return None
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    more = " ..." if len(lines) > 1 else ""
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}{more}"

@@ -15,6 +15,13 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
+def exception_line(exc: BaseException) -> str:
+    """``Type: message`` on one line (the first line of the message, " ..." if there were more)."""
+    lines = str(exc).strip().splitlines()
+    more = " ..." if len(lines) > 1 else ""
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}{more}"
+
+
 # --- the engine: configs, denoisers, rewards ----------------------------------------------------
 
 class ConfigError(ValueError):

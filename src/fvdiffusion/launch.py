@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from fvdiffusion.distributed import DEFAULT_TIMEOUT_S
-from fvdiffusion.errors import ConfigError, ShardFailedError
+from fvdiffusion.errors import ConfigError, ShardFailedError, exception_line
 
 BACKENDS = ("gloo", "nccl")
 GRACE_S = 30.0  # after the first failure, how long the other workers get to stop on their own
@@ -124,9 +124,8 @@ def _worker(rank: int, spec: Launch, port: int, fn: Callable[..., Any], args: tu
         reports.put(("ok", rank, value if rank == 0 or spec.every_rank else None))
         release.wait(timeout=spec.timeout_s)
     except BaseException as exc:  # one line back to the parent, whatever it was
-        message = str(exc).strip().splitlines()
-        text = message[0] if isinstance(exc, ShardFailedError) and message else \
-            f"rank {rank} of {spec.nproc}: {type(exc).__name__}: {message[0] if message else ''}"
+        text = str(exc).strip() if isinstance(exc, ShardFailedError) else \
+            f"rank {rank} of {spec.nproc}: {exception_line(exc)}"
         reports.put(("error", rank, text))
     finally:
         if torch.distributed.is_initialized():

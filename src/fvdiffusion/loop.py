@@ -43,6 +43,7 @@ from fvdiffusion.config import CommonConfig
 from fvdiffusion.denoisers.base import Denoiser
 from fvdiffusion.errors import (
     AllParticlesDeadWarning, ConfigError, DenoiserError, NonFiniteDenoiserWarning, NonFiniteRewardWarning, RewardError,
+    exception_line,
 )
 from fvdiffusion.noise import ChunkedNoise
 from fvdiffusion.population import ParticleState, copy_into_dead, gather, initial_state
@@ -320,7 +321,7 @@ class RunContext:
                     out = self.denoiser(chunk, t_batch, self.cond)
             except Exception as exc:  # keep the original as __cause__, add where it happened
                 self.checks.resolve()  # an earlier deferred failure explains more than this one
-                raise DenoiserError(f"denoiser raised {where}: {_one_line(exc)}") from exc
+                raise DenoiserError(f"denoiser raised {where}: {exception_line(exc)}") from exc
             if not isinstance(out, Tensor):
                 raise DenoiserError(f"denoiser must return a torch.Tensor, got {type(out).__name__} {where}")
             if out.shape != chunk.shape:
@@ -380,7 +381,7 @@ class RunContext:
                     r = self.reward(chunk, self.cond)
             except Exception as exc:  # keep the original as __cause__, add where it happened
                 self.checks.resolve()  # e.g. a NaN denoiser output fed to the reward: report that first
-                raise RewardError(f"reward raised {where}: {_one_line(exc)}") from exc
+                raise RewardError(f"reward raised {where}: {exception_line(exc)}") from exc
             if not isinstance(r, Tensor):
                 raise RewardError(f"reward must return a torch.Tensor of shape ({chunk.shape[0]},), got {type(r).__name__}")
             if r.shape != (chunk.shape[0],):
@@ -467,13 +468,6 @@ def _device_of(denoiser: Denoiser) -> torch.device:
         for p in module.parameters():
             return p.device
     return torch.device("cpu")
-
-
-def _one_line(exc: Exception) -> str:
-    """``Type: message`` on one line (the full exception stays attached as __cause__)."""
-    lines = str(exc).strip().splitlines()
-    more = " ..." if len(lines) > 1 else ""
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}{more}"
 
 
 def _chunks(x: Tensor, batch_size: int | None):
