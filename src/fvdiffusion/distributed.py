@@ -69,14 +69,20 @@ class CommStats:
 
 @dataclass
 class ExchangePlan:
-    """Where every local slot's new particle comes from after a selection.
+    """The moves of one selection, as every rank derives them from the same N ancestors.
 
-    ``source[i]`` indexes the rows of ``cat([local rows, received rows])``; ``received[i]`` is
-    True where slot i's parent lives on another rank.
+    ``source[i]`` indexes the rows of ``cat([local rows, received rows])`` that local slot i
+    copies; ``received[i]`` is True where slot i's parent lives on another rank. ``sends`` maps
+    a rank to the local rows it gets (sorted, each parent once), ``receive_counts`` a rank to
+    the rows that come from it, in the same order. ``crosses``: whether any rank takes a parent
+    from another one (all ranks agree, so they all call the all-to-all or none does).
     """
 
     source: Tensor
     received: Tensor
+    sends: dict[int, Tensor]
+    receive_counts: dict[int, int]
+    crosses: bool
 
 
 @dataclass
@@ -139,40 +145,34 @@ class Shard:
         self._wait(torch.distributed.all_reduce(total, async_op=True), "all-reduce")
         return [int(v) for v in total.cpu().tolist()]
 
-    def max_float(self, value: float) -> float:
-        total = torch.tensor([value], dtype=torch.float64, device=self.comm_device)
-        self._wait(torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX, async_op=True), "all-reduce")
-        return float(total.item())
-
-    def plan(self, ancestors: Tensor) -> tuple[ExchangePlan, list[tuple[int, Tensor]], list[tuple[int, int]]]:
-        """The exchange for a selection: local plan, (rank, local rows) to send, (rank, count) to receive.
-
-        Every rank derives the whole plan from the same N ancestors, so no sizes are exchanged;
-        a parent is sent once per receiving rank however many slots there clone it.
-        """
+    def plan(self, ancestors: Tensor) -> ExchangePlan:
+        """The exchange for a selection; a parent is sent once per receiving rank however many
+        slots there clone it. No sizes are exchanged: every rank computes every rank's moves."""
         anc = ancestors.detach().to("cpu", torch.long)
         owner = self.owners(anc)
         local_anc, local_owner = anc[self.lo : self.hi], owner[self.lo : self.hi]
         source = torch.empty(self.n_local, dtype=torch.long)
         mine = local_owner == self.rank
         source[mine] = local_anc[mine] - self.lo
-        offset, receives = self.n_local, []
+        offset, receive_counts = self.n_local, {}
         for s in range(self.world):
             wanted = local_owner == s
             if s == self.rank or not bool(wanted.any()):
                 continue
             parents, inverse = torch.unique(local_anc[wanted], return_inverse=True)
             source[wanted] = offset + inverse
-            receives.append((s, parents.numel()))
+            receive_counts[s] = parents.numel()
             offset += parents.numel()
-        sends = []
+        sends, crosses = {}, False
         for d in range(self.world):
             block = slice(self.starts[d], self.starts[d + 1])
+            foreign = owner[block] != d
+            crosses |= bool(foreign.any())
             wanted = owner[block] == self.rank
-            if d == self.rank or not bool(wanted.any()):
-                continue
-            sends.append((d, torch.unique(anc[block][wanted]) - self.lo))  # sorted, as the receiver expects
-        return ExchangePlan(source=source, received=~mine), sends, receives
+            if d != self.rank and bool(wanted.any()):
+                sends[d] = torch.unique(anc[block][wanted]) - self.lo  # sorted, as the receiver expects
+        return ExchangePlan(source=source, received=~mine, sends=sends, receive_counts=receive_counts,
+                            crosses=crosses)
 
     def exchange(self, tensors: list[Tensor], ancestors: Tensor) -> tuple[list[Tensor], ExchangePlan]:
         """Each local slot i gets row ``ancestors[lo + i]`` of every tensor, wherever that row lives.
@@ -180,21 +180,17 @@ class Shard:
         One all-to-all with uneven splits carries the parents each rank needs from each other
         rank (the tensors packed side by side per row); ranks with nothing to swap send 0 rows.
         """
-        plan, sends, receives = self.plan(ancestors)
+        plan = self.plan(ancestors)
         self.stats.selections += 1
+        if not plan.crosses:
+            return [t[plan.source.to(t.device)] for t in tensors], plan
         widths = [math.prod(t.shape[1:]) for t in tensors]
         dtype, device = tensors[0].dtype, tensors[0].device
-        send_rows, recv_rows = [0] * self.world, [0] * self.world
-        payloads = []
-        for rank, rows in sends:
-            rows = rows.to(device)
-            payloads.append(torch.cat([t.index_select(0, rows).reshape(rows.numel(), -1) for t in tensors], dim=1))
-            send_rows[rank] = rows.numel()
-        for rank, count in receives:
-            recv_rows[rank] = count
-        if not any(self._any_receives(ancestors)):  # every rank agrees: nothing crosses, no collective
-            return [t[plan.source.to(t.device)] for t in tensors], plan
-        outgoing = (torch.cat(payloads) if payloads else torch.empty((0, sum(widths)), dtype=dtype, device=device))
+        send_rows = [plan.sends[r].numel() if r in plan.sends else 0 for r in range(self.world)]
+        recv_rows = [plan.receive_counts.get(r, 0) for r in range(self.world)]
+        payloads = [torch.cat([t.index_select(0, rows.to(device)).reshape(rows.numel(), -1) for t in tensors], dim=1)
+                    for _, rows in sorted(plan.sends.items())]
+        outgoing = torch.cat(payloads) if payloads else torch.empty((0, sum(widths)), dtype=dtype, device=device)
         outgoing = outgoing.to(self.comm_device, dtype).contiguous()
         incoming = torch.empty((sum(recv_rows), sum(widths)), dtype=dtype, device=self.comm_device)
         self.stats.particle_rows_sent += sum(send_rows)
@@ -209,11 +205,6 @@ class Shard:
             out.append(rows[plan.source.to(t.device)])
             column += width
         return out, plan
-
-    def _any_receives(self, ancestors: Tensor) -> list[bool]:
-        """Whether each rank takes a parent from another rank (every rank computes the same list)."""
-        owner = self.owners(ancestors.detach().to("cpu", torch.long))
-        return [bool((owner[a:b] != r).any()) for r, (a, b) in enumerate(zip(self.starts, self.starts[1:]))]
 
     # --- faults ------------------------------------------------------------------------
     def _key(self, name: str) -> str:
