@@ -53,8 +53,17 @@ def essentials(result: fv.SampleResult) -> dict:
     }
 
 
+# run on the accelerator's code path (checks deferred, out-of-place gathers), forced on the CPU
+DEFERRED = ("fvd", "smc_systematic", "vasr")
+
+
 def all_cases() -> dict[str, dict]:
-    return {name: essentials(run_case(name)) for name in CASES}
+    from fvdiffusion.checks import force_eager
+
+    results = {name: essentials(run_case(name)) for name in CASES}
+    with force_eager(False):
+        results.update({f"{name}@deferred": essentials(run_case(name)) for name in DEFERRED})
+    return results
 
 
 def mnist_case(noise_chunk: int = CHUNK) -> dict:

@@ -36,7 +36,7 @@ def assert_same_run(one: dict, many: dict, name: str) -> None:
 
 @pytest.fixture(scope="module")
 def one_process() -> dict[str, dict]:
-    return {name: runs.essentials(runs.run_case(name)) for name in runs.CASES}
+    return {name: runs.essentials(runs.run_case(name)) for name in runs.CASES}  # the CPU code path
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-procs", "3-procs"])
@@ -46,8 +46,9 @@ def sharded(request) -> tuple[int, dict[str, dict]]:
 
 def test_every_method_and_scheme_over_processes_equals_one_process(one_process, sharded):
     world, results = sharded
-    for name in runs.CASES:
-        assert_same_run(one_process[name], results[name], f"{name} on {world} processes")
+    for name in [*runs.CASES, *(f"{n}@deferred" for n in runs.DEFERRED)]:
+        # the accelerator's code path over processes equals the CPU path in one process
+        assert_same_run(one_process[name.split("@")[0]], results[name], f"{name} on {world} processes")
         info = results[name]["distributed"]
         assert info["world_size"] == world and info["blocks"] == list(block_starts(runs.N, world, runs.CHUNK))
 
