@@ -147,3 +147,15 @@ def align_mnist_pipeline(pipeline_dir: str, noise_chunk: int = CHUNK) -> dict:
     aligned = fv.align(pipe, None, reward, method="fvd", num_inference_steps=3, num_images_per_prompt=7,
                        generator=torch.Generator().manual_seed(5), output_type="latent", noise_chunk=noise_chunk)
     return essentials(aligned.result)
+
+
+def mismatched_call() -> str:
+    """Rank 1 asks for a different lam than rank 0: refused on every rank, no hang."""
+    problem = toy_problem("gmm2d-component")
+    lam = 1.0 if torch.distributed.get_rank() == 0 else 2.0
+    try:
+        fv.sample("fvd", problem.denoiser(VPSchedule.linear(1000)), problem.reward, lam=lam, n_particles=N,
+                  num_steps=2)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"

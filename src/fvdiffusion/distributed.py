@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +139,18 @@ class Shard:
         self._wait(torch.distributed.all_gather(parts, padded, async_op=True), "all-gather")
         rows = [part[: b - a] for part, a, b in zip(parts, self.starts, self.starts[1:])]
         return torch.cat(rows).to(local.device)
+
+    def agree(self, description: str) -> None:
+        """Refuse, on every rank alike, a run that the ranks describe differently (a mismatched call
+        would otherwise pair collectives of different sizes and hang)."""
+        digest = torch.tensor([zlib.crc32(description.encode())], dtype=torch.int64, device=self.comm_device)
+        parts = [torch.empty_like(digest) for _ in range(self.world)]
+        self._wait(torch.distributed.all_gather(parts, digest, async_op=True), "all-gather")
+        firsts = [int(part) for part in parts]
+        if len(set(firsts)) > 1:
+            other = next(r for r, d in enumerate(firsts) if d != firsts[0])
+            raise ConfigError(f"rank {other} of {self.world} called with a different method or config than rank 0 "
+                              f"(every rank must make the same call; rank {self.rank} has {description})")
 
     def sum_ints(self, values: list[int]) -> list[int]:
         """Each value summed over the ranks."""

@@ -668,6 +668,8 @@ def run_kernel(method: str, kernel: ParticleKernel | Sampler, denoiser: Denoiser
     ctx = RunContext.create(denoiser, reward, config, cond, progress, desc=method, callback=callback, grid=grid,
                             x_init=x_init, sharded=sharded is not False)
     try:
+        if ctx.shard is not None:
+            ctx.shard.agree(f"{method} {ctx.config.as_dict()}")
         with Timer(ctx.cost, ctx.device):
             if isinstance(kernel, Sampler):
                 finished = kernel.run(ctx)

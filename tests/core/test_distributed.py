@@ -186,3 +186,9 @@ def test_align_on_a_diffusers_pipeline_over_two_processes_equals_one(tmp_path):
     many = launch(runs.align_mnist_pipeline, (pipeline_dir,), nproc=2)
     assert_same_run(one, many, "align on the MNIST DDPMPipeline")
     assert many["distributed"]["world_size"] == 2 and many["distributed"]["particle_bytes_moved"] >= 0
+
+
+def test_ranks_that_make_different_calls_are_refused_instead_of_hanging():
+    messages = launch(runs.mismatched_call, nproc=2, every_rank=True, timeout_s=20)
+    assert len(set(messages)) == 1, messages
+    assert "called with a different method or config than rank 0" in messages[0] and "\n" not in messages[0]
