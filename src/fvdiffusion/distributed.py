@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from fvdiffusion.errors import ConfigError, ShardFailedError, exception_line
+from fvdiffusion.population import SCALAR_FIELDS, ParticleState
 
 DEFAULT_TIMEOUT_S = 600.0    # longest wait in one collective before a silent rank counts as dead
 FAILURE_ACK_S = 10.0         # how long the rank hosting the store waits for the others to read a failure
@@ -219,6 +220,25 @@ class Shard:
             column += width
         return out, plan
 
+    def select_particles(self, state: ParticleState, ancestors: Tensor, alpha_bar: float) -> ParticleState:
+        """The population after a selection: slot i holds a copy of particle ``ancestors[i]``.
+
+        The per-particle scalars (all N on every rank) are gathered in place; of the particle
+        tensors only x̂0 and ε̂ cross ranks (the DDIM step reads nothing else). A clone received
+        from another rank gets x_t = √ᾱ x̂0 + √(1−ᾱ) ε̂; a clone within the rank copies its
+        parent's x_t exactly.
+        """
+        (x0_hat, eps_hat), plan = self.exchange([state.x0_hat, state.eps_hat], ancestors)
+        x = state.x[torch.where(plan.received, 0, plan.source).to(state.x.device)]
+        if bool(plan.received.any()):
+            rebuilt = math.sqrt(alpha_bar) * x0_hat + math.sqrt(1 - alpha_bar) * eps_hat
+            received = plan.received.to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+            x = torch.where(received, rebuilt, x)
+        idx = ancestors.long()
+        scalars = {name: _take(getattr(state, name), idx) for name in SCALAR_FIELDS}
+        return ParticleState(x=x, x0_hat=x0_hat, eps_hat=eps_hat, **scalars,
+                             aux={k: _take(v, idx) for k, v in state.aux.items()}, scalars=dict(state.scalars))
+
     # --- faults ------------------------------------------------------------------------
     def _key(self, name: str) -> str:
         return f"fvdiffusion/run{self.run_id}/{name}"
@@ -339,3 +359,7 @@ def _default_store() -> Any:
         return _get_default_store()
     except Exception:
         return None
+
+
+def _take(values: Tensor, idx: Tensor) -> Tensor:
+    return values[idx.to(values.device)]

@@ -556,34 +556,10 @@ def select(ctx: RunContext, state: ParticleState, log_w: Tensor, scheme: str, k:
 
 def _copy_selected(ctx: RunContext, state: ParticleState, ancestors: Tensor, reborn: Tensor) -> ParticleState:
     if ctx.shard is not None and not ctx.assembled:
-        return _exchange_selected(ctx, state, ancestors)
+        return ctx.shard.select_particles(state, ancestors, ctx.step_alpha_bar)
     if ctx.checks.eager:
         return copy_into_dead(state, ancestors, reborn)
     return gather(state, ancestors)
-
-
-def _exchange_selected(ctx: RunContext, state: ParticleState, ancestors: Tensor) -> ParticleState:
-    """A selection over processes: the scalars are gathered on every rank, x̂0 and ε̂ cross ranks.
-
-    Only x̂0 and ε̂ move (the DDIM step reads nothing else); a clone received from another rank
-    gets x_t = √ᾱ x̂0 + √(1−ᾱ) ε̂ from them, local clones copy their parent's x_t exactly.
-    """
-    (x0_hat, eps_hat), plan = ctx.shard.exchange([state.x0_hat, state.eps_hat], ancestors)
-    local_rows = torch.where(plan.received, 0, plan.source).to(state.x.device)
-    x = state.x[local_rows]
-    if bool(plan.received.any()):
-        alpha_bar = ctx.step_alpha_bar
-        rebuilt = math.sqrt(alpha_bar) * x0_hat + math.sqrt(1 - alpha_bar) * eps_hat
-        received = plan.received.to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
-        x = torch.where(received, rebuilt, x)
-    idx = ancestors.long()
-    scalars = {name: _take_rows(getattr(state, name), idx) for name in ("reward", "log_weight", "root")}
-    return ParticleState(x=x, x0_hat=x0_hat, eps_hat=eps_hat, **scalars,
-                         aux={k: _take_rows(v, idx) for k, v in state.aux.items()}, scalars=dict(state.scalars))
-
-
-def _take_rows(values: Tensor, idx: Tensor) -> Tensor:
-    return values[idx.to(values.device)]
 
 
 def rebirth_killed(ctx: RunContext, state: ParticleState, dead: Tensor, k: int) -> ParticleState:

@@ -9,7 +9,10 @@ import torch
 from torch import Tensor
 
 # Per-particle tensor fields (dim 0 is the particle); ``aux`` entries are per-particle too.
-PARTICLE_FIELDS = ("x", "x0_hat", "eps_hat", "reward", "log_weight", "root")
+# Across processes a rank holds its block's rows of the sample-shaped tensors and all N of the scalars.
+SAMPLE_FIELDS = ("x", "x0_hat", "eps_hat")
+SCALAR_FIELDS = ("reward", "log_weight", "root")
+PARTICLE_FIELDS = SAMPLE_FIELDS + SCALAR_FIELDS
 
 
 @dataclass(frozen=True)
