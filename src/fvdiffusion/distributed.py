@@ -303,11 +303,15 @@ class Shard:
 
 
 def default_chunk(n: int) -> int:
-    """The noise chunk when none is set: 64 chunks (so up to 64 processes), at most 256 slots each.
+    """The noise chunk when none is set: 16 chunks (so up to 16 processes), at most 256 slots each.
+
+    A micro-batch never crosses a chunk, so small chunks mean small model calls: one-row
+    calls made the MNIST UNet 1.7x slower per row than 64-row ones on the CPU, 4-row calls
+    1.13x, 16-row calls 1.05x. Set ``noise_chunk`` for more processes than 16.
 
     It depends on N only, so the same run on any number of processes draws the same noise.
     """
-    return max(1, min(256, n // 64))
+    return max(1, min(256, n // 16))
 
 
 def shard_for(n: int, chunk: int, device: torch.device, timeout_s: float | None = None) -> Shard | None:

@@ -22,7 +22,7 @@ def _runs(out):
 
 def test_two_processes_write_what_one_process_writes(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    # N = 8 -> the default chunk in a group is max(1, 8 // 64) = 1: pass it to the single process
+    # N = 8 -> the default chunk in a group is max(1, 8 // 16) = 1: pass it to the single process
     result = runner.invoke(app, ["sample", *TINY, "--noise-chunk", "1", "--out", str(one)])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["sample", *TINY, "--nproc", "2", "--out", str(two)])

@@ -149,7 +149,7 @@ def sample_command(
                               "one GPU each with --device cuda). Under torchrun leave it at 1."),
     noise_chunk: Optional[int] = typer.Option(None, help="Draw noise per chunk of this many particle slots, so "
                                               "that --nproc 1 and --nproc K give the same samples (default with "
-                                              "several processes: N/64, at most 256; with one: one stream)."),
+                                              "several processes: N/16, at most 256; with one: one stream)."),
     out: Path = typer.Option(Path("runs/sample"), help="Output directory."),
     progress: bool = typer.Option(True, help="Show a progress bar per method."),
 ) -> None:
