@@ -35,7 +35,8 @@ from fvdiffusion.population import SCALAR_FIELDS, ParticleState
 
 DEFAULT_TIMEOUT_S = 600.0    # longest wait in one collective before a silent rank counts as dead
 FAILURE_ACK_S = 10.0         # how long the rank hosting the store waits for the others to read a failure
-POLL_S = 0.0005              # sleep between completion checks while waiting in a collective
+SPIN_S = 0.0002              # wait without sleeping this long first
+POLL_S = 0.0005              # then sleep this long between completion checks
 STORE_POLL_S = 0.01          # how often a waiting rank reads the store for a published failure
 
 _runs = 0  # sampling runs started in this process: every rank starts the same runs in the same order
@@ -272,13 +273,16 @@ class Shard:
             pass
 
     def _wait(self, work: Any, what: str) -> None:
-        deadline = time.monotonic() + self.timeout_s
+        started = time.monotonic()
+        deadline = started + self.timeout_s
         while not work.is_completed():
             self.poll()
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise ShardFailedError(f"rank {self.rank} of {self.world}: {what} {self.where} did not complete "
                                        f"within {self.timeout_s:g} s (a rank died or hangs)")
-            time.sleep(POLL_S)
+            if now - started > SPIN_S:  # a fast collective (tens of µs on a GPU) is not slowed by a sleep
+                time.sleep(POLL_S)
         try:
             work.wait()
         except Exception as exc:
