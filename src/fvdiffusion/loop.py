@@ -74,7 +74,8 @@ class FinalWeighting:
     """What a kernel does with the final samples (their rewards already in ``state.reward``).
 
     ``state.log_weight`` holds the final importance weights. If ``log_w`` is given, the driver
-    selects once more on it with ``scheme`` (``parent_rule`` for Fleming–Viot schemes) and makes
+    selects once more on it with ``scheme`` (and its ``scheme_options``, e.g. a Fleming–Viot
+    parent rule and allocation) and makes
     the weights uniform; ``skip_if_uniform`` leaves uniform ``log_w`` alone (no copies for
     nothing); ``report_ess`` adds the ESS of ``log_w`` to the extras as ``final_ess``.
     """
@@ -82,7 +83,7 @@ class FinalWeighting:
     state: ParticleState
     log_w: Tensor | None = None
     scheme: str = "fleming_viot"
-    parent_rule: str = "excess"
+    scheme_options: dict[str, Any] = field(default_factory=dict)
     skip_if_uniform: bool = False
     report_ess: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
@@ -534,8 +535,9 @@ def settle_trace(rows: list[StepTrace]) -> list[StepTrace]:
 # --- the one path from log-weights to a new population ---------------------------------------
 
 def select(ctx: RunContext, state: ParticleState, log_w: Tensor, scheme: str, k: int,
-           parent_rule: str | None = None) -> tuple[ParticleState, selection.Selection]:
-    """Select on ``log_w`` with ``scheme`` (registry lookup), copy particles, record the lineage.
+           **scheme_options: Any) -> tuple[ParticleState, selection.Selection]:
+    """Select on ``log_w`` with ``scheme`` (registry lookup; ``scheme_options`` such as a
+    Fleming–Viot ``parent_rule`` and ``allocation`` are passed on), copy particles, record the lineage.
 
     ``log_w`` must be finite or −inf with at least one finite entry (the potentials module and
     :meth:`RunContext.guard_all_dead` make it so). On the CPU only the reborn slots are written;
@@ -545,10 +547,7 @@ def select(ctx: RunContext, state: ParticleState, log_w: Tensor, scheme: str, k:
     scheme_fn = selection.get_scheme(scheme)
     checked = False  # potentials are cleaned upstream; validating would read the device
     generator = ctx.decision_generator()
-    if parent_rule is not None:
-        outcome = scheme_fn(log_w, generator, parent_rule=parent_rule, checked=checked)
-    else:
-        outcome = scheme_fn(log_w, generator, checked=checked)
+    outcome = scheme_fn(log_w, generator, checked=checked, **scheme_options)
     state = _copy_selected(ctx, state, outcome.ancestors, outcome.reborn)
     ctx.lineage.record(k, outcome.ancestors)
     return state, outcome
@@ -594,8 +593,7 @@ def equalise_final(ctx: RunContext, state: ParticleState, weighting: FinalWeight
     if weighting.skip_if_uniform and finite.numel() == log_w.numel() and float(finite.max() - finite.min()) <= 1e-12:
         dead = 0.0
     else:
-        parent_rule = weighting.parent_rule if weighting.scheme == "fleming_viot" else None
-        state, outcome = select(ctx, state, log_w, weighting.scheme, 0, parent_rule=parent_rule)
+        state, outcome = select(ctx, state, log_w, weighting.scheme, 0, **weighting.scheme_options)
         dead = float(outcome.reborn.double().mean())
     extras["final_dead_fraction"] = dead
     return replace(state, log_weight=torch.zeros_like(state.log_weight)), extras

@@ -24,6 +24,7 @@ class StepTrace:
     reward_mean: float
     reward_max: float
     nonfinite_rewards: int          # rewards that were NaN/±inf (those particles got −inf potential)
+    offspring_var: float = 0.0      # mean_i (O_i − N·W_i)² of this step's selection (0 if none)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

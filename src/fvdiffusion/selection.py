@@ -26,6 +26,11 @@ import torch
 from torch import Tensor
 
 PARENT_RULES = ("excess", "weighted")
+# How a Fleming–Viot step hands its dead slots to parents: i.i.d. draws, or one shared offset
+# (each parent gets ⌊D·m_j/M⌋ or ⌈D·m_j/M⌉ of the D dead). Residual-systematic (whole shares,
+# then a shared offset over the fractions) gives exactly the systematic counts, so it is not
+# a separate option: ⌈S_j − U⌉ = Σ_{i≤j} ⌊s_i⌋ + ⌈F_j − U⌉ for cumulative shares S and fractions F.
+ALLOCATIONS = ("multinomial", "systematic")
 
 
 @dataclass(frozen=True)
@@ -117,17 +122,26 @@ def residual(log_w: Tensor, generator: torch.Generator, checked: bool = True) ->
 
 
 def fleming_viot(log_w: Tensor, generator: torch.Generator, parent_rule: str = "excess",
-                 checked: bool = True) -> Selection:
-    """Independent survival, then rebirth of every dead slot as a copy of a drawn parent.
+                 allocation: str = "multinomial", checked: bool = True) -> Selection:
+    """Independent survival, then rebirth of every dead slot as a copy of a parent.
 
     With n = N·W: parent rule "excess" (default) keeps particle i with probability
-    min(1, n_i) and draws parents ∝ (n_j − 1)_+, which gives E[offspring_j] = n_j with the
-    fewest deaths of any unbiased scheme (expected deaths N·TV(W, uniform)). Parent rule
-    "weighted" keeps i with probability exp(ℓ_i − max ℓ) and draws parents ∝ W: also
-    unbiased, but kills more. Surviving particles keep their own slot.
+    min(1, n_i) and gives parents the birth mass m_j = (n_j − 1)_+, which yields
+    E[offspring_j] = n_j with the fewest deaths of any unbiased scheme (expected deaths
+    N·TV(W, uniform)). Parent rule "weighted" keeps i with probability exp(ℓ_i − max ℓ) and
+    uses m = n: also unbiased, but kills more. Surviving particles keep their own slot.
+
+    Survival is always independent across particles (the method's defining property); only
+    the D dead slots are shared out over the birth mass M = Σ m, by ``allocation``:
+    "multinomial" — D i.i.d. draws ∝ m; "systematic" — D evenly spaced points with one shared
+    offset, so parent j gets ⌊D·m_j/M⌋ or ⌈D·m_j/M⌉ births (the same counts as
+    residual-systematic). Given D each parent's expected births are D·m_j/M and E[D] = M
+    (the mass is fixed by the weights), so every allocation keeps E[offspring_j] = n_j.
     """
     if parent_rule not in PARENT_RULES:
         raise ValueError(f"parent_rule: unknown value {parent_rule!r}; expected one of {', '.join(PARENT_RULES)}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation: unknown value {allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
     relative = _relative_weights(log_w, _device_of(generator), checked)
     size = relative.shape[-1]
     n = size * relative / relative.sum(-1, keepdim=True)
@@ -135,11 +149,36 @@ def fleming_viot(log_w: Tensor, generator: torch.Generator, parent_rule: str = "
     alive = _uniform(n.shape, generator) < survival
     counts = alive.long()
     num_dead = size - counts.sum(-1, keepdim=True)
-    mass = _birth_mass(n, parent_rule)
-    # Draw N parents per row (a fixed amount of randomness) and use one per dead slot.
-    positions = _uniform(n.shape, generator) * mass.sum(-1, keepdim=True)
-    used = _grid_like(n) < num_dead
-    return _from_counts(counts + _counts_at(mass, positions, used), log_w.device, checked)
+    births = _allocate(_birth_mass(n, parent_rule), num_dead, allocation, generator)
+    return _from_counts(counts + births, log_w.device, checked)
+
+
+def _allocate(mass: Tensor, num_dead: Tensor, allocation: str, generator: torch.Generator) -> Tensor:
+    """Births per parent [..., N] for ``num_dead`` [..., 1] dead slots over the birth ``mass``.
+
+    Every allocation draws N uniforms per row whatever D is (a fixed amount of randomness), so
+    the generator's stream after a selection does not depend on how many died."""
+    uniforms = _uniform(mass.shape, generator)
+    total = mass.sum(-1, keepdim=True)
+    grid = _grid_like(mass)
+    if allocation == "multinomial":
+        return _counts_at(mass, uniforms * total, grid < num_dead)
+    # D points (j + U)·M/D, j < D: one offset shared by the row's dead slots
+    positions = (grid + uniforms[..., :1]) * total / num_dead.to(mass.dtype).clamp(min=1.0)
+    return _counts_at(mass, positions, grid < num_dead)
+
+
+def offspring_variance(log_w: Tensor, ancestors: Tensor) -> Tensor:
+    """Mean over particles of (O_i − N·W_i)², the realised offspring-count noise of one selection.
+
+    ``ancestors`` [..., N] from a scheme applied to ``log_w`` [..., N]; returns [...] float64 on
+    the ancestors' device (no host read). Multinomial resampling has E = Σ n_i(1 − n_i/N)/N;
+    the low-variance schemes are far below it."""
+    counts = torch.zeros(ancestors.shape, dtype=torch.float64, device=ancestors.device)
+    counts = counts.scatter_add_(-1, ancestors, torch.ones_like(counts))
+    relative = _relative_weights(log_w, ancestors.device, checked=False)
+    n = relative.shape[-1] * relative / relative.sum(-1, keepdim=True)
+    return ((counts - n) ** 2).mean(-1)
 
 
 def killing(log_w: Tensor, generator: torch.Generator, checked: bool = True) -> Selection:

@@ -22,7 +22,8 @@ from fvdiffusion.population import ParticleState
 from fvdiffusion.schedule import StepInfo
 
 POTENTIALS = ("diff", "level")
-PARENT_RULES = ("excess", "weighted")
+PARENT_RULES = selection.PARENT_RULES
+ALLOCATIONS = selection.ALLOCATIONS
 REBIRTH_KERNELS = ("renoise", "langevin")
 NU_SCHEDULES = ("constant", "decay", "grow")
 # Chosen by the declared tuning suite (fvdiffusion/bench/toy/suite.py, benchmarks/suite/table.md):
@@ -33,6 +34,9 @@ DEFAULT_KERNEL_STOCHASTIC: dict[str, object] = {"rebirth": "renoise", "rebirth_n
                                                 "nu_schedule": "constant", "nu_by_copies": True}
 DEFAULT_KERNEL_DDIM: dict[str, object] = {"rebirth": "renoise", "rebirth_noise": 1.0,
                                           "nu_schedule": "constant", "nu_by_copies": True}
+# How the dead are shared out over the parents, per sampler type (None in the config = these).
+DEFAULT_ALLOCATION_STOCHASTIC = "multinomial"
+DEFAULT_ALLOCATION_DDIM = "multinomial"
 MAX_LOG_KAPPA = 50.0  # bound on the absorption controller's log kappa
 
 # What an unset kernel field means once the user has set another one: the plain kernel.
@@ -48,6 +52,11 @@ class FVDConfig(SelectionScheduleMixin, CommonConfig):
       selection), "level" uses ℓ = λ r.
     parent_rule: "excess" — survival min(1, N·W), parents ∝ (N·W − 1)_+ (fewest deaths);
       "weighted" — survival exp(ℓ − max ℓ), parents ∝ W (the killing rule).
+    parent_allocation: how the dead slots are shared out over the parents' birth mass once
+      survival (always independent) has been drawn: "multinomial" (i.i.d. draws) or
+      "systematic" (one shared offset: each parent gets ⌊D·m/M⌋ or ⌈D·m/M⌉ of the D dead,
+      the same counts as residual-systematic). None = the default for the
+      sampler type (DEFAULT_ALLOCATION_STOCHASTIC for η > 0, DEFAULT_ALLOCATION_DDIM for η = 0).
     rebirth_noise: ν ∈ [0, 1]; 0 = exact clone, 1 = re-noise the parent's x̂0 afresh.
     The kernel fields (rebirth, rebirth_noise, nu_schedule, nu_by_copies) default to None:
       when all are unset the kernel chosen for the sampler type by the tuning suite applies
@@ -74,6 +83,7 @@ class FVDConfig(SelectionScheduleMixin, CommonConfig):
 
     potential: str = "diff"
     parent_rule: str = "excess"
+    parent_allocation: str | None = None
     rebirth_noise: float | None = None
     target_dead_fraction: float | None = None
     controller_gain: float = 1.0
@@ -89,6 +99,10 @@ class FVDConfig(SelectionScheduleMixin, CommonConfig):
         self._check_schedule()
         check_choice("potential", self.potential, POTENTIALS)
         check_choice("parent_rule", self.parent_rule, PARENT_RULES)
+        if self.parent_allocation is None:
+            object.__setattr__(self, "parent_allocation",
+                               DEFAULT_ALLOCATION_STOCHASTIC if self.eta > 0 else DEFAULT_ALLOCATION_DDIM)
+        check_choice("parent_allocation", self.parent_allocation, ALLOCATIONS)
         self._resolve_kernel()
         check_choice("rebirth", self.rebirth, REBIRTH_KERNELS)
         check_choice("nu_schedule", self.nu_schedule, NU_SCHEDULES)
@@ -140,7 +154,7 @@ class FVDKernel:
 
     def birth_death(self, ctx: RunContext, state: ParticleState, log_potential: torch.Tensor, k: int):
         """Select on ``log_potential``; returns the new state (controller updated) and the selection."""
-        state, outcome = select(ctx, state, log_potential, self._scheme(), k, parent_rule=self.config.parent_rule)
+        state, outcome = select(ctx, state, log_potential, self._scheme(), k, **self._scheme_options())
         state = state.with_aux(r_prev=state.reward.clone())
         dead = outcome.reborn.double().mean()
         selections = state.scalars["selections"] + 1
@@ -156,6 +170,9 @@ class FVDKernel:
     def _scheme(self) -> str:
         return "fleming_viot"
 
+    def _scheme_options(self) -> dict[str, str]:
+        return {"parent_rule": self.config.parent_rule, "allocation": self.config.parent_allocation}
+
     def step(self, ctx: RunContext, info: StepInfo, state: ParticleState):
         cfg = self.config
         kappa_used = torch.exp(state.scalars["log_kappa"])
@@ -167,7 +184,8 @@ class FVDKernel:
         state, outcome, dead = self.birth_death(ctx, state, log_potential, info.k)
         state = self.rebirth(ctx, state, outcome, info)
         return state, plain_trace(info, state, cfg.lam, selected=True, ess=selection.ess_tensor(log_potential, False),
-                                  dead_fraction=dead, kappa=kappa_used, nonfinite_rewards=nonfinite)
+                                  dead_fraction=dead, kappa=kappa_used, nonfinite_rewards=nonfinite,
+                                  offspring_var=selection.offspring_variance(log_potential, outcome.ancestors))
 
     def finish(self, ctx: RunContext, state: ParticleState) -> FinalWeighting:
         extras = {"final_kappa": math.exp(float(state.scalars["log_kappa"]))}
@@ -175,7 +193,7 @@ class FVDKernel:
             return FinalWeighting(state, extras=extras)
         # at t = 0 a clone is an exact copy of its parent's sample (ᾱ = 1: no noise to refresh)
         log_potential, _ = self.potential(ctx, state, state.reward, 0)
-        return FinalWeighting(state, log_w=log_potential, scheme=self._scheme(), parent_rule=self.config.parent_rule,
+        return FinalWeighting(state, log_w=log_potential, scheme=self._scheme(), scheme_options=self._scheme_options(),
                               report_ess=True, extras=extras)
 
     def rebirth(self, ctx: RunContext, state: ParticleState, outcome: selection.Selection,

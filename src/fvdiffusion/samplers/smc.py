@@ -44,12 +44,15 @@ class SMCConfig(SelectionScheduleMixin, CommonConfig):
             check_float("ess_threshold", self.ess_threshold, 0.0, 1.0)
 
 
-def resample(ctx: RunContext, state: ParticleState, scheme: str, k: int) -> tuple[ParticleState, torch.Tensor]:
-    """Resample by the current log-weights with ``scheme``; weights become uniform. Returns the dead fraction."""
-    log_w = ctx.guard_all_dead(state.log_weight, k)
-    state, outcome = select(ctx, state, selection.normalize(log_w, checked=False), scheme, k)
+def resample(ctx: RunContext, state: ParticleState, scheme: str,
+             k: int) -> tuple[ParticleState, torch.Tensor, torch.Tensor]:
+    """Resample by the current log-weights with ``scheme``; weights become uniform.
+
+    Returns the new state, the dead fraction and the offspring-count variance of the draw."""
+    log_w = selection.normalize(ctx.guard_all_dead(state.log_weight, k), checked=False)
+    state, outcome = select(ctx, state, log_w, scheme, k)
     state = replace(state, log_weight=torch.zeros_like(state.log_weight))
-    return state, outcome.reborn.double().mean()
+    return state, outcome.reborn.double().mean(), selection.offspring_variance(log_w, outcome.ancestors)
 
 
 class SMCKernel:
@@ -80,11 +83,11 @@ class SMCKernel:
             do_resample = bool(ess < cfg.ess_threshold)  # a data-dependent decision: one host read per step
         else:
             do_resample = cfg.is_selection_step(info.index, cfg.num_steps)
-        dead = 0.0
+        dead, spread = 0.0, 0.0
         if do_resample:
-            state, dead = resample(ctx, state, cfg.scheme, info.k)
+            state, dead, spread = resample(ctx, state, cfg.scheme, info.k)
         return state, plain_trace(info, state, cfg.lam, selected=do_resample, ess=ess,
-                                  dead_fraction=dead, nonfinite_rewards=nonfinite)
+                                  dead_fraction=dead, nonfinite_rewards=nonfinite, offspring_var=spread)
 
     def finish(self, ctx: RunContext, state: ParticleState) -> FinalWeighting:
         """Weights for p·exp(λ r(x0)), then (optionally) the minimal-death equalisation."""
@@ -93,4 +96,4 @@ class SMCKernel:
         state = replace(state, log_weight=log_w)
         if not self.config.final_selection:
             return FinalWeighting(state)
-        return FinalWeighting(state, log_w=log_w, scheme="fleming_viot", parent_rule="excess", skip_if_uniform=True)
+        return FinalWeighting(state, log_w=log_w, scheme="fleming_viot", skip_if_uniform=True)

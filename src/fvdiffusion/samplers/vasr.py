@@ -57,18 +57,20 @@ class VASRKernel:
         log_mass = ctx.guard_all_dead(potentials.clean(log_mass)[0], info.k)
         carried = log_w - log_mass  # computed before select(), which may overwrite log_w's rows in place
         state = replace(state, reward=reward, log_weight=log_w)
-        state, outcome = select(ctx, state, selection.normalize(log_mass, checked=False), "systematic", info.k)
+        mass = selection.normalize(log_mass, checked=False)
+        state, outcome = select(ctx, state, mass, "systematic", info.k)
         # offspring of i carry w_i / m_i; 0/0 (a dead particle) stays dead
         new_log_w = carried[outcome.ancestors]
         state = replace(state, log_weight=torch.nan_to_num(new_log_w, nan=-float("inf")))
         state = state.with_aux(r_prev=state.reward.clone())
         return state, plain_trace(info, state, cfg.lam, selected=True, ess=selection.ess_tensor(log_mass, False),
-                                  dead_fraction=outcome.reborn.double().mean(), nonfinite_rewards=nonfinite)
+                                  dead_fraction=outcome.reborn.double().mean(), nonfinite_rewards=nonfinite,
+                                  offspring_var=selection.offspring_variance(mass, outcome.ancestors))
 
     def finish(self, ctx: RunContext, state: ParticleState) -> FinalWeighting:
         log_w, _ = self._weights(ctx, state, state.reward, potentials.FINAL)
         state = replace(state, log_weight=potentials.clean(log_w)[0])
         if not self.config.final_selection:
             return FinalWeighting(state)
-        return FinalWeighting(state, log_w=state.log_weight, scheme="fleming_viot", parent_rule="excess",
+        return FinalWeighting(state, log_w=state.log_weight, scheme="fleming_viot",
                               skip_if_uniform=True)
