@@ -73,6 +73,8 @@ CASES = [
     pytest.param(lambda f: ["suite", "--threads", "-2"], "--threads", id="suite-threads-neg"),
     pytest.param(lambda f: _t2i(f, "--threads", "0"), "--threads", id="t2i-threads-0"),
     pytest.param(lambda f: ["bench", "mnist", "--threads", "0"], "--threads", id="mnist-threads-0"),
+    pytest.param(lambda f: ["bench", "truth", "--stage", "compare", "--threads", "0"], "--threads",
+                 id="truth-threads-0"),
     pytest.param(lambda f: ["train", "classifier", "--kind", "reward", "--threads", "0"], "--threads",
                  id="train-threads-0"),
     # --- --out: an existing file, or under a file (fails even for root), before any compute ---------
@@ -300,6 +302,8 @@ THREADS_ARGV = {
     "t2i": lambda f: _t2i(f, out=f["file"]),
     "bench mnist": lambda f: ["bench", "mnist", "--quick", "--out", str(f["under_file"])],
     "bench scaling": lambda f: ["bench", "scaling", "--quick", "--out", str(f["file"]), "--no-progress"],
+    "bench truth": lambda f: ["bench", "truth", "--stage", "reference", "--quick", "--out", str(f["file"]),
+                              "--no-progress"],
     "train ddpm": lambda f: ["train", "ddpm", "--out", str(f["file"])],
     "train classifier": lambda f: ["train", "classifier", "--kind", "reward", "--out", str(f["file"])],
     "train features": lambda f: ["train", "features", "--out", str(f["file"])],

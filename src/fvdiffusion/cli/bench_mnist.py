@@ -145,11 +145,14 @@ def mnist_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``bench`` command group (``fvd bench mnist``, ``fvd bench scaling``) to the ``fvd`` app."""
+    """Add the ``bench`` command group (``fvd bench mnist``, ``fvd bench scaling``, ``fvd bench truth``) to the
+    ``fvd`` app."""
     from fvdiffusion.cli.bench_scaling import scaling_command
+    from fvdiffusion.cli.bench_truth import truth_command
 
     bench_app = typer.Typer(help="Benchmarks on the shipped MNIST zoo and the scaling of one population over "
                                  "processes.", no_args_is_help=True)
     bench_app.command("mnist")(mnist_command)
     bench_app.command("scaling")(scaling_command)
+    bench_app.command("truth")(truth_command)
     app.add_typer(bench_app, name="bench")
