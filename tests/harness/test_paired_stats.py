@@ -141,3 +141,16 @@ def test_relative_change_is_a_geometric_mean_so_opposite_ratios_cancel():
     assert result.change.estimate == pytest.approx(0.0) and result.wins == result.losses == 1
     halved = paired_comparison(baseline / 2, baseline, (baseline / 2).repeat(5, 1), baseline.repeat(5, 1))
     assert halved.change.estimate == pytest.approx(-50.0) and halved.change.high == pytest.approx(-50.0)
+
+
+def test_single_population_cells_get_an_interval_over_cells_not_a_zero_width_one():
+    from fvdiffusion.bench.common.paired_stats import paired_comparison
+
+    method = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.2, 0.9])
+    baseline = torch.tensor([1.1, 1.5, 1.0, 2.0, 1.3, 1.0])
+    # one population per cell: every bootstrap replicate of a cell is its point
+    result = paired_comparison(method, baseline, method.expand(200, 6), baseline.expand(200, 6))
+    assert result.change.low < result.change.estimate < result.change.high
+    assert result.change.low < 0 < result.change.high          # mixed cells: no verdict
+    better = paired_comparison(0.5 * baseline, baseline, (0.5 * baseline).expand(200, 6), baseline.expand(200, 6))
+    assert better.change.high < 0 and better.wins == 6

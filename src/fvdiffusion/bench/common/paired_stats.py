@@ -100,6 +100,11 @@ def paired_comparison(method: Tensor, baseline: Tensor, method_reps: Tensor, bas
 
     Pair the replicates: column c of both must come from the same resampled populations of
     cell c when the two methods share population seeds, so the common noise cancels.
+
+    When no cell's replicates vary (one population per cell: nothing to resample inside a
+    cell), the interval of the change resamples the cells themselves instead: draw b takes C
+    cells with replacement, so the interval says how much the mean change depends on which
+    cells were run, rather than claiming a zero-width certainty.
     """
     _check_shapes(method, method_reps)
     _check_shapes(baseline, baseline_reps)
@@ -110,7 +115,11 @@ def paired_comparison(method: Tensor, baseline: Tensor, method_reps: Tensor, bas
         diff, diff_reps = (m / b).log(), (mr / br).log()
     else:
         diff, diff_reps = m - b, mr - br
-    change = percentile_interval(float(diff.mean()), diff_reps.mean(dim=1), level)
+    if diff.numel() > 1 and bool((diff_reps.nan_to_num() == diff.nan_to_num()).all()):
+        draws = torch.randint(diff.numel(), diff_reps.shape, generator=torch.Generator().manual_seed(diff.numel()))
+        change = percentile_interval(float(diff.mean()), diff[draws].mean(dim=1), level)
+    else:
+        change = percentile_interval(float(diff.mean()), diff_reps.mean(dim=1), level)
     if relative:
         as_percent = lambda x: 100.0 * math.expm1(x)
         change = Interval(as_percent(change.estimate), as_percent(change.low), as_percent(change.high))

@@ -41,19 +41,29 @@ SUITE_PROBLEMS = ("gmm2d-component", "gmm8d-component", "gmm2d-linear", "gmm8d-l
                   "rare16d-component", "rare32d-component")
 SAMPLERS: dict[str, float] = {"ddpm": 1.0, "ddim": 0.0}   # name -> DDIM η
 
-# Cheaper kernels first: grid order breaks ties.
+# Cheaper kernels first: grid order breaks ties. Every point names its parent allocation, so
+# a change of FVD's default allocation never moves a point; the "-sys" points share the dead
+# out systematically over the excess (issue 19), the others draw them i.i.d.
+_MULTI = {"parent_allocation": "multinomial"}
+_SYS = {"parent_allocation": "systematic"}
 FVD_GRID: dict[str, dict[str, Any]] = {
-    "nu0": {"rebirth_noise": 0.0},
-    "nu0.25": {"rebirth_noise": 0.25},
-    "nu0.5": {"rebirth_noise": 0.5},
-    "nu1": {"rebirth_noise": 1.0},
-    "nu1-decay": {"rebirth_noise": 1.0, "nu_schedule": "decay"},
-    "nu1-grow": {"rebirth_noise": 1.0, "nu_schedule": "grow"},
-    "nu1-copies": {"rebirth_noise": 1.0, "nu_by_copies": True},
-    "nu0.5-copies": {"rebirth_noise": 0.5, "nu_by_copies": True},
-    "langevin0.2": {"rebirth": "langevin", "langevin_step": 0.2},
-    "langevin0.5": {"rebirth": "langevin", "langevin_step": 0.5},
-    "langevin0.5x3": {"rebirth": "langevin", "langevin_step": 0.5, "langevin_steps": 3},
+    "nu0": {"rebirth_noise": 0.0, **_MULTI},
+    "nu0.25": {"rebirth_noise": 0.25, **_MULTI},
+    "nu0.5": {"rebirth_noise": 0.5, **_MULTI},
+    "nu1": {"rebirth_noise": 1.0, **_MULTI},
+    "nu1-decay": {"rebirth_noise": 1.0, "nu_schedule": "decay", **_MULTI},
+    "nu1-grow": {"rebirth_noise": 1.0, "nu_schedule": "grow", **_MULTI},
+    "nu1-copies": {"rebirth_noise": 1.0, "nu_by_copies": True, **_MULTI},
+    "nu0.5-copies": {"rebirth_noise": 0.5, "nu_by_copies": True, **_MULTI},
+    "langevin0.2": {"rebirth": "langevin", "langevin_step": 0.2, **_MULTI},
+    "langevin0.5": {"rebirth": "langevin", "langevin_step": 0.5, **_MULTI},
+    "langevin0.5x3": {"rebirth": "langevin", "langevin_step": 0.5, "langevin_steps": 3, **_MULTI},
+    "nu0-sys": {"rebirth_noise": 0.0, **_SYS},
+    "nu0.5-copies-sys": {"rebirth_noise": 0.5, "nu_by_copies": True, **_SYS},
+    "nu1-copies-sys": {"rebirth_noise": 1.0, "nu_by_copies": True, **_SYS},
+    "nu1-decay-sys": {"rebirth_noise": 1.0, "nu_schedule": "decay", **_SYS},
+    "langevin0.2-sys": {"rebirth": "langevin", "langevin_step": 0.2, **_SYS},
+    "nu1-sys": {"rebirth_noise": 1.0, **_SYS},
 }
 BASELINES: dict[str, tuple[str, dict[str, Any]]] = {
     "smc-multinomial": ("smc", {}),
