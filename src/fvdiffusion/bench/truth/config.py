@@ -39,6 +39,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "vasr": ("vasr", {}),
     "fvd": ("fvd", {}),
     "fvd-nu0": ("fvd", {"rebirth_noise": 0.0}),
+    "fvd-systematic": ("fvd", {"parent_allocation": "systematic"}),
 }
 
 
