@@ -319,6 +319,21 @@ def test_a_bad_export_leaves_the_destination_untouched(tmp_path, reference_data,
     _assert_untouched(dest, before)
 
 
+def test_export_into_the_package_weights_folder_validates_and_verifies(tmp_path, reference_data, monkeypatch):
+    # the documented recipe exports straight into zoo/weights, where every file counts as shipped and
+    # needs a card: the export must validate its staged file elsewhere, then ship a verified pair
+    from fvdiffusion.train.export import export_run
+
+    shipped = tmp_path / "pkg"
+    shutil.copytree(WEIGHTS_DIR, shipped)
+    monkeypatch.setattr(loaders, "WEIGHTS_DIR", shipped)
+    before = sorted(p.name for p in shipped.iterdir())
+    result = export_run("ddpm", _run_dir(tmp_path), out_dir=shipped)
+    assert result.weights == shipped / "ddpm.safetensors" and loaders.is_shipped(result.weights)
+    assert sorted(p.name for p in shipped.iterdir()) == before  # replaced in place, no staging left behind
+    assert isinstance(load_ddpm().module, UNet)  # the shipped default, checked against its new card
+
+
 def test_export_has_no_default_destination(tmp_path):
     from typer.testing import CliRunner
 

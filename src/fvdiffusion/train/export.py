@@ -60,7 +60,7 @@ def export_run(kind: str, run_dir: Path, out_dir: Path, fp16: bool = False,
     """Write ``<zoo name>.safetensors`` and ``<zoo name>.md`` for the run's network into ``out_dir``.
 
     ``out_dir`` is required: an export never lands in the installed package's weights by
-    default. Both files are first written to temporary files in ``out_dir`` and validated
+    default. Both files are first written to a hidden staging folder in ``out_dir`` and validated
     (every tensor finite, the file loads through the zoo loader, the smoke test of
     :func:`smoke_check`); only then do they replace the destination atomically (``os.replace``),
     so a failed export leaves whatever was there untouched. ``device`` is where the optional
@@ -90,8 +90,11 @@ def export_run(kind: str, run_dir: Path, out_dir: Path, fp16: bool = False,
                 else last_logged_loss(run_dir)}
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_weights = out_dir / f".{weights.name}.{os.getpid()}.tmp"
-    tmp_card = out_dir / f".{card.name}.{os.getpid()}.tmp"
+    # staged in a hidden folder of out_dir (same filesystem, so os.replace stays atomic), not beside the
+    # destination: a file in the package's weights folder counts as shipped and must already have a card
+    staging = out_dir / f".export-{os.getpid()}"
+    staging.mkdir(exist_ok=True)
+    tmp_weights, tmp_card = staging / weights.name, staging / card.name
     try:
         write_weights(module, zoo_kind, tmp_weights, fp16=fp16, extra={"training": training})
         fsync_file(tmp_weights)
@@ -119,6 +122,10 @@ def export_run(kind: str, run_dir: Path, out_dir: Path, fp16: bool = False,
     finally:
         for tmp in (tmp_weights, tmp_card):
             tmp.unlink(missing_ok=True)
+        try:
+            staging.rmdir()
+        except OSError:  # not empty: something else was put there; leave it
+            pass
     return ExportResult(weights, card, metrics)
 
 
