@@ -16,13 +16,14 @@ from fvdiffusion.train.checkpoint import load_checkpoint
 from fvdiffusion.train.classifier import ClassifierTrainConfig, accuracy, train_classifier
 from fvdiffusion.train.ddpm import DDPMTrainConfig, train_ddpm
 from fvdiffusion.train.quality import ddpm_quality, sample_ddpm
-from fvdiffusion.zoo.classifiers import EvalNet, RewardClassifier
+from fvdiffusion.zoo.classifiers import EvalNet, MlpClassifier, RewardClassifier
 from fvdiffusion.zoo.loaders import (
     WeightsError,
     WeightsMissingError,
     default_path,
     load_ddpm,
     load_eval_net,
+    load_mlp_classifier,
     load_module,
     load_reward_classifier,
     write_weights,
@@ -93,7 +94,8 @@ def test_shipped_weights_load_offline():
     assert ddpm(x, torch.tensor([999, 0])).shape == x.shape
     assert isinstance(load_reward_classifier(), RewardClassifier)
     assert isinstance(load_eval_net(), EvalNet)
-    total = sum(default_path(k).stat().st_size for k in ("ddpm", "reward_classifier", "eval_net"))
+    assert isinstance(load_mlp_classifier(), MlpClassifier)
+    total = sum(default_path(k).stat().st_size for k in ("ddpm", "reward_classifier", "eval_net", "mlp_classifier"))
     assert total < 10_000_000
 
 
@@ -169,11 +171,12 @@ def test_wrong_kind_and_non_finite_are_reported(small_reward_file):
 
 # --- shipped classifiers on held-out digits ---------------------------------------------
 
-@pytest.mark.parametrize("kind", ["reward_classifier", "eval_net"])
-def test_shipped_classifier_accuracy_on_reference(kind):
+# the MLP judge (no convolution, no augmentation) measured 0.9683; the CNNs 0.9861 and 0.9901
+@pytest.mark.parametrize("kind, bar", [("reward_classifier", 0.98), ("eval_net", 0.98), ("mlp_classifier", 0.96)])
+def test_shipped_classifier_accuracy_on_reference(kind, bar):
     reference = _reference_or_skip()
     acc = accuracy(load_module(kind), reference.images, reference.labels)
-    assert acc >= 0.98, f"{kind}: reference accuracy {acc:.4f} < 0.98"
+    assert acc >= bar, f"{kind}: reference accuracy {acc:.4f} < {bar}"
 
 
 # --- classifier reward ------------------------------------------------------------------

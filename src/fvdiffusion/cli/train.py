@@ -31,6 +31,7 @@ SAMPLE_BYTES = 28 * 28 * 4 * 8
 class ClassifierKind(str, Enum):
     reward = "reward"
     eval = "eval"
+    mlp = "mlp"
 
 
 class ExportKind(str, Enum):
@@ -38,6 +39,7 @@ class ExportKind(str, Enum):
     reward = "reward"
     eval = "eval"
     features = "features"
+    mlp = "mlp"
 
 
 def register(app: typer.Typer) -> None:
@@ -80,18 +82,19 @@ def train_ddpm_command(
 
 @handles_errors
 def train_classifier_command(
-    kind: ClassifierKind = typer.Option(..., help="reward: the reward classifier; eval: the evaluation network."),
+    kind: ClassifierKind = typer.Option(..., help="reward: the reward classifier; eval: the evaluation network; "
+                                        "mlp: the MLP judge of the 'mlp' FID/KID space (never augmented)."),
     steps: int = typer.Option(ClassifierTrainConfig.steps, help="Optimisation steps."),
     batch_size: int = typer.Option(ClassifierTrainConfig.batch_size, "--batch-size"),
     lr: float = typer.Option(ClassifierTrainConfig.lr, help="AdamW peak learning rate (warm-up, then cosine decay)."),
-    seed: Optional[int] = typer.Option(None, help="Default: 1 for reward, 2 for eval (they must differ)."),
+    seed: Optional[int] = typer.Option(None, help="Default: 1 for reward, 2 for eval, 4 for mlp (they must differ)."),
     device: str = typer.Option("cpu"),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<kind>_classifier)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out (same --steps: "
                                 "the learning-rate decay depends on it)."),
     threads: int = threads_option(),
 ) -> None:
-    """Train the reward classifier or the evaluation network on clean MNIST digits."""
+    """Train the reward classifier, the evaluation network or the MLP judge on clean MNIST digits."""
     from fvdiffusion.train.classifier import train_classifier
 
     out = out or Path(f"runs/{kind.value}_classifier")

@@ -1,10 +1,14 @@
-"""The classifier recipe: the reward classifier and the evaluation network on clean digits.
+"""The classifier recipe: the reward classifier, the evaluation network and the MLP judge.
 
-Light geometric augmentation (small rotation, scale and shift; never flips) makes both
-robust to the slightly off-centre digits a diffusion model produces. AdamW with warm-up
-and cosine decay over ``steps``. The two kinds use different default seeds, so the judge
-and the reward differ in initialisation and batch order as well as architecture. The
-reference split is only scored at the end, never used for choices during training.
+Light geometric augmentation (small rotation, scale and shift; never flips) makes the
+reward classifier and the eval net robust to the slightly off-centre digits a diffusion
+model produces. The MLP classifier (kind ``mlp``) is trained with **no augmentation**, and
+the recipe refuses to add any: its penultimate activations are the ``mlp`` FID/KID space,
+which must keep slant, position and size (what augmentation teaches a network to ignore).
+AdamW with warm-up and cosine decay over ``steps``. Each kind has its own default seed, so
+the judges and the reward differ in initialisation and batch order as well as
+architecture. The reference split is only scored at the end, never used for choices
+during training.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fvdiffusion.train.resumable import SEED_MAX, ResumableRun, check_float, check_int
-from fvdiffusion.zoo.classifiers import EvalNet, RewardClassifier
+from fvdiffusion.zoo.classifiers import EvalNet, MlpClassifier, RewardClassifier
 
-KINDS = ("reward", "eval")
-_DEFAULT_SEED = {"reward": 1, "eval": 2}
-ZOO_KIND = {"reward": "reward_classifier", "eval": "eval_net"}
+KINDS = ("reward", "eval", "mlp")
+_DEFAULT_SEED = {"reward": 1, "eval": 2, "mlp": 4}  # 0: the DDPM, 3: the feature autoencoder
+ZOO_KIND = {"reward": "reward_classifier", "eval": "eval_net", "mlp": "mlp_classifier"}
+UNAUGMENTED_KINDS = ("mlp",)  # feature-space judges: augmentation would blind them to within-class variety
 
 
 @dataclass(frozen=True)
@@ -55,13 +60,17 @@ class ClassifierTrainConfig:
         check_float(owner, "max_scale", self.max_scale, 0.0, below=1.0)  # the scale 1 ± max_scale stays > 0
         if not isinstance(self.augment, bool):
             raise ValueError(f"{owner}.augment must be a bool, got {self.augment!r}")
+        if self.augment and self.kind in UNAUGMENTED_KINDS:
+            raise ValueError(f"{owner}.augment must be False for kind {self.kind!r}: its features are an FID/KID "
+                             f"space that must see slant, position and size")
 
     @classmethod
     def for_kind(cls, kind: str, **overrides) -> "ClassifierTrainConfig":
-        """The recipe defaults for ``kind`` (its own seed)."""
+        """The recipe defaults for ``kind`` (its own seed; no augmentation for the ``mlp`` judge)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        return cls(**{"kind": kind, "seed": _DEFAULT_SEED[kind], **overrides})
+        defaults = {"kind": kind, "seed": _DEFAULT_SEED[kind], "augment": kind not in UNAUGMENTED_KINDS}
+        return cls(**{**defaults, **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,7 +89,7 @@ class ClassifierSummary:
 def build_classifier(kind: str) -> nn.Module:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return RewardClassifier() if kind == "reward" else EvalNet()
+    return {"reward": RewardClassifier, "eval": EvalNet, "mlp": MlpClassifier}[kind]()
 
 
 def augment(x: Tensor, config: ClassifierTrainConfig, generator: torch.Generator) -> Tensor:

@@ -36,8 +36,9 @@ from fvdiffusion.zoo.loaders import (
 from fvdiffusion.zoo.mnist_data import REFERENCE_PERCENT, load_mnist
 from fvdiffusion.zoo.unet import UNet
 
-EXPORT_KINDS = ("ddpm", "reward", "eval", "features")
-_RUN_KIND = {"ddpm": "ddpm", "reward": "classifier/reward", "eval": "classifier/eval", "features": FEATURE_RUN_KIND}
+EXPORT_KINDS = ("ddpm", "reward", "eval", "features", "mlp")
+_RUN_KIND = {"ddpm": "ddpm", "reward": "classifier/reward", "eval": "classifier/eval", "features": FEATURE_RUN_KIND,
+             "mlp": "classifier/mlp"}
 _ZOO_KIND = {"ddpm": "ddpm", **ZOO_KIND, "features": "feature_net"}
 QUALITY_PREFIX = "- **Sample quality**"
 _DATA_LINE = (
@@ -219,6 +220,8 @@ def _card(zoo_kind: str, name: str, weights: Path, module: torch.nn.Module, fp16
         "eval_net": "MNIST evaluation network (judge only: accuracy on samples, features for FID/diversity)",
         "feature_net": "MNIST feature autoencoder (its latent is the 'ae' FID/KID feature space; "
                        "no augmentation, no pooling: it sees within-class variety; see docs/feature_space.md)",
+        "mlp_classifier": "MNIST MLP classifier (judge only: its penultimate activations are the 'mlp' FID/KID "
+                          "feature space; no augmentation, no convolution, no pooling; see docs/feature_space.md)",
     }
     n_params = sum(p.numel() for p in module.parameters())
     elapsed = training.get("elapsed_s")

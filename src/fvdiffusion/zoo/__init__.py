@@ -1,12 +1,20 @@
 """The project's MNIST model zoo: data, networks and the shipped weights with their loaders."""
 
 from fvdiffusion.errors import DataCorruptError, DataMissingError, WeightsError, WeightsMissingError
-from fvdiffusion.zoo.classifiers import EvalNet, EvalNetConfig, RewardClassifier, RewardClassifierConfig
+from fvdiffusion.zoo.classifiers import (
+    EvalNet,
+    EvalNetConfig,
+    MlpClassifier,
+    MlpClassifierConfig,
+    RewardClassifier,
+    RewardClassifierConfig,
+)
 from fvdiffusion.zoo.feature_net import FeatureNet, FeatureNetConfig
 from fvdiffusion.zoo.loaders import (
     load_ddpm,
     load_eval_net,
     load_feature_net,
+    load_mlp_classifier,
     load_reward_classifier,
 )
 from fvdiffusion.zoo.mnist_data import MnistSplit, load_mnist
@@ -19,6 +27,8 @@ __all__ = [
     "EvalNetConfig",
     "FeatureNet",
     "FeatureNetConfig",
+    "MlpClassifier",
+    "MlpClassifierConfig",
     "MnistSplit",
     "RewardClassifier",
     "RewardClassifierConfig",
@@ -29,6 +39,7 @@ __all__ = [
     "load_ddpm",
     "load_eval_net",
     "load_feature_net",
+    "load_mlp_classifier",
     "load_mnist",
     "load_reward_classifier",
 ]

@@ -1,8 +1,10 @@
-"""The two MNIST classifiers: the reward classifier and the evaluation network.
+"""The MNIST classifiers: the reward classifier, the evaluation network and the MLP judge.
 
 They differ on purpose (architecture, normalisation, activation and training seed) so a
 sampler that exploits quirks of the reward network is not also rewarded by the judge.
-Both take images in [-1, 1], shape [B, 1, 28, 28], and return logits [B, 10].
+The MLP classifier is a third, independent judge used only for its features (the ``mlp``
+FID/KID space): no convolution, no pooling and no augmentation in its training.
+All take images in [-1, 1], shape [B, 1, 28, 28], and return logits [B, 10].
 """
 
 from __future__ import annotations
@@ -134,3 +136,54 @@ class EvalNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))
+
+
+@dataclass(frozen=True)
+class MlpClassifierConfig:
+    hidden1: int = 256
+    hidden2: int = 128
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_positive("MlpClassifierConfig", hidden1=self.hidden1, hidden2=self.hidden2)
+        number = isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+        if not number or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MlpClassifierConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MlpClassifierConfig":
+        return cls(**data)
+
+
+class MlpClassifier(nn.Module):
+    """A plain MLP on the 784 flattened pixels: two (Linear, LayerNorm, GELU) layers, then Linear.
+
+    Every pixel has its own weights (no convolution, no pooling), so its features keep where
+    the ink is. The features are the second hidden layer's activations (``hidden2``-d,
+    after GELU; dropout acts only in training).
+    """
+
+    def __init__(self, config: MlpClassifierConfig | None = None) -> None:
+        super().__init__()
+        self.config = c = config or MlpClassifierConfig()
+        self.body = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(28 * 28, c.hidden1), nn.LayerNorm(c.hidden1), nn.GELU(), nn.Dropout(c.dropout),
+            nn.Linear(c.hidden1, c.hidden2), nn.LayerNorm(c.hidden2), nn.GELU(),
+        )
+        self.dropout = nn.Dropout(c.dropout)
+        self.fc = nn.Linear(c.hidden2, NUM_CLASSES)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.hidden2
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate activations [B, feature_dim] (the ``mlp`` FID/KID space)."""
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.dropout(self.features(x)))

@@ -37,7 +37,14 @@ from torch import Tensor, nn
 from fvdiffusion.denoisers.base import ModuleDenoiser
 from fvdiffusion.errors import WeightsError, WeightsMissingError
 from fvdiffusion.schedule import VPSchedule
-from fvdiffusion.zoo.classifiers import EvalNet, EvalNetConfig, RewardClassifier, RewardClassifierConfig
+from fvdiffusion.zoo.classifiers import (
+    EvalNet,
+    EvalNetConfig,
+    MlpClassifier,
+    MlpClassifierConfig,
+    RewardClassifier,
+    RewardClassifierConfig,
+)
 from fvdiffusion.zoo.feature_net import FeatureNet, FeatureNetConfig
 from fvdiffusion.zoo.unet import UNet, UNetConfig
 
@@ -48,12 +55,14 @@ WEIGHT_FILES = {
     "reward_classifier": "reward_classifier.safetensors",
     "eval_net": "eval_net.safetensors",
     "feature_net": "feature_net.safetensors",
+    "mlp_classifier": "mlp_classifier.safetensors",
 }
 _ARCHITECTURES = {
     "ddpm": (UNet, UNetConfig),
     "reward_classifier": (RewardClassifier, RewardClassifierConfig),
     "eval_net": (EvalNet, EvalNetConfig),
     "feature_net": (FeatureNet, FeatureNetConfig),
+    "mlp_classifier": (MlpClassifier, MlpClassifierConfig),
 }
 MNIST_SAMPLE_SHAPE = (1, 28, 28)
 
@@ -93,6 +102,11 @@ CONFIG_BOUNDS: dict[str, dict[str, tuple]] = {
         "channels2": ("int", 1, 512),
         "latent_dim": ("int", 1, 1024),
     },
+    "mlp_classifier": {
+        "hidden1": ("int", 1, 4096),
+        "hidden2": ("int", 1, 4096),
+        "dropout": ("float", 0.0, 1.0),
+    },
 }
 
 _CARD_HASH = re.compile(r"\*\*SHA-256\*\* of `([^`]+)`: `([0-9a-fA-F]{64})`")
@@ -121,6 +135,11 @@ def load_eval_net(path: str | Path | None = None, device: str | torch.device = "
 def load_feature_net(path: str | Path | None = None, device: str | torch.device = "cpu") -> FeatureNet:
     """The autoencoder whose latent is the second FID/KID feature space (``metrics.feature_spaces``)."""
     return load_module("feature_net", path, device)
+
+
+def load_mlp_classifier(path: str | Path | None = None, device: str | torch.device = "cpu") -> MlpClassifier:
+    """The MLP classifier whose penultimate activations are the third FID/KID space (``mlp``)."""
+    return load_module("mlp_classifier", path, device)
 
 
 def load_module(kind: str, path: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
