@@ -89,7 +89,8 @@ def score_method(label: str, rows: Sequence[dict[str, Any]], reference: Referenc
     names = reference.moments.names
     if not rows:
         raise ValueError(f"{label}: no populations to score")
-    means = torch.tensor([[row["means"][name] for name in names] for row in rows], dtype=torch.float64)
+    # a non-finite mean was stored as null (strict JSON); it reads back as NaN and shows as "–"
+    means = torch.tensor([[_number(row["means"][name]) for name in names] for row in rows], dtype=torch.float64)
     scale = reference.moments.base_std
     point = (means.mean(0) - reference.moments.mean) / scale
     counts = resample_counts(len(rows), n_boot, torch.Generator().manual_seed(seed)).double()
@@ -101,6 +102,10 @@ def score_method(label: str, rows: Sequence[dict[str, Any]], reference: Referenc
     mean_of = lambda key: sum(float(r[key]) for r in rows) / len(rows)
     return _score(label, names, point, reps, len(rows), distinct_samples=mean_of("distinct_samples"),
                   denoiser_calls=mean_of("denoiser_calls"), wall_seconds=mean_of("wall_seconds"))
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def score_reference(reference: Reference) -> MethodScore:
