@@ -13,7 +13,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from fvdiffusion.metrics.collapse_check import collapse_row, collapse_sets
+from fvdiffusion.metrics.collapse_check import collapse_row, collapse_sets, ranking_row
 from fvdiffusion.metrics.feature_spaces import FEATURE_SPACES, image_features
 from fvdiffusion.metrics.images import FeatureFID
 
@@ -51,6 +51,21 @@ def main() -> None:
         print(f"| {space} | {min(collapsed):.1f} / {statistics.median(collapsed):.1f} | "
               f"{min(jittered):.1f} / {statistics.median(jittered):.1f} |")
     context_table(args.seed)
+    ranking_table(args.classes, args.seed)
+
+
+def ranking_table(classes: list[int], seed: int, n: int = 256, distinct: int = 8) -> None:
+    """FID of a diverse set, a collapsed one and a diverse set of class c+1: must rank in that order."""
+    print(f"\n{n} rows a set: diverse, {distinct} digits repeated, diverse digits of class c+1\n")
+    print("| space | class | FID diverse | FID collapsed | FID wrong class | collapsed / diverse "
+          "| wrong class / collapsed | ranked |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for space in FEATURE_SPACES:
+        for cls in classes:
+            r = ranking_row(cls, space, n=n, distinct=distinct, seed=seed)
+            print(f"| {space} | {cls} | {r.fid_diverse:.3g} | {r.fid_collapsed:.3g} | {r.fid_wrong_class:.4g} | "
+                  f"{r.fid_collapsed / r.fid_diverse:.1f} | {r.fid_wrong_class / r.fid_collapsed:.1f} | "
+                  f"{'yes' if r.ranked else 'no'} |")
 
 
 def context_table(seed: int) -> None:

@@ -97,3 +97,35 @@ def collapse_row(sets: CollapseSets, space: str) -> CollapseRow:
         fid_diverse=fid(diverse), fid_collapsed=fid(collapsed), fid_jittered=fid(jittered),
         kid_diverse=kid(diverse), kid_collapsed=kid(collapsed), kid_jittered=kid(jittered),
     )
+
+
+@dataclass(frozen=True)
+class RankingRow:
+    """FID of three sets of ``n`` digits against the held-out reference digits of class ``cls``."""
+
+    space: str
+    cls: int
+    n: int
+    distinct: int
+    fid_diverse: float  # n distinct real digits of the class
+    fid_collapsed: float  # ``distinct`` other real digits of the class, repeated to n rows
+    fid_wrong_class: float  # n distinct real digits of class cls + 1
+
+    @property
+    def ranked(self) -> bool:
+        """diverse < collapsed < wrong class: the order a judge of class-conditional samples must give."""
+        return self.fid_diverse < self.fid_collapsed < self.fid_wrong_class
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ranked": self.ranked}
+
+
+def ranking_row(cls: int, space: str, n: int = 256, distinct: int = 8, seed: int = 0) -> RankingRow:
+    """Does ``space`` rank a diverse set before a collapsed one before a wrong class? (needs the MNIST data)"""
+    sets = collapse_sets(cls, n=n, distinct=distinct, seed=seed)
+    wrong = collapse_sets((cls + 1) % 10, n=n, distinct=distinct, seed=seed).diverse
+    fid = FeatureFID(image_features(sets.reference, space))
+    return RankingRow(space=space, cls=cls, n=n, distinct=distinct,
+                      fid_diverse=fid(image_features(sets.diverse, space)),
+                      fid_collapsed=fid(image_features(sets.collapsed, space)),
+                      fid_wrong_class=fid(image_features(wrong, space)))

@@ -6,11 +6,19 @@
   score like a diverse set.
 * ``ae`` — the latent (32-d) of the feature autoencoder, trained without augmentation
   and without pooling; it sees slant, position, size and stroke, so it punishes a
-  collapsed set. See docs/feature_space.md for the measured comparison.
+  collapsed set.
+* ``mlp`` — the penultimate activations (128-d) of an MLP classifier on the flattened
+  pixels (no convolution, no pooling), trained without augmentation on the train split:
+  an independently trained judge of a third architecture (different from the reward
+  classifier's VGG-style CNN, the eval net's residual CNN and the autoencoder). It keeps
+  where the ink is, so it punishes a collapsed set, and, being a classifier, it also
+  separates classes sharply.
+
+See docs/feature_space.md for the measured comparison.
 
 Images are [N, 1, 28, 28] in the data range [-1, 1] (the range of the MNIST splits and of
 the DDPM's samples); they are clamped to it first, because samples overshoot slightly and
-neither network saw values outside it. The networks are loaded once per (space, device).
+no network saw values outside it. The networks are loaded once per (space, device).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
-FEATURE_SPACES = ("evalnet", "ae")
+FEATURE_SPACES = ("evalnet", "ae", "mlp")
 
 
 def image_features(images: Tensor, space: str, device: str | torch.device = "cpu", batch_size: int = 256) -> Tensor:
@@ -34,11 +42,12 @@ def image_features(images: Tensor, space: str, device: str | torch.device = "cpu
     return _batched_features(_network(space, str(torch.device(device))), images, batch_size)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _network(space: str, device: str) -> nn.Module:
-    from fvdiffusion.zoo.loaders import load_eval_net, load_feature_net
+    from fvdiffusion.zoo.loaders import load_eval_net, load_feature_net, load_mlp_classifier
 
-    return load_eval_net(device=device) if space == "evalnet" else load_feature_net(device=device)
+    loader = {"evalnet": load_eval_net, "ae": load_feature_net, "mlp": load_mlp_classifier}[space]
+    return loader(device=device)
 
 
 @torch.no_grad()
