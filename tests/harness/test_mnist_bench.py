@@ -14,7 +14,7 @@ from fvdiffusion.bench.mnist import (
     MnistBenchConfig, decode_images, encode_images, fk_steering_options, method_rows, plan, population_seed,
     preset_name, reproduce_command, resolved, run_mnist_bench, tuning_families,
 )
-from fvdiffusion.bench.mnist.methods import tuning_points
+from fvdiffusion.bench.mnist.methods import sampler_config, tuning_points
 from fvdiffusion.bench.mnist.run import choose_tuned
 from fvdiffusion.errors import DataMissingError
 from fvdiffusion.samplers.smc import SMCConfig
@@ -55,6 +55,8 @@ def _tiny(**overrides):
     ({"grid_points": 99}, "grid_points"),
     ({"feature_spaces": ("pixels",)}, "feature_spaces"),
     ({"bootstrap": 3}, "bootstrap"),
+    ({"eta": 1.5}, "eta"),
+    ({"eta": True}, "eta"),
 ])
 def test_config_names_the_bad_field(overrides, field):
     with pytest.raises(ValueError, match=field):
@@ -81,9 +83,15 @@ def test_every_family_starts_from_its_default_row_and_has_the_same_grid_size():
     families = tuning_families(25)
     rows = {r.spec.label: r.spec for r in method_rows(64, 25)}
     for family in families:
-        assert family.grid[0] == rows[family.default_row].options, family.name
+        if family.name == "fvd":  # explicit points that do not move with the defaults: the toy suite's DDPM pick first
+            assert family.grid[0] == {"rebirth_noise": 0.5, "nu_by_copies": True, "parent_allocation": "multinomial"}
+            assert all("parent_allocation" in p for p in family.grid)
+        else:
+            assert family.grid[0] == rows[family.default_row].options, family.name
         assert len({json.dumps(p, sort_keys=True) for p in family.grid}) == len(family.grid)  # no repeated point
-    assert len({len(f.grid) for f in families}) == 1
+    # the paper preset's families get the same budget of points
+    paper = MnistBenchConfig.preset("paper")
+    assert {len(f.grid) for f in families if f.name in paper.families} == {paper.grid_points}
     cfg = MnistBenchConfig.preset("cpu")
     per_family = {}
     for point in tuning_points(cfg):
@@ -137,7 +145,7 @@ def test_tuning_picks_the_smallest_worst_case_ratio_and_skips_incomplete_familie
         if fids[point.family][i] is not None:
             key = (2, 0, resolved(point.spec, 0, cfg, tuning=True))
             rows[key] = {"fid": fids[point.family][i]}
-    scores, tuned, strongest = choose_tuned(cfg, rows, lambda row: SimpleNamespace(fid=row["fid"]))
+    scores, tuned, strongest = choose_tuned(cfg, rows, lambda row: SimpleNamespace(fid=row["fid"]), spaces=("a", "b"))
     assert tuned["fvd"].options == tuning_families(cfg.num_steps)[0].grid[1]
     assert tuned["smc"].options == {} and tuned["smc"].label == "smc-tuned"
     assert "smc-fk" not in tuned and strongest == "smc-tuned"
@@ -238,3 +246,36 @@ def test_worker_processes_compute_the_same_cells_as_one_process(tmp_path, mnist_
     one = run_mnist_bench(_tiny(rows=("fvd",)), tmp_path / "one", progress_bar=False)
     two = run_mnist_bench(_tiny(rows=("fvd",), workers=2), tmp_path / "two", progress_bar=False)
     assert len(one.rows) == 2 and strip(one.rows) == strip(two.rows)
+
+
+def test_eta_reaches_every_sampler_config_and_the_cell_key():
+    ddim = MnistBenchConfig.quick(eta=0.0)
+    for label in ("smc-systematic", "fvd", "vasr", "bon-matched"):
+        spec = next(r.spec for r in method_rows(ddim.n_particles, ddim.num_steps) if r.spec.label == label)
+        assert sampler_config(spec, 1, ddim).eta == 0.0
+        assert resolved(spec, 1, ddim) != resolved(spec, 1, MnistBenchConfig.quick())
+    # FVD's defaults follow the sampler type (its kernel and allocation resolve per eta)
+    fvd = MethodSpec("fvd", "fvd", {})
+    assert sampler_config(fvd, 1, ddim).as_dict() != sampler_config(fvd, 1, MnistBenchConfig.quick()).as_dict()
+    assert "--eta 0 " in reproduce_command(ddim, Path("o"))
+    assert preset_name(MnistBenchConfig.preset("paper", eta=0.0)) == "paper"
+
+
+def test_matched_best_of_n_pool_spends_fvd_cost():
+    from fvdiffusion.bench.mnist.methods import REWARD_TO_DENOISER_COST, matched_bon_pool
+
+    pool = matched_bon_pool(128, 50)
+    rho = REWARD_TO_DENOISER_COST
+    assert pool * (50 + rho) >= 128 * 50 * (1 + rho) > (pool - 1) * (50 + rho)
+    spec = next(r.spec for r in method_rows(128, 50) if r.spec.label == "bon-matched")
+    assert spec.options == {"n_particles": pool, "top_k": 64}
+
+
+def test_tuning_only_runs_no_reported_cell(tmp_path):
+    from fvdiffusion.bench.mnist.scoring import Scorer
+
+    cfg = _tiny(tune=True, families=("vasr",), grid_points=2, tuning_classes=(7,), tuning_samples_per_cell=4)
+    outcome = run_mnist_bench(cfg, tmp_path, Scorer(cfg), progress_bar=False, tuning_only=True)
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all('"seed": 0' in line for line in lines)
+    assert [t.chosen for t in outcome.tuning].count(True) == 1

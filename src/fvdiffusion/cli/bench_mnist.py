@@ -47,7 +47,8 @@ def _bootstrap_bytes_per_draw(cfg) -> int:
 @handles_errors
 def mnist_command(
     preset: Optional[str] = typer.Option(None, help="quick (minutes on a CPU, for smoke tests), cpu (the CPU-reduced "
-                                         "benchmark, about 45 min with --workers 2), gpu (the full benchmark on cuda). "
+                                         "benchmark, about 45 min with --workers 2), paper (N = 128, K = 50, every "
+                                         "class: hours on 2 CPU cores; add --eta 0 for DDIM), gpu (the full benchmark on cuda). "
                                          "Other options override the preset's values."),
     quick: bool = typer.Option(False, "--quick", help="Same as --preset quick."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default benchmarks/mnist, or "
@@ -60,6 +61,8 @@ def mnist_command(
     populations: Optional[int] = typer.Option(None, help="Least independent populations per cell (default 4)."),
     particles: Optional[int] = typer.Option(None, help="Particles N per population (default 64)."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps K (default 50)."),
+    eta: Optional[float] = typer.Option(None, help="Sampler of every method: 1 = DDPM ancestral steps (default), "
+                                        "0 = deterministic DDIM; values between are DDIM(eta)."),
     methods: Optional[str] = typer.Option(None, help="Method rows, comma-separated (default: all of base, bon, "
                                           "smc-multinomial, smc-fk, smc-ess, smc-systematic, vasr, fvd, fvd-nu1, "
                                           "fvd-weighted, fvd-ctrl)."),
@@ -88,6 +91,8 @@ def mnist_command(
     images: Optional[bool] = typer.Option(None, "--images/--no-images", help="Keep every sample in results.jsonl "
                                           "(default on; gpu preset off: rows then keep their scores and a preview)."),
     threads: int = threads_option(),
+    tune_only: bool = typer.Option(False, "--tune-only", help="Run only the tuning cells (seed 0) and write "
+                                   "tuning.md: the choice, before any reported cell runs."),
     report_only: bool = typer.Option(False, "--report-only", help="Write results.md and figures from the existing "
                                      "results.jsonl without running any cell."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
@@ -112,6 +117,7 @@ def mnist_command(
     values = dict(
         classes=_int_list(classes, "--classes"), seeds=_int_list(seeds, "--seeds"),
         samples_per_cell=samples_per_cell, min_populations=populations, n_particles=particles, num_steps=steps,
+        eta=eta,
         rows=_name_list(methods), svdd_candidates=_int_list(svdd_candidates, "--svdd-candidates"),
         dts_rollout_factors=_int_list(dts_rollouts, "--dts-rollouts"),
         scaling_steps=_int_list(scaling_steps, "--scaling-steps"), tune=tune, families=_name_list(families),
@@ -134,7 +140,23 @@ def mnist_command(
     out_dir = out or (DEFAULT_OUT / preset if preset else DEFAULT_OUT)
     check_out(out_dir)
     scorer = Scorer(cfg)
-    outcome = run_mnist_bench(cfg, out_dir, scorer, progress_bar=progress, compute=not report_only, threads=threads)
+    if tune_only:
+        if report_only:
+            fail("--tune-only conflicts with --report-only")
+        if not cfg.tune:
+            fail("--tune-only needs tuning on (drop --no-tune)")
+    outcome = run_mnist_bench(cfg, out_dir, scorer, progress_bar=progress, compute=not report_only, threads=threads,
+                              tuning_only=tune_only)
+    if tune_only:
+        from fvdiffusion.bench.mnist.report import tuning_lines
+        from fvdiffusion.bench.mnist.run import TUNING_SPACES
+
+        spaces = tuple(s for s in scorer.spaces if s in TUNING_SPACES)
+        text = "\n".join([f"# MNIST tuning (eta = {cfg.eta})\n", f"Reproduce: `{reproduce_command(cfg, out_dir)} "
+                          "--tune-only`\n", *tuning_lines(outcome.tuning, cfg, spaces)]) + "\n"
+        (Path(out_dir) / "tuning.md").write_text(text)
+        typer.echo(f"wrote {Path(out_dir) / 'tuning.md'}")
+        return
     if not outcome.rows:
         fail(f"no finished cells in {Path(out_dir) / 'results.jsonl'}")
     summaries = summarise(outcome, scorer)

@@ -154,14 +154,18 @@ def _settings(cfg: MnistBenchConfig, outcome: BenchOutcome, scorer: Scorer, summ
     pops = sorted({p for s in summaries for p in s.cell_set.populations})
     lines += [
         f"Task: r(x) = log p(c | x̂0) from the reward classifier, λ = 1, so the exact target is the class-c data "
-        f"distribution. N = {cfg.n_particles} particles, K = {cfg.num_steps} DDPM steps. A cell (method, class, seed) "
+        f"distribution. N = {cfg.n_particles} particles, K = {cfg.num_steps} "
+        f"{'DDPM' if cfg.eta == 1.0 else 'deterministic DDIM (η = 0)' if cfg.eta == 0.0 else f'DDIM(η = {cfg.eta:g})'} "
+        f"steps for every method. A cell (method, class, seed) "
         f"pools {'/'.join(map(str, pops))} independent populations (at least {cfg.samples_per_cell} samples); population p "
         f"of every method starts from the same seed. Classes {list(cfg.classes)}, reported seeds {list(cfg.seeds)} "
         f"(tuning seed {TUNING_SEED} is never reported); device {', '.join(devices) or '–'}.",
         f"Cells in the tables: {len(cells)} (class, seed) pairs (only pairs every row finished).\n",
         f"FID and KID are measured against the held-out real digits of class c in each feature space "
         f"({', '.join(scorer.spaces)}; see `metrics/feature_spaces.py`: `evalnet` is the augmentation-trained evaluation "
-        f"network, blind to within-class variety; `ae` is an autoencoder trained without augmentation that sees it). "
+        f"network, blind to within-class variety; `ae` is an autoencoder trained without augmentation that sees it; "
+        f"`mlp` is the penultimate layer of an MLP classifier trained without augmentation, the held-out judge: "
+        f"tuning reads only `ae` and `evalnet`). "
         f"FID is torchmetrics' Fréchet distance; KID (×10³) is the unbiased MMD² with the cubic kernel on the whole "
         f"pooled set. Each value is the mean over cells; [brackets] are 95% percentile intervals from {cfg.bootstrap} "
         f"bootstrap draws of each cell's populations (never of single samples: a population's samples share "
@@ -338,7 +342,8 @@ def mnist_report(outcome: BenchOutcome, cfg: MnistBenchConfig, scorer: Scorer, c
 def reproduce_command(cfg: MnistBenchConfig, out_dir: Path) -> str:
     """The command line that reruns (or resumes) exactly this configuration."""
     preset = preset_name(cfg)
-    tail = (f" --device {cfg.device} --workers {cfg.workers}" + (f" --batch-size {cfg.batch_size}" if cfg.batch_size else "")
+    tail = ((f" --eta {cfg.eta:g}" if cfg.eta != 1.0 else "")
+            + f" --device {cfg.device} --workers {cfg.workers}" + (f" --batch-size {cfg.batch_size}" if cfg.batch_size else "")
             + ("" if cfg.store_images == (preset != "gpu") else " --images" if cfg.store_images else " --no-images"))
     if preset is not None:
         return f"fvd bench mnist --preset {preset}{tail} --out {out_dir}"
