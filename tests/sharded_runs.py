@@ -159,3 +159,71 @@ def mismatched_call() -> str:
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return "no error"
+
+
+def _tiny_sd():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "t2i"))
+    import tiny_diffusers
+
+    return tiny_diffusers.sd_pipeline()
+
+
+def align_per_rank_call(what: str) -> str:
+    """align() on a tiny SD pipeline where each rank passes its own ``what`` (the DAS pattern);
+    returns the error line this rank raised, or 'no error'."""
+    from fvdiffusion.rewards.image_rewards import Brightness
+
+    rank = torch.distributed.get_rank()
+    options = dict(method="fvd", num_images_per_prompt=4, num_inference_steps=2, guidance_scale=2.0, seed=0,
+                   output_type="latent", noise_chunk=1)
+    prompt = "a photo of the sea"
+    if what == "prompt":
+        prompt = ["a photo of the sea", "a red bicycle"][rank]
+    elif what == "negative_prompt":
+        options["negative_prompt"] = ["blurry", "dark"][rank]
+    elif what == "generator":  # same seed, but rank 1 has already drawn from its generator
+        generator = torch.Generator().manual_seed(0)
+        if rank == 1:
+            torch.randn(1, generator=generator)
+        options.pop("seed")
+        options["generator"] = generator
+    elif what == "n":
+        options["num_images_per_prompt"] = 4 + 2 * rank
+    elif what == "steps":
+        options["num_inference_steps"] = 2 + rank
+    elif what == "sharded_false":  # per-rank prompts, each rank its own population
+        prompt = ["a photo of the sea", "a red bicycle"][rank]
+        options["sharded"] = False
+    try:
+        fv.align(_tiny_sd(), prompt, Brightness(), **options)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def sample_per_rank_call(what: str) -> str:
+    """fvdiffusion.sample where rank 1 differs in ``what``; returns this rank's error line or 'no error'."""
+    problem = toy_problem("gmm2d-component")
+    other = torch.distributed.get_rank() == 1
+    options: dict = dict(lam=problem.lam, n_particles=N, num_steps=2, seed=SEED)
+    if what == "seed":
+        options["seed"] = SEED + other
+    elif what == "cond":
+        options["cond"] = "class 1" if other else "class 0"
+    elif what == "x_init":
+        options["x_init"] = torch.full((N, 2), float(other))
+    elif what == "method":
+        return _error_line(lambda: fv.sample("smc" if other else "fvd", problem.denoiser(VPSchedule.linear(1000)),
+                                             problem.reward, **options))
+    return _error_line(lambda: fv.sample("fvd", problem.denoiser(VPSchedule.linear(1000)), problem.reward, **options))
+
+
+def _error_line(run) -> str:
+    try:
+        run()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"

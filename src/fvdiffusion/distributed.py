@@ -38,6 +38,7 @@ FAILURE_ACK_S = 10.0         # how long the rank hosting the store waits for the
 SPIN_S = 0.0002              # wait without sleeping this long first
 POLL_S = 0.0005              # then sleep this long between completion checks
 STORE_POLL_S = 0.01          # how often a waiting rank reads the store for a published failure
+FINGERPRINT_SLOTS = 64       # digests all-gathered by the call check: a fixed size, so any two calls pair up
 
 _runs = 0  # sampling runs started in this process: every rank starts the same runs in the same order
 
@@ -142,17 +143,33 @@ class Shard:
         rows = [part[: b - a] for part, a, b in zip(parts, self.starts, self.starts[1:])]
         return torch.cat(rows).to(local.device)
 
-    def agree(self, description: str) -> None:
-        """Refuse, on every rank alike, a run that the ranks describe differently (a mismatched call
-        would otherwise pair collectives of different sizes and hang)."""
-        digest = torch.tensor([zlib.crc32(description.encode())], dtype=torch.int64, device=self.comm_device)
-        parts = [torch.empty_like(digest) for _ in range(self.world)]
-        self._wait(torch.distributed.all_gather(parts, digest, async_op=True), "all-gather")
-        firsts = [int(part) for part in parts]
-        if len(set(firsts)) > 1:
-            other = next(r for r, d in enumerate(firsts) if d != firsts[0])
-            raise ConfigError(f"rank {other} of {self.world} called with a different method or config than rank 0 "
-                              f"(every rank must make the same call; rank {self.rank} has {description})")
+    def agree(self, fields: dict[str, Any], caller: str = "fvdiffusion.sample()") -> None:
+        """Refuse, on every rank alike, a run that the ranks describe differently: a mismatched call
+        would pair collectives of different sizes (a hang) or, worse, mix the ranks' different
+        conditions into one population without a word. ``fields``: name -> value (a tensor by its bytes)."""
+        names = list(fields)
+        digests = [_digest(names)] + [_digest(fields[name]) for name in names]
+        if len(digests) > FINGERPRINT_SLOTS:  # fold the tail into the last slot
+            digests = digests[: FINGERPRINT_SLOTS - 1] + [_digest(digests[FINGERPRINT_SLOTS - 1 :])]
+        mine = torch.zeros(FINGERPRINT_SLOTS, dtype=torch.int64, device=self.comm_device)
+        mine[: len(digests)] = torch.tensor(digests, dtype=torch.int64)
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        self._wait(torch.distributed.all_gather(parts, mine, async_op=True), "call check")
+        rows = [part.cpu().tolist() for part in parts]
+        others = [r for r in range(1, self.world) if rows[r] != rows[0]]
+        if not others:
+            return
+        differ: list[str] = []
+        if any(row[0] != rows[0][0] for row in rows):
+            differ.append("method and its options")
+        else:
+            slots = names[: FINGERPRINT_SLOTS - 2] + (["remaining options"] if len(names) > FINGERPRINT_SLOTS - 1
+                                                      else names[FINGERPRINT_SLOTS - 2 :])
+            differ += [name for i, name in enumerate(slots, start=1) if any(row[i] != rows[0][i] for row in rows)]
+        which = ", ".join(map(str, others))
+        raise ConfigError(f"rank{'s' if len(others) > 1 else ''} {which} of {self.world} called {caller} with a "
+                          f"different {', '.join(differ)} than rank 0: one population is spread over the ranks, so "
+                          f"every rank must make the same call; for per-rank prompts or settings pass sharded=False")
 
     def sum_ints(self, values: list[int]) -> list[int]:
         """Each value summed over the ranks."""
@@ -357,6 +374,35 @@ def collective_timeout() -> float:
     if not value > 0 or math.isinf(value):
         raise ConfigError(f"invalid FVD_COLLECTIVE_TIMEOUT={raw!r}: expected a positive number of seconds")
     return value
+
+
+def agree_call(fields: dict[str, Any], caller: str, device: torch.device) -> None:
+    """The call check of :meth:`Shard.agree` before any population exists (``align()`` checks its own
+    arguments, generator state included, before it draws anything); a no-op without a process group."""
+    group = process_group()
+    if group is None:
+        return
+    rank, world = group
+    comm_device = device if str(torch.distributed.get_backend()) == "nccl" else torch.device("cpu")
+    checker = Shard(rank=rank, world=world, n=world, chunk=1, device=device, comm_device=comm_device,
+                    timeout_s=collective_timeout(), where="before the first step")
+    checker.agree(fields, caller)
+
+
+def _digest(value: Any) -> int:
+    """A 32-bit digest of a call argument: a tensor by its dtype, shape and bytes, anything else by its repr."""
+    if isinstance(value, Tensor):
+        flat = value.detach().to("cpu").contiguous().reshape(-1)
+        raw = flat.view(torch.uint8) if flat.dtype != torch.bool and flat.numel() else flat.to(torch.uint8)
+        return zlib.crc32(bytes(raw.numpy()), zlib.crc32(f"{value.dtype} {tuple(value.shape)}".encode()))
+    if isinstance(value, (list, tuple)):
+        return zlib.crc32(repr([_digest(v) for v in value]).encode())
+    if isinstance(value, dict):
+        return zlib.crc32(repr([(k, _digest(v)) for k, v in value.items()]).encode())
+    text = repr(value)
+    if " at 0x" in text:  # an object's default repr holds its address, which differs between processes
+        text = type(value).__qualname__
+    return zlib.crc32(text.encode())
 
 
 def _default_store() -> Any:

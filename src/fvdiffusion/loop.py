@@ -641,9 +641,13 @@ def run_kernel(method: str, kernel: ParticleKernel | Sampler, denoiser: Denoiser
         _check_shardable(method, kernel, config, sharded)
     ctx = RunContext.create(denoiser, reward, config, cond, progress, desc=method, callback=callback, grid=grid,
                             x_init=x_init, sharded=sharded is not False)
+    if ctx.shard is not None:  # every rank raises the same line itself: nothing to publish
+        try:
+            ctx.shard.agree(call_fingerprint(method, ctx, kernel))
+        except BaseException:
+            ctx.close()
+            raise
     try:
-        if ctx.shard is not None:
-            ctx.shard.agree(f"{method} {ctx.config.as_dict()}")
         with Timer(ctx.cost, ctx.device):
             if isinstance(kernel, Sampler):
                 finished = kernel.run(ctx)
@@ -660,6 +664,18 @@ def run_kernel(method: str, kernel: ParticleKernel | Sampler, denoiser: Denoiser
     result.extras.setdefault("health", ctx.health.as_dict())
     ctx.health.warn_once(method)
     return result
+
+
+def call_fingerprint(method: str, ctx: RunContext, kernel: ParticleKernel | Sampler) -> dict[str, Any]:
+    """What every rank of a sharded run must agree on, by name: the method, each config field
+    (N, K, seed, lam, ...), the condition (prompt), the initial population, the grid and the
+    classes of the models (their weights are not compared)."""
+    fields: dict[str, Any] = {"method": method}
+    fields.update(ctx.config.as_dict())
+    fields.update({"cond (the prompt or condition)": ctx.cond, "x_init": ctx.x_init,
+                   "timesteps": [(s.t, s.t_prev) for s in ctx.grid],
+                   "denoiser class": type(ctx.denoiser).__name__, "reward class": type(ctx.reward).__name__})
+    return fields
 
 
 def _check_shardable(method: str, kernel: ParticleKernel | Sampler, config: CommonConfig,

@@ -191,4 +191,13 @@ def test_align_on_a_diffusers_pipeline_over_two_processes_equals_one(tmp_path):
 def test_ranks_that_make_different_calls_are_refused_instead_of_hanging():
     messages = launch(runs.mismatched_call, nproc=2, every_rank=True, timeout_s=20)
     assert len(set(messages)) == 1, messages
-    assert "called with a different method or config than rank 0" in messages[0] and "\n" not in messages[0]
+    assert "called fvdiffusion.sample() with a different lam than rank 0" in messages[0], messages[0]
+    assert "sharded=False" in messages[0] and "\n" not in messages[0]
+
+
+@pytest.mark.parametrize("what, named", [("seed", "seed"), ("cond", "cond (the prompt or condition)"),
+                                         ("x_init", "x_init"), ("method", "method and its options")])
+def test_every_rank_names_what_differs_in_a_sample_call(what, named):
+    messages = launch(runs.sample_per_rank_call, (what,), nproc=2, every_rank=True, timeout_s=30)
+    assert len(set(messages)) == 1 and messages[0].startswith("ConfigError: rank 1 of 2 called"), messages
+    assert f"different {named} than rank 0" in messages[0] and "sharded=False" in messages[0]

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from fvdiffusion.api import sample
 from fvdiffusion.config import SEED_MAX
+from fvdiffusion.distributed import agree_call
 from fvdiffusion.errors import DuplicateImagesWarning, SchedulerReplacedWarning, UnsupportedPipelineError
 from fvdiffusion.integrations.diffusers._batching import module_device_dtype
 from fvdiffusion.integrations.diffusers.denoisers import (
@@ -428,6 +429,14 @@ def align(
     # validate every engine option before any model runs (and read eta for the scheduler warning)
     config = make_config(method, n_particles=n, num_steps=num_steps, seed=engine_seed, batch_size=batch_size,
                          **method_options)
+    if sharded is not False:  # every rank must make the same call before one population spans them
+        agree_call({"pipeline": name, "prompt": prompts, "negative_prompt": negatives, "num_images_per_prompt": n,
+                    "num_inference_steps": num_inference_steps, "method": method, "method options": method_options,
+                    "guidance_scale": guidance, "height": height, "width": width, "seed": engine_seed,
+                    "generator state": None if generator is None else generator.get_state(), "latents": latents,
+                    "image": _as_tensor(image), "strength": strength,
+                    "controlnet_conditioning_scale": controlnet_conditioning_scale,
+                    "max_sequence_length": max_sequence_length}, "align()", _pipeline_device(pipe))
     if max_sequence_length is not None and kind != "flow":
         raise ValueError(f"{name} has no T5 encoder: max_sequence_length applies to SD3 / FLUX pipelines only")
     if kind == "flow":
@@ -493,6 +502,23 @@ def align(
                       "and nothing made the copies differ (eta=0 without rebirth noise, or a selection after the last "
                       "step); AlignResult.duplicates counts them", DuplicateImagesWarning, stacklevel=2)
     return results[0] if single else results
+
+
+def _as_tensor(image: Any) -> Any:
+    """An init / control image as a tensor where it can be one (PIL, numpy), to compare its pixels."""
+    if image is None or isinstance(image, Tensor):
+        return image
+    try:
+        import numpy as np
+
+        return torch.from_numpy(np.array(image))
+    except Exception:
+        return repr(image)
+
+
+def _pipeline_device(pipe: Any) -> torch.device:
+    device = getattr(pipe, "device", None)
+    return device if isinstance(device, torch.device) else torch.device("cpu")
 
 
 def _check_img2img(name: str, image: Any, strength: Any, latents: Any, height: Any, width: Any, method: str) -> float:
