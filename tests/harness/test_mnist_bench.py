@@ -279,3 +279,22 @@ def test_tuning_only_runs_no_reported_cell(tmp_path):
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all('"seed": 0' in line for line in lines)
     assert [t.chosen for t in outcome.tuning].count(True) == 1
+
+
+def test_particle_sweep_rows_and_the_per_cell_sample_cap(tmp_path):
+    from fvdiffusion.bench.mnist.methods import WALL_LABELS, samples_per_population
+    from fvdiffusion.bench.mnist.scoring import Scorer
+
+    cfg = _tiny(rows=(), particle_sizes=(2, 6), samples_per_cell=4, min_populations=1)
+    sweep = [p for p in plan(cfg) if p.group == "wall"]
+    assert [p.spec.label for p in sweep] == [f"{label}-N{n}" for n in (2, 6) for label in WALL_LABELS]
+    by_label = {p.spec.label: p.spec for p in sweep}
+    assert by_label["bon-N6"].options == {"top_k": 3, "n_particles": 6}
+    assert sampler_config(by_label["fvd-N6"], 1, cfg).n_particles == 6
+    assert samples_per_population(by_label["fvd-N6"], cfg) == 4      # capped at samples_per_cell
+    assert samples_per_population(by_label["fvd-N2"], cfg) == 2
+    outcome = run_mnist_bench(cfg, tmp_path, Scorer(cfg), progress_bar=False)
+    rows = {r["label"]: r for r in outcome.rows}
+    assert rows["fvd-N6"]["n_samples"] == 4 and rows["fvd-N6"]["populations"] == 1
+    assert rows["fvd-N2"]["n_samples"] == 4 and rows["fvd-N2"]["populations"] == 2
+    assert rows["fvd-N6"]["denoiser_calls"] == 6 * cfg.num_steps

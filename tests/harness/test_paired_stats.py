@@ -154,3 +154,11 @@ def test_single_population_cells_get_an_interval_over_cells_not_a_zero_width_one
     assert result.change.low < 0 < result.change.high          # mixed cells: no verdict
     better = paired_comparison(0.5 * baseline, baseline, (0.5 * baseline).expand(200, 6), baseline.expand(200, 6))
     assert better.change.high < 0 and better.wins == 6
+
+
+def test_mean_interval_of_single_population_cells_resamples_the_cells():
+    from fvdiffusion.bench.common.paired_stats import mean_interval
+
+    points = torch.tensor([1.0, 3.0, 2.0, 6.0])
+    interval = mean_interval(points, points.expand(500, 4))
+    assert interval.low < 3.0 < interval.high and interval.high - interval.low > 1.0

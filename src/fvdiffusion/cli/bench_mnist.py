@@ -48,7 +48,8 @@ def _bootstrap_bytes_per_draw(cfg) -> int:
 def mnist_command(
     preset: Optional[str] = typer.Option(None, help="quick (minutes on a CPU, for smoke tests), cpu (the CPU-reduced "
                                          "benchmark, about 45 min with --workers 2), paper (N = 128, K = 50, every "
-                                         "class: hours on 2 CPU cores; add --eta 0 for DDIM), gpu (the full benchmark on cuda). "
+                                         "class: hours on 2 CPU cores; add --eta 0 for DDIM), wall (FID against wall "
+                                         "time as N grows), gpu (the full benchmark on cuda). "
                                          "Other options override the preset's values."),
     quick: bool = typer.Option(False, "--quick", help="Same as --preset quick."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default benchmarks/mnist, or "
@@ -72,6 +73,9 @@ def mnist_command(
                                                help="DTS rollouts as multiples of N, comma-separated (default 1,4)."),
     scaling_steps: Optional[str] = typer.Option(None, "--scaling-steps",
                                                 help="Extra step counts for base/smc/fvd (default 25; '' = none)."),
+    particle_sizes: Optional[str] = typer.Option(None, "--particle-sizes", help="Population sizes N of the quality-"
+                                                 "against-wall-time sweep (bon, smc-systematic, vasr, fvd), comma-"
+                                                 "separated (default none; preset wall 32,64,128,256)."),
     tune: Optional[bool] = typer.Option(None, "--tune/--no-tune", help="Tune every family on seed 0 and add "
                                         "<family>-tuned rows (default on)."),
     families: Optional[str] = typer.Option(None, help="Tuned families, comma-separated (default fvd, smc, smc-ess, "
@@ -120,7 +124,8 @@ def mnist_command(
         eta=eta,
         rows=_name_list(methods), svdd_candidates=_int_list(svdd_candidates, "--svdd-candidates"),
         dts_rollout_factors=_int_list(dts_rollouts, "--dts-rollouts"),
-        scaling_steps=_int_list(scaling_steps, "--scaling-steps"), tune=tune, families=_name_list(families),
+        scaling_steps=_int_list(scaling_steps, "--scaling-steps"),
+        particle_sizes=_int_list(particle_sizes, "--particle-sizes"), tune=tune, families=_name_list(families),
         tuning_classes=_int_list(tuning_classes, "--tuning-classes"), grid_points=grid_points,
         tuning_samples_per_cell=tuning_samples, feature_spaces=_name_list(feature_spaces), bootstrap=bootstrap,
         device=device, batch_size=batch_size, workers=workers, store_images=images,
@@ -136,6 +141,9 @@ def mnist_command(
                     "the shipped DDPM has 1000 training steps")
     check_fits("--particles", cfg.n_particles * cfg.workers, MNIST_BYTES_PER_PARTICLE, cfg.device,
                what=f"particle, {cfg.workers} worker(s) at once")
+    if cfg.particle_sizes:
+        check_fits("--particle-sizes", max(cfg.particle_sizes) * cfg.workers, MNIST_BYTES_PER_PARTICLE, cfg.device,
+                   what=f"particle, {cfg.workers} worker(s) at once")
     check_fits("--bootstrap", cfg.bootstrap, _bootstrap_bytes_per_draw(cfg), "cpu", what="bootstrap draw")
     out_dir = out or (DEFAULT_OUT / preset if preset else DEFAULT_OUT)
     check_out(out_dir)

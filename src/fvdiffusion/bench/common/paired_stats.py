@@ -63,9 +63,22 @@ def percentile_interval(estimate: float, replicates: Tensor, level: float = LEVE
 
 
 def mean_interval(estimates: Tensor, replicates: Tensor, level: float = LEVEL) -> Interval:
-    """Interval of the mean over cells: ``estimates`` [C], ``replicates`` [B, C] drawn independently per cell."""
+    """Interval of the mean over cells: ``estimates`` [C], ``replicates`` [B, C] drawn independently per cell.
+
+    Cells whose replicates never vary (one population each) are resampled as cells instead,
+    as in :func:`paired_comparison`."""
     _check_shapes(estimates, replicates)
-    return percentile_interval(float(estimates.double().mean()), replicates.double().mean(dim=1), level)
+    return percentile_interval(float(estimates.double().mean()),
+                               _cells_or_replicates(estimates.double(), replicates.double()).mean(dim=1), level)
+
+
+def _cells_or_replicates(points: Tensor, replicates: Tensor) -> Tensor:
+    """``replicates`` [B, C], or — when no cell's replicates differ from its point and C > 1 —
+    B draws of C cells with replacement (a fixed generator: the same cells give the same interval)."""
+    if points.numel() > 1 and bool((replicates.nan_to_num() == points.nan_to_num()).all()):
+        draws = torch.randint(points.numel(), replicates.shape, generator=torch.Generator().manual_seed(points.numel()))
+        return points[draws]
+    return replicates
 
 
 @dataclass(frozen=True)
@@ -115,11 +128,7 @@ def paired_comparison(method: Tensor, baseline: Tensor, method_reps: Tensor, bas
         diff, diff_reps = (m / b).log(), (mr / br).log()
     else:
         diff, diff_reps = m - b, mr - br
-    if diff.numel() > 1 and bool((diff_reps.nan_to_num() == diff.nan_to_num()).all()):
-        draws = torch.randint(diff.numel(), diff_reps.shape, generator=torch.Generator().manual_seed(diff.numel()))
-        change = percentile_interval(float(diff.mean()), diff[draws].mean(dim=1), level)
-    else:
-        change = percentile_interval(float(diff.mean()), diff_reps.mean(dim=1), level)
+    change = percentile_interval(float(diff.mean()), _cells_or_replicates(diff, diff_reps).mean(dim=1), level)
     if relative:
         as_percent = lambda x: 100.0 * math.expm1(x)
         change = Interval(as_percent(change.estimate), as_percent(change.low), as_percent(change.high))

@@ -106,13 +106,13 @@ def run_cell(models: SamplingModels, spec: MethodSpec, cls: int, seed: int, cfg:
     for p in range(n_pop if spec.method != "real" else 0):
         config = replace(sampler_config(spec, seed, cfg), seed=population_seed(seed, cls, p))
         res = fv.sample(spec.method, models.ddpm, reward, config=config)
-        if keep < res.samples.shape[0]:
+        if spec.method == "bon" and keep < res.samples.shape[0]:
             # best-of-N keeps its top k: independent particles, so each kept distinct sample is its own root
             kept, rewards = res.extras["top_k_samples"][:keep], res.rewards[:keep]
             distinct = int(distinct_rows(kept).numel())
             diversity = {"distinct_samples": distinct, "distinct_midpoint_ancestors": distinct, "distinct_roots": distinct}
-        else:
-            kept, rewards, diversity = res.samples, res.rewards, res.diversity().as_dict()
+        else:  # a population larger than the cell's sample count keeps its first slots
+            kept, rewards, diversity = res.samples[:keep], res.rewards[:keep], res.diversity().as_dict()
         records.append(_population_record(kept, rewards.double().cpu(), diversity, res.distinct_lineages()))
         first = kept if first is None else first
         curves.append(res.lineage.genealogy_curve())

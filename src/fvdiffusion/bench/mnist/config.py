@@ -63,6 +63,7 @@ class MnistBenchConfig:
     svdd_candidates: tuple[int, ...] = (2, 4, 8)
     dts_rollout_factors: tuple[int, ...] = (1, 4)
     scaling_steps: tuple[int, ...] = (25,)
+    particle_sizes: tuple[int, ...] = ()
     tune: bool = True
     families: tuple[str, ...] = ALL_FAMILIES
     tuning_classes: tuple[int, ...] = TUNING_CLASSES
@@ -90,6 +91,7 @@ class MnistBenchConfig:
         _check_ints("svdd_candidates", self.svdd_candidates, 1, allow_empty=True)
         _check_ints("dts_rollout_factors", self.dts_rollout_factors, 1, allow_empty=True)
         _check_ints("scaling_steps", self.scaling_steps, 2, allow_empty=True)
+        _check_ints("particle_sizes", self.particle_sizes, 2, allow_empty=True)
         if self.num_steps in self.scaling_steps:
             raise ValueError(f"scaling_steps must not repeat num_steps={self.num_steps}: got {self.scaling_steps}")
         if self.tune:
@@ -166,6 +168,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                   n_particles=128, num_steps=50, rows=PAPER_ROWS, svdd_candidates=(), dts_rollout_factors=(),
                   scaling_steps=(), families=("fvd", "smc", "vasr"), grid_points=8, tuning_samples_per_cell=128,
                   bootstrap=1000, workers=2),
+    # Quality against wall time as N grows (issue 19 item 6): best-of-N, systematic SMC, VASR and
+    # FVD at N = 32 … 256 on three classes, 128 samples per cell; add --eta 0 for DDIM.
+    "wall": dict(classes=(0, 5, 9), seeds=(1,), samples_per_cell=128, min_populations=1, n_particles=128,
+                 num_steps=50, rows=(), svdd_candidates=(), dts_rollout_factors=(), scaling_steps=(),
+                 particle_sizes=(32, 64, 128, 256), tune=False, bootstrap=1000, workers=2),
     "gpu": dict(rows=MAIN_ROWS, svdd_candidates=(), dts_rollout_factors=(), scaling_steps=(), device="cuda",
                 workers=8, store_images=False),
 }

@@ -34,6 +34,7 @@ class PlanSizes(Protocol):
     svdd_candidates: tuple[int, ...]
     dts_rollout_factors: tuple[int, ...]
     scaling_steps: tuple[int, ...]
+    particle_sizes: tuple[int, ...]
     batch_size: int | None
     min_populations: int
     samples_per_cell: int
@@ -47,6 +48,9 @@ BON_KEEP_FRACTION = 0.5
 MAX_POPULATIONS = 1000      # population_seed packs p into three decimal digits
 CELL_FORMAT = 2             # in every key: rows of the first format (no per-population images) never match
 SCALING_LABELS = ("base", "smc-multinomial", "fvd")
+# The quality-against-wall-time sweep over N (particle_sizes): best-of-N, the strongest SMC
+# scheme, VASR and FVD, each at its defaults with N particles per population.
+WALL_LABELS = ("bon", "smc-systematic", "vasr", "fvd")
 # A reward call's cost relative to a denoiser call, per image, on the shipped networks (the
 # reward classifier against the UNet; measured 0.08–0.12 on one CPU thread). Best-of-N at
 # matched wall time spends FVD's N·K denoiser and N·K reward calls on P·K + P calls.
@@ -284,6 +288,14 @@ def plan(cfg: PlanSizes, tuned: dict[str, MethodSpec] | None = None) -> list[Pla
         out.append(PlannedMethod(MethodSpec(f"dts-R{rollouts}", "dts", {"n_rollouts": rollouts},
                                             f"{rollouts} rollouts ({factor}x N) per tree of N samples"),
                                  "dts", "value", rollouts))
+    for n in cfg.particle_sizes:
+        for label in WALL_LABELS:
+            spec = rows[label].spec
+            options = {**spec.options, "n_particles": n}
+            if spec.method == "bon":
+                options["top_k"] = max(1, int(n * BON_KEEP_FRACTION))
+            out.append(PlannedMethod(MethodSpec(f"{label}-N{n}", spec.method, options, f"{label} with N = {n}"),
+                                     label, "wall", n))
     for steps in cfg.scaling_steps:
         for label in SCALING_LABELS:
             if label in cfg.rows:
@@ -309,7 +321,11 @@ def population_seed(seed: int, cls: int, population: int) -> int:
 
 
 def samples_per_population(spec: MethodSpec, cfg: PlanSizes) -> int:
-    return spec.options["top_k"] if spec.method == "bon" else cfg.n_particles
+    """Samples a population contributes to its cell: best-of-N's top k, else its N particles,
+    at most ``samples_per_cell`` (a sweep point with N above it keeps its first slots, so every
+    cell's FID is measured on the same number of samples)."""
+    n = spec.options["top_k"] if spec.method == "bon" else spec.options.get("n_particles", cfg.n_particles)
+    return min(n, cfg.samples_per_cell)
 
 
 def populations(spec: MethodSpec, cfg: PlanSizes, tuning: bool = False) -> int:

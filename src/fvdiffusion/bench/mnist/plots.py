@@ -47,7 +47,9 @@ def plot_compute_scaling(summaries: list[LabelSummary], space: str, path: Path) 
     for i, (family, members) in enumerate(families.items()):
         members = sorted(members, key=lambda s: s.calls_per_sample)
         xs, ys = [s.calls_per_sample for s in members], [s.fid[space].estimate for s in members]
-        errors = [[y - s.fid[space].low for y, s in zip(ys, members)], [s.fid[space].high - y for y, s in zip(ys, members)]]
+        # a re-centred percentile interval can sit wholly above or below its estimate: clip the bars at it
+        errors = [[max(0.0, y - s.fid[space].low) for y, s in zip(ys, members)],
+                  [max(0.0, s.fid[space].high - y) for y, s in zip(ys, members)]]
         ax.errorbar(xs, ys, yerr=errors, fmt="-" if len(members) > 1 else "", marker=markers[i % len(markers)],
                     color=colours[i % len(colours)], label=family, ms=6, capsize=2)
         if len(members) > 1:
@@ -68,6 +70,37 @@ def plot_compute_scaling(summaries: list[LabelSummary], space: str, path: Path) 
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     out = save_figure(fig, path)
     return out
+
+
+def plot_quality_against_wall(summaries: list[LabelSummary], space: str, path: Path) -> Path | None:
+    """FID against wall seconds per population (reward calls included) as N grows: one curve per
+    method of the particle sweep (group "wall"), N annotated, 95% interval bars. None without a sweep."""
+    sweep: dict[str, list[LabelSummary]] = {}
+    for s in summaries:
+        if s.group == "wall":
+            sweep.setdefault(s.family, []).append(s)
+    if not sweep:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (family, members) in enumerate(sweep.items()):
+        members = sorted(members, key=lambda s: s.budget or 0)
+        xs, ys = [s.wall_per_population for s in members], [s.fid[space].estimate for s in members]
+        errors = [[max(0.0, y - s.fid[space].low) for y, s in zip(ys, members)],
+                  [max(0.0, s.fid[space].high - y) for y, s in zip(ys, members)]]
+        ax.errorbar(xs, ys, yerr=errors, fmt="-", marker="osD^v<>"[i % 7], label=family, ms=6, capsize=2)
+        for s in members:
+            ax.annotate(f"N={s.budget}", (s.wall_per_population, s.fid[space].estimate), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _readable_log_ticks(ax.xaxis)
+    _readable_log_ticks(ax.yaxis)
+    ax.set_xlabel("wall seconds per population (denoiser and reward calls; log)")
+    ax.set_ylabel(f"FID ({space} space; log; mean over cells)")
+    ax.set_title("Quality against wall time as the population grows", fontsize=10)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 def plot_lineages(summaries: list[LabelSummary], path: Path, labels: tuple[str, ...] = LINEAGE_LABELS) -> Path:
@@ -126,6 +159,9 @@ def write_figures(outcome: BenchOutcome, summaries: list[LabelSummary], space: s
     out_dir = Path(out_dir)
     paths = [plot_compute_scaling(summaries, space, out_dir / "fid_vs_calls.png"),
              plot_lineages(summaries, out_dir / "lineages.png")]
+    wall = plot_quality_against_wall(summaries, space, out_dir / "fid_vs_wall.png")
+    if wall is not None:
+        paths.append(wall)
     if outcome.rows:
         sample_grid = plot_sample_grid(outcome, summaries, space, out_dir / f"samples_class{outcome.rows[0]['class']}.png")
         if sample_grid is not None:

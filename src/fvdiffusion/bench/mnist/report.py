@@ -23,7 +23,7 @@ from fvdiffusion.bench.mnist.scoring import Scorer
 
 CLAIMED_FID_CHANGE = (-20.0, -14.0)   # the method's own report, % FID against SMC
 KID_SCALE = 1e3
-BASELINES = ("smc-multinomial", "smc-fk", "smc-ess", "smc-systematic", "vasr",
+BASELINES = ("smc-multinomial", "smc-fk", "smc-ess", "smc-systematic", "smc-ess-systematic", "vasr",
              "smc-tuned", "smc-fk-tuned", "smc-ess-tuned", "vasr-tuned")
 DIVERSITY_FIELDS = ("distinct_samples", "distinct_midpoint_ancestors", "distinct_roots", "slot_lineages")
 
@@ -353,6 +353,8 @@ def reproduce_command(cfg: MnistBenchConfig, out_dir: Path) -> str:
              f"--particles {cfg.n_particles}", f"--steps {cfg.num_steps}", f"--methods '{','.join(cfg.rows)}'",
              f"--svdd-candidates '{ints(cfg.svdd_candidates)}'", f"--dts-rollouts '{ints(cfg.dts_rollout_factors)}'",
              f"--scaling-steps '{ints(cfg.scaling_steps)}'"]
+    if cfg.particle_sizes:
+        parts.append(f"--particle-sizes {ints(cfg.particle_sizes)}")
     if cfg.tune:
         parts += [f"--families '{','.join(cfg.families)}'", f"--tuning-classes {ints(cfg.tuning_classes)}",
                   f"--grid-points {cfg.grid_points}", f"--tuning-samples {cfg.tuning_samples}"]
