@@ -49,6 +49,7 @@ from fvdiffusion.noise import ChunkedNoise
 from fvdiffusion.population import ParticleState, copy_into_dead, gather, initial_state
 from fvdiffusion.result import Cost, Lineage, SampleResult, StepTrace
 from fvdiffusion.rewards.base import Reward
+from fvdiffusion.rewards.calling import as_reward_tensor, prompt_argument, reward_name
 from fvdiffusion.schedule import Prediction, StepGrid, StepInfo, ddim_step, to_x0_eps
 
 # Profiler ranges: one per engine step, and the model calls inside it (user code, not the engine's)
@@ -379,18 +380,11 @@ class RunContext:
         for chunk in self.batches(x0):
             try:
                 with record_function(REWARD_RANGE):
-                    r = self.reward(chunk, self.cond)
+                    r = self.reward(chunk, prompt_argument(self.reward, self.cond, chunk.shape[0]))
             except Exception as exc:  # keep the original as __cause__, add where it happened
                 self.checks.resolve()  # e.g. a NaN denoiser output fed to the reward: report that first
                 raise RewardError(f"reward raised {where}: {exception_line(exc)}") from exc
-            if not isinstance(r, Tensor):
-                raise RewardError(f"reward must return a torch.Tensor of shape ({chunk.shape[0]},), got {type(r).__name__}")
-            if r.shape != (chunk.shape[0],):
-                raise RewardError(
-                    f"reward returned shape {tuple(r.shape)}, expected ({chunk.shape[0]},) {where}"
-                )
-            if not torch.is_floating_point(r):
-                raise RewardError(f"reward returned dtype {r.dtype}, expected a floating dtype {where}")
+            r = as_reward_tensor(r, chunk.shape[0], reward_name(self.reward), where)
             values.append(r.detach().to(self.device, torch.float64))
             self.cost.reward_calls += chunk.shape[0]
         rewards = torch.cat(values)

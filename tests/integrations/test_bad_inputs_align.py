@@ -35,3 +35,54 @@ def test_per_rank_align_calls_are_refused_on_every_rank_naming_what_differs(what
 def test_per_rank_prompts_with_sharded_false_run_each_rank_alone():
     assert launch(runs.align_per_rank_call, ("sharded_false",), nproc=2, every_rank=True, timeout_s=60) == \
         ["no error", "no error"]
+
+
+# --- item 2: reward protocols ---------------------------------------------------------------------
+
+from fvdiffusion import align  # noqa: E402
+from fvdiffusion.errors import RewardError  # noqa: E402
+from fvdiffusion.rewards.composite import WeightedSum  # noqa: E402
+from fvdiffusion.rewards.image_rewards import Brightness, Colourfulness  # noqa: E402
+
+PROMPT = "a photo of the sea"
+SMALL = dict(method="fvd", num_images_per_prompt=4, num_inference_steps=2, guidance_scale=2.0, seed=0,
+             output_type="latent")
+
+
+def test_a_das_style_reward_gets_one_prompt_string_per_image(sd):
+    seen = []
+
+    def das_reward(images, prompts):
+        seen.append(list(prompts))
+        return torch.stack([images[i].mean() * len(prompts[i]) for i in range(len(images))])
+
+    align(sd, [PROMPT, "a cat"], das_reward, batch_size=2, **SMALL)
+    assert seen and {tuple(p) for p in seen} == {(PROMPT, PROMPT), ("a cat", "a cat")}
+
+
+@pytest.mark.parametrize("convert", [lambda r: r.numpy(), lambda r: r.tolist()], ids=["numpy", "list"])
+def test_numpy_and_list_rewards_work_like_tensors(sd, convert):
+    got = align(sd, PROMPT, lambda images, prompt: convert(Brightness()(images)), **SMALL)
+    want = align(sd, PROMPT, Brightness(), **SMALL)
+    assert torch.equal(got.images, want.images)
+    torch.testing.assert_close(got.rewards.double(), want.rewards.double())
+
+
+def test_a_reward_that_reduces_the_batch_is_one_line_naming_it(sd):
+    def mean_brightness(images, prompt):
+        return images.mean()
+
+    with pytest.raises(RewardError) as info:
+        align(sd, PROMPT, mean_brightness, **SMALL)
+    line = str(info.value)
+    assert "\n" not in line and "reward 'mean_brightness' returned one number (a 0-d tensor) for 4 images" in line
+    assert "expected a float tensor of shape (4,)" in line
+
+
+def test_a_weighted_sum_of_image_rewards_steers_on_the_sum(sd):
+    combined = WeightedSum({"brightness": (Brightness(), 1.0), "colour": (Colourfulness(), 0.01)})
+    got = align(sd, PROMPT, combined, **SMALL)
+    manual = align(sd, PROMPT, lambda im, p: Brightness()(im).double() + 0.01 * Colourfulness()(im).double(),
+                   **SMALL)
+    torch.testing.assert_close(got.rewards.double(), manual.rewards.double(), rtol=0, atol=1e-9)
+    assert torch.equal(got.images, manual.images)

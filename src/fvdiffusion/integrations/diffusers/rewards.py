@@ -12,13 +12,16 @@ import torch
 from torch import Tensor
 
 from fvdiffusion.integrations.diffusers._batching import check_batch_size, chunks, module_device_dtype
+from fvdiffusion.rewards.calling import call_reward, reward_name
 from fvdiffusion.rewards.image_rewards import ImageReward
 
 
 class LatentImageReward:
     """Reward on latents: decodes x̂0 latents with the VAE and applies an image reward.
 
-    ``image_reward(images, cond)`` takes float images [B, 3, H, W] in [0, 1] and returns [B].
+    ``image_reward(images, cond)`` takes float images [B, 3, H, W] in [0, 1] and returns [B]
+    (a list or numpy array is converted); it gets the prompt as a list of B strings when it declares
+    ``prompts_as_list = True`` or names its second parameter ``prompts`` (:mod:`fvdiffusion.rewards.calling`).
     The VAE and the reward run in micro-batches of ``batch_size`` (None = all at once);
     ``decodes`` counts the latents decoded so far (rows, not batches).
     """
@@ -31,7 +34,7 @@ class LatentImageReward:
         self.image_reward = image_reward
         self.batch_size = batch_size
         self.decodes = 0
-        self.name = getattr(image_reward, "name", type(image_reward).__name__)
+        self.name = reward_name(image_reward)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -59,7 +62,7 @@ class LatentImageReward:
     def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
         rewards = []
         for s in chunks(x0.shape[0], self.batch_size):
-            rewards.append(self.image_reward(self.decode(x0[s]), cond).to(x0.device))
+            rewards.append(call_reward(self.image_reward, self.decode(x0[s]), cond))
         return torch.cat(rewards)
 
 
@@ -70,7 +73,7 @@ class PixelImageReward:
         check_batch_size(batch_size)
         self.image_reward = image_reward
         self.batch_size = batch_size
-        self.name = getattr(image_reward, "name", type(image_reward).__name__)
+        self.name = reward_name(image_reward)
 
     @staticmethod
     def decode(x0: Tensor) -> Tensor:
@@ -80,5 +83,5 @@ class PixelImageReward:
     def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
         rewards = []
         for s in chunks(x0.shape[0], self.batch_size):
-            rewards.append(self.image_reward(self.decode(x0[s]), cond).to(x0.device))
+            rewards.append(call_reward(self.image_reward, self.decode(x0[s]), cond))
         return torch.cat(rewards)

@@ -1,0 +1,138 @@
+"""Adversarial models and rewards through ``fvdiffusion.sample`` (issue 21): what a user's own
+reward or denoiser returns is converted as they would expect or refused in one line naming it;
+the engine's own state is never changed by what it hands out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fvdiffusion as fv
+from fvdiffusion.errors import RewardError
+from fvdiffusion.rewards.composite import WeightedSum
+
+SIZE = dict(n_particles=6, num_steps=3, seed=0)
+POPULATION_METHODS = ["base", "bon", "smc", "vasr", "fvd"]
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert "\n" not in text, text
+    return text
+
+
+# --- item 2: reward returns and prompts ---------------------------------------------------------
+
+@pytest.mark.parametrize("method", POPULATION_METHODS)
+@pytest.mark.parametrize("form", ["list", "numpy", "numpy_float32", "tuple_of_ints"])
+def test_list_and_numpy_reward_returns_are_converted(gmm2d, method, form):
+    problem, den = gmm2d
+
+    def converted(x, cond=None):
+        values = problem.reward(x, cond)
+        if form == "list":
+            return values.tolist()
+        if form == "numpy":
+            return values.numpy()
+        if form == "numpy_float32":
+            return values.float().numpy()
+        return tuple(int(v > 0) for v in values.tolist())
+
+    def exact(x, cond=None):
+        values = problem.reward(x, cond)
+        if form == "numpy_float32":
+            return values.float().double()
+        return (values > 0).double() if form == "tuple_of_ints" else values
+
+    got = fv.sample(method, den, converted, lam=problem.lam, **SIZE)
+    want = fv.sample(method, den, exact, lam=problem.lam, **SIZE)
+    assert torch.equal(got.samples, want.samples) and torch.equal(got.rewards, want.rewards)
+
+
+def named_reward(fn, name):
+    fn.__name__ = name
+    return fn
+
+
+@pytest.mark.parametrize("returned, needle", [
+    (lambda x: x.sum(), "returned one number (a 0-d tensor) for 6 images"),
+    (lambda x: x[:, 0].tolist()[:-1], "returned shape (5,)"),
+    (lambda x: ["a"] * x.shape[0], "returned a list that is not numbers"),
+    (lambda x: {"r": x[:, 0]}, "returned dict"),
+    (lambda x: np.ones(x.shape[0], dtype=bool), "returned a ndarray of torch.bool"),
+    (lambda x: x[:, 0].long(), "returned dtype torch.int64"),
+    (lambda x: x[:, :1], "returned shape (6, 1)"),
+])
+def test_bad_reward_returns_are_one_line_naming_the_reward_and_the_shape(gmm2d, returned, needle):
+    problem, den = gmm2d
+    reward = named_reward(lambda x, cond=None: returned(x), "my_reward")
+    with pytest.raises(RewardError) as info:
+        fv.sample("fvd", den, reward, lam=1.0, batch_size=None, **SIZE)
+    line = one_line(info.value)
+    assert "reward 'my_reward'" in line and needle in line and "expected a float tensor of shape (6,)" in line
+
+
+def test_a_zero_d_return_for_one_image_is_that_image_s_reward(gmm2d):
+    problem, den = gmm2d
+    scalar = fv.sample("fvd", den, lambda x, cond=None: problem.reward(x, cond).squeeze(), lam=problem.lam,
+                       batch_size=1, **SIZE)
+    plain = fv.sample("fvd", den, problem.reward, lam=problem.lam, batch_size=1, **SIZE)
+    assert torch.equal(scalar.samples, plain.samples)
+
+
+def test_a_reward_taking_prompts_gets_one_prompt_per_image(gmm2d):
+    problem, den = gmm2d
+    seen = []
+
+    def das_style(x, prompts):  # DAS's reward(images, prompts): prompts[i] belongs to x[i]
+        seen.append(list(prompts))
+        return problem.reward(x)
+
+    class Declared:
+        prompts_as_list = True
+
+        def __call__(self, x, cond=None):
+            seen.append(cond)
+            return problem.reward(x)
+
+    fv.sample("fvd", den, das_style, cond="a cat", lam=1.0, batch_size=4, **SIZE)
+    assert seen and all(p == ["a cat"] * len(p) and len(p) in (4, 2) for p in seen), seen
+    seen.clear()
+    fv.sample("fvd", den, Declared(), cond="a dog", lam=1.0, **SIZE)
+    assert seen and all(p == ["a dog"] * 6 for p in seen)
+    seen.clear()
+    fv.sample("fvd", den, lambda x, cond=None: seen.append(cond) or problem.reward(x), cond="a cow", **SIZE)
+    assert seen and all(p == "a cow" for p in seen)  # a reward that did not ask keeps the string
+
+
+def test_weighted_sum_is_the_sum_of_its_terms_times_their_weights(gmm2d):
+    problem, den = gmm2d
+    first = named_reward(lambda x, cond=None: problem.reward(x, cond), "posterior")
+    second = named_reward(lambda x, cond=None: x[:, 0].numpy(), "first_coordinate")  # numpy, converted per term
+    combined = WeightedSum({"posterior": (first, 2.0), "x": (second, -0.5)})
+    manual = named_reward(lambda x, cond=None: 2.0 * problem.reward(x, cond).double() - 0.5 * x[:, 0].double(), "m")
+    got = fv.sample("fvd", den, combined, lam=1.0, **SIZE)
+    want = fv.sample("fvd", den, manual, lam=1.0, **SIZE)
+    torch.testing.assert_close(got.rewards, want.rewards, rtol=0, atol=1e-12)
+    assert torch.equal(got.samples, want.samples)
+    assert set(combined.last_terms) == {"posterior", "x"} and combined.name == "2·posterior + -0.5·x"
+
+
+@pytest.mark.parametrize("terms, needle", [
+    ([], "at least one"), ([(lambda x: x, "one")], "must be a finite number"),
+    ([(lambda x: x, float("nan"))], "must be a finite number"), ([("clip", 1.0)], "is not callable"),
+    ([lambda x: x], "(reward, weight) pair"),
+])
+def test_weighted_sum_refuses_bad_terms_in_one_line(terms, needle):
+    with pytest.raises((ValueError, TypeError)) as info:
+        WeightedSum(terms)
+    assert needle in one_line(info.value)
+
+
+def test_a_bad_term_is_named_in_the_error(gmm2d):
+    problem, den = gmm2d
+    combined = WeightedSum({"ok": (problem.reward, 1.0), "broken": (lambda x, cond=None: x.sum(), 1.0)})
+    with pytest.raises(RewardError) as info:
+        fv.sample("fvd", den, combined, lam=1.0, **SIZE)
+    assert "term 'broken' of the weighted sum" in one_line(info.value)
