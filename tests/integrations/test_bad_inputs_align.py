@@ -86,3 +86,53 @@ def test_a_weighted_sum_of_image_rewards_steers_on_the_sum(sd):
                    **SMALL)
     torch.testing.assert_close(got.rewards.double(), manual.rewards.double(), rtol=0, atol=1e-9)
     assert torch.equal(got.images, manual.images)
+
+
+# --- item 3: callbacks --------------------------------------------------------------------------
+
+import warnings  # noqa: E402
+
+from fvdiffusion.errors import CallbackChangesIgnoredWarning  # noqa: E402
+
+
+def test_diffusers_pipeline_callbacks_are_refused_by_name_before_any_model_runs(sd):
+    from diffusers.callbacks import MultiPipelineCallbacks, SDCFGCutoffCallback
+
+    for cb in (SDCFGCutoffCallback(cutoff_step_ratio=0.5), MultiPipelineCallbacks([SDCFGCutoffCallback()])):
+        calls = sd.unet.forward
+        with pytest.raises(ValueError) as info:
+            align(sd, PROMPT, Brightness(), callback_on_step_end=cb, **SMALL)
+        line = str(info.value)
+        assert "\n" not in line and f"{type(cb).__name__} is a diffusers PipelineCallback" in line
+        assert sd.unet.forward == calls
+
+
+@pytest.mark.parametrize("how", ["returned", "in_place"])
+def test_a_callback_that_changes_the_latents_gets_one_warning_and_changes_nothing(sd, how):
+    def double_latents(pipe, step, timestep, kwargs):
+        if how == "returned":
+            kwargs["latents"] = kwargs["latents"] * 2
+        else:
+            kwargs["latents"].mul_(2)
+        return kwargs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = align(sd, [PROMPT, "a cat"], Brightness(), callback_on_step_end=double_latents, **SMALL)
+    ours = [w for w in caught if issubclass(w.category, CallbackChangesIgnoredWarning)]
+    assert len(ours) == 1 and "not applied" in str(ours[0].message) and "latents" in str(ours[0].message)
+    want = align(sd, [PROMPT, "a cat"], Brightness(), **SMALL)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(got, want))
+
+
+def test_an_observing_callback_that_returns_its_kwargs_gets_no_warning(sd):
+    seen = []
+
+    def observe(pipe, step, timestep, kwargs):
+        seen.append(float(kwargs["latents"].mean()))
+        return kwargs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CallbackChangesIgnoredWarning)
+        align(sd, PROMPT, Brightness(), callback_on_step_end=observe, **SMALL)
+    assert len(seen) == 2

@@ -29,7 +29,12 @@ from torch import Tensor
 from fvdiffusion.api import sample
 from fvdiffusion.config import SEED_MAX
 from fvdiffusion.distributed import agree_call
-from fvdiffusion.errors import DuplicateImagesWarning, SchedulerReplacedWarning, UnsupportedPipelineError
+from fvdiffusion.errors import (
+    CallbackChangesIgnoredWarning,
+    DuplicateImagesWarning,
+    SchedulerReplacedWarning,
+    UnsupportedPipelineError,
+)
 from fvdiffusion.integrations.diffusers._batching import module_device_dtype
 from fvdiffusion.integrations.diffusers.denoisers import (
     ControlNetDenoiser,
@@ -254,8 +259,39 @@ def _split_latents(latents: Any, n_prompts: int, n: int, sample_shape: tuple[int
     return list(latents.split(n))
 
 
+@dataclass
+class _CallbackWatch:
+    """Whether a callback_on_step_end has tried to change the population yet (one warning per call)."""
+
+    warned: bool = False
+
+    def check(self, returned: Any, passed: dict[str, Any], population: Tensor) -> None:
+        if self.warned:
+            return
+        changed = [key for key, value in (returned.items() if isinstance(returned, dict) else ())
+                   if key in passed and value is not passed[key]]
+        if not torch.equal(passed["latents"], population):
+            changed.append("latents (in place)")
+        if changed:
+            self.warned = True
+            warnings.warn(f"align(): callback_on_step_end changed {', '.join(changed)}; the changes are not applied "
+                          "(the engine selects the population itself, so the callback observes only)",
+                          CallbackChangesIgnoredWarning, stacklevel=4)
+
+
+def _refuse_pipeline_callback(on_step_end: Any) -> None:
+    """diffusers' PipelineCallback objects change the pipeline's own state mid-run (e.g. the CFG cutoff
+    drops the negative half of prompt_embeds): align() runs its own denoiser and cannot honour them."""
+    bases = {cls.__name__ for cls in type(on_step_end).__mro__}
+    if bases & {"PipelineCallback", "MultiPipelineCallbacks"}:
+        raise ValueError(f"callback_on_step_end={type(on_step_end).__name__} is a diffusers PipelineCallback, which "
+                         "align() does not support (it changes the pipeline's guidance or embeddings mid-run, which "
+                         "align()'s own denoiser would not see); pass a plain fn(pipe, step, timestep, kwargs) that "
+                         "observes")
+
+
 def _step_callback(pipe: Any, callback: Callable[[StepEvent], Any] | None, on_step_end: Callable[..., Any] | None,
-                   prompt_index: int, prompt: str | None) -> Callable[[StepEvent], Any] | None:
+                   prompt_index: int, prompt: str | None, watch: _CallbackWatch) -> Callable[[StepEvent], Any] | None:
     if callback is None and on_step_end is None:
         return None
 
@@ -265,7 +301,9 @@ def _step_callback(pipe: Any, callback: Callable[[StepEvent], Any] | None, on_st
         if on_step_end is not None:
             kwargs = {"latents": event.state.x.detach().clone(), "trace": event.trace,
                       "prompt": prompt, "prompt_index": prompt_index}
-            on_step_end(pipe, event.info.index, event.info.t, kwargs)  # observe-only: the return value is ignored
+            passed = dict(kwargs)
+            returned = on_step_end(pipe, event.info.index, event.info.t, kwargs)  # observes only
+            watch.check(returned, passed, event.state.x)
 
     return observe
 
@@ -348,7 +386,9 @@ def align(
     - ``output_type``: "pil", "np", "pt" or "latent" (see :class:`AlignResult`);
     - ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`` after every step, with
       ``callback_kwargs = {"latents", "trace" (the step's StepTrace), "prompt", "prompt_index"}``. It
-      observes only: its return value is ignored (diffusers would take latents back from it).
+      observes only: changed latents it returns (or writes in place) are not applied, with one
+      :class:`~fvdiffusion.errors.CallbackChangesIgnoredWarning`; diffusers' ``PipelineCallback`` objects
+      (the CFG cutoffs) are refused.
       ``callback`` receives the engine's :class:`~fvdiffusion.loop.StepEvent` instead;
     - ``max_sequence_length``: the T5 prompt length of SD3 / FLUX pipelines (their default if None);
     - ``image``, ``strength`` (default 0.8): ``StableDiffusionImg2ImgPipeline`` only. One init image
@@ -390,6 +430,8 @@ def align(
     for arg, fn in (("callback_on_step_end", callback_on_step_end), ("callback", callback)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{arg} must be callable, got {type(fn).__name__}")
+    if callback_on_step_end is not None:
+        _refuse_pipeline_callback(callback_on_step_end)
     _check_generator(generator, seed)
     name = type(pipe).__name__
     kind = _pipeline_kind(pipe)
@@ -485,12 +527,12 @@ def align(
     else:
         seeds = [engine_seed + i for i in range(len(prompts))]
 
-    results = []
+    results, watch = [], _CallbackWatch()
     for index, (p, (denoiser, image_reward)) in enumerate(zip(prompts, adapters)):
         result = sample(
             method=method, denoiser=denoiser, reward=image_reward, n_particles=n, num_steps=num_steps,
             seed=seeds[index], cond=p, batch_size=batch_size, progress=progress,
-            callback=_step_callback(pipe, callback, callback_on_step_end, index, p), grid=grids[index],
+            callback=_step_callback(pipe, callback, callback_on_step_end, index, p, watch), grid=grids[index],
             x_init=x_inits[index], sharded=sharded, **method_options,
         )
         results.append(_output(pipe, p, result, image_reward, output_type))
