@@ -136,3 +136,38 @@ def test_an_observing_callback_that_returns_its_kwargs_gets_no_warning(sd):
         warnings.simplefilter("error", CallbackChangesIgnoredWarning)
         align(sd, PROMPT, Brightness(), callback_on_step_end=observe, **SMALL)
     assert len(seen) == 2
+
+
+# --- item 4: outputs ----------------------------------------------------------------------------
+
+def test_align_result_reads_like_a_diffusers_pipeline_output(sd):
+    out = align(sd, PROMPT, Brightness(), **{**SMALL, "output_type": "pt"})
+    assert out[0] is out.images and out["images"] is out.images and out["rewards"] is out.rewards
+    assert out.to_tuple() == (out.images,)  # no safety checker: nsfw_content_detected is None, dropped
+    images, = out.to_tuple()
+    assert images.shape == (4, 3, 16, 16) and "nsfw_content_detected" not in out.keys()
+    with pytest.raises(KeyError, match="no field 'image'"):
+        out["image"]
+
+
+def test_flatten_returns_one_result_for_a_prompt_list_as_the_pipeline_does(sd):
+    per_prompt = align(sd, [PROMPT, "a cat"], Brightness(), **{**SMALL, "output_type": "pil"})
+    flat = align(sd, [PROMPT, "a cat"], Brightness(), flatten=True, **{**SMALL, "output_type": "pil"})
+    assert len(flat.images) == 8 and flat.prompt == [PROMPT] * 4 + ["a cat"] * 4
+    assert [im.tobytes() for im in flat.images] == [im.tobytes() for r in per_prompt for im in r.images]
+    assert torch.equal(flat.rewards, torch.cat([r.rewards for r in per_prompt]))
+    assert len(flat.result) == 2 and flat[0] is flat.images
+    with pytest.raises(TypeError, match="flatten must be True or False"):
+        align(sd, PROMPT, Brightness(), flatten="yes", **SMALL)
+
+
+def test_outputs_come_back_in_the_pipeline_s_dtype():
+    pipe = tiny_diffusers.sd_pipeline().to(torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    latent = align(pipe, PROMPT, Brightness(), **SMALL)
+    pt = align(pipe, PROMPT, Brightness(), **{**SMALL, "output_type": "pt"})
+    np_out = align(pipe, PROMPT, Brightness(), **{**SMALL, "output_type": "np"})
+    assert latent.images.dtype == torch.float64 and pt.images.dtype == torch.float64
+    assert np_out.images.dtype.name == "float32"  # diffusers' "np" output is float32 whatever the pipeline
+    reference = pipe(PROMPT, num_inference_steps=2, guidance_scale=2.0, output_type="latent").images
+    assert reference.dtype == latent.images.dtype

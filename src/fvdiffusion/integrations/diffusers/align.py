@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import torch
@@ -77,14 +77,49 @@ class AlignResult:
     images: Any
     rewards: Tensor        # [N] final rewards in the order of ``images``
     ranking: Tensor        # [N] long
-    result: SampleResult
+    result: SampleResult | list[SampleResult]  # a list for a flat result of several prompts
     nsfw_content_detected: list[bool] | None = None
     duplicates: int = 0
-    prompt: str | None = None
+    prompt: str | list[str] | None = None
 
     @property
     def distinct_images(self) -> int:
         return int(self.ranking.numel()) - self.duplicates
+
+    # diffusers' BaseOutput: out[0] / out["images"], to_tuple(), as a pipeline's output is read
+    def to_tuple(self) -> tuple[Any, ...]:
+        """``(images, nsfw_content_detected)`` as ``pipe(..., return_dict=False)`` gives, the None dropped."""
+        return tuple(v for v in (self.images, self.nsfw_content_detected) if v is not None)
+
+    def __getitem__(self, key: int | str) -> Any:
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(f"AlignResult has no field {key!r}; fields: {', '.join(self.keys())}")
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    @classmethod
+    def flat(cls, results: list["AlignResult"]) -> "AlignResult":
+        """One result for a prompt list, shaped as ``pipe(list)`` returns it: prompt i's images (best first)
+        at rows i·N … i·N + N − 1; ``prompt`` and ``ranking`` per image, ``result`` the list of engine results."""
+        first = results[0].images
+        if isinstance(first, Tensor):
+            images: Any = torch.cat([r.images for r in results])
+        elif isinstance(first, list):
+            images = [image for r in results for image in r.images]
+        else:
+            import numpy as np
+
+            images = np.concatenate([r.images for r in results])
+        nsfw = None if results[0].nsfw_content_detected is None else \
+            [flag for r in results for flag in r.nsfw_content_detected]
+        return cls(images=images, rewards=torch.cat([r.rewards for r in results]),
+                   ranking=torch.cat([r.ranking for r in results]), result=[r.result for r in results],
+                   nsfw_content_detected=nsfw, duplicates=sum(r.duplicates for r in results),
+                   prompt=[r.prompt for r in results for _ in range(r.ranking.numel())])
 
 
 def _pipeline_kind(pipe: Any) -> str:
@@ -366,6 +401,7 @@ def align(
     control_guidance_end: float | None = None,
     guess_mode: bool | None = None,
     sharded: bool | None = None,
+    flatten: bool = False,
     **method_options: Any,
 ) -> AlignResult | list[AlignResult]:
     """Sample ``num_images_per_prompt`` images per prompt from ``pipe`` with ``method`` steering towards ``reward``.
@@ -373,7 +409,8 @@ def align(
     The arguments are the pipeline's own where they exist:
 
     - ``prompt``: a string (one :class:`AlignResult`), a list (one population per prompt, a list of
-      results in the same order) or None for an unconditional pipeline;
+      results in the same order; ``flatten=True``: one result with every prompt's images in order, as
+      ``pipe(list)`` returns them) or None for an unconditional pipeline;
     - ``num_images_per_prompt`` (alias ``n_particles``, default 8): the particles per prompt;
     - ``num_inference_steps``: K; the grid is the one ``pipe.scheduler.set_timesteps(K)`` chooses;
     - ``guidance_scale`` (default: the pipeline's own), ``negative_prompt``, ``height``, ``width``;
@@ -433,6 +470,8 @@ def align(
     if callback_on_step_end is not None:
         _refuse_pipeline_callback(callback_on_step_end)
     _check_generator(generator, seed)
+    if not isinstance(flatten, bool):
+        raise TypeError(f"flatten must be True or False, got {flatten!r}")
     name = type(pipe).__name__
     kind = _pipeline_kind(pipe)
     _refuse_pipeline_arguments(pipe, method, method_options)
@@ -543,7 +582,19 @@ def align(
         warnings.warn(f"align(): {where} returned images are copies of another image: selection cloned particles "
                       "and nothing made the copies differ (eta=0 without rebirth noise, or a selection after the last "
                       "step); AlignResult.duplicates counts them", DuplicateImagesWarning, stacklevel=2)
+    if flatten and not single:
+        return AlignResult.flat(results)
     return results[0] if single else results
+
+
+def _model_dtype(pipe: Any, output_type: str) -> torch.dtype:
+    """The dtype the pipeline returns: latents in its denoiser's dtype, decoded "pt" images in its VAE's."""
+    names = ("vae", "unet", "transformer") if output_type == "pt" else ("unet", "transformer")
+    for name in names:
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module_device_dtype(module)[1]
+    return torch.float32
 
 
 def _as_tensor(image: Any) -> Any:
@@ -667,10 +718,12 @@ def _output(pipe: Any, prompt: str | None, result: SampleResult, image_reward: A
     ranking = rank_by_reward(result.rewards)
     nsfw = None
     if output_type == "latent":
-        images: Any = result.samples[ranking.to(result.samples.device)]
+        images: Any = result.samples[ranking.to(result.samples.device)].to(_model_dtype(pipe, "latent"))
     else:
         decoded, flags = _safety_check(pipe, image_reward.decode(result.samples))
         images = _format(decoded[ranking.to(decoded.device)], output_type)
+        if output_type == "pt":  # as the pipeline returns them: in its VAE's dtype
+            images = images.to(_model_dtype(pipe, "pt"))
         nsfw = None if flags is None else [flags[i] for i in ranking.tolist()]
     if isinstance(image_reward, LatentImageReward):
         result.cost.extra["vae_decodes"] = image_reward.decodes
