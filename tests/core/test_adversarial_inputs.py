@@ -136,3 +136,14 @@ def test_a_bad_term_is_named_in_the_error(gmm2d):
     with pytest.raises(RewardError) as info:
         fv.sample("fvd", den, combined, lam=1.0, **SIZE)
     assert "term 'broken' of the weighted sum" in one_line(info.value)
+
+
+# --- item 10: one step, one particle --------------------------------------------------------------
+
+@pytest.mark.parametrize("method", list(fv.METHODS))
+@pytest.mark.parametrize("n, k", [(1, 1), (4, 1), (1, 3)])
+def test_every_method_runs_with_one_step_and_with_one_particle(gmm2d, method, n, k):
+    problem, den = gmm2d
+    result = fv.sample(method, den, problem.reward, lam=problem.lam, n_particles=n, num_steps=k, seed=0)
+    assert result.samples.shape == (n, 2) and bool(torch.isfinite(result.samples).all())
+    assert result.rewards.shape == (n,)

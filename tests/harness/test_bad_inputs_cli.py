@@ -70,6 +70,10 @@ CASES = [
     # --- --threads ----------------------------------------------------------------------------------
     pytest.param(lambda f: ["sample", "--threads", "0", *TINY], "--threads", id="sample-threads-0"),
     pytest.param(lambda f: ["toy", "--threads", "0"], "--threads", id="toy-threads-0"),
+    # more threads than the machine can run: was a segmentation fault with no message
+    pytest.param(lambda f: ["sample", "--threads", "100000", *TINY], "--threads must be at most",
+                 id="sample-threads-100000"),
+    pytest.param(lambda f: ["toy", "--threads", "100000"], "--threads must be at most", id="toy-threads-100000"),
     pytest.param(lambda f: ["suite", "--threads", "-2"], "--threads", id="suite-threads-neg"),
     pytest.param(lambda f: _t2i(f, "--threads", "0"), "--threads", id="t2i-threads-0"),
     pytest.param(lambda f: ["bench", "mnist", "--threads", "0"], "--threads", id="mnist-threads-0"),

@@ -180,10 +180,28 @@ def threads_option(help: str = THREADS_HELP) -> Any:
     return typer.Option(DEFAULT_THREADS, "--threads", help=help)
 
 
+THREADS_PER_CORE = 4  # more threads than this per usable core only adds contention
+
+
+def max_threads() -> tuple[int, int]:
+    """(the most --threads accepted, the CPU cores this process may run on)."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return THREADS_PER_CORE * max(1, cores), max(1, cores)
+
+
 def set_threads(threads: int = DEFAULT_THREADS, flag: str = "--threads") -> None:
-    """Validate ``--threads`` (an integer >= 1) and set torch's CPU threads to it."""
+    """Validate ``--threads`` (an integer from 1 to :func:`max_threads`) and set torch's CPU threads to it."""
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         fail(f"{flag} must be an integer >= 1, got {threads}")
+    limit, cores = max_threads()
+    if threads > limit:  # OpenMP creating 100000 threads ends the process with a segmentation fault
+        fail(f"{flag} must be at most {limit} ({THREADS_PER_CORE} x the {cores} CPU core(s) this process may use), "
+             f"got {threads}")
     import torch
 
     torch.set_num_threads(threads)

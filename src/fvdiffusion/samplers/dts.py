@@ -424,7 +424,8 @@ class TreeSearch:
                                                                   where=SEARCH))
         passed = torch.cat([torch.tensor(nodes) for nodes in batch.paths] + [leaves])
         _log_add_at(tree.log_mass, passed, log_mass.repeat(len(batch.paths) + 1))
-        inner = torch.tensor(sorted({node for nodes in batch.paths for node in nodes}))
+        # long even when empty: at K = 1 a rollout goes straight from the root to a leaf (no inner node)
+        inner = torch.tensor(sorted({node for nodes in batch.paths for node in nodes}), dtype=torch.long)
         visits = torch.tensor([tree.visits[i] for i in inner.tolist()], dtype=torch.float64)
         tree.value[inner] = est.value(tree.returns[inner], visits)
 
