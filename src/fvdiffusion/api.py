@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from torch import Tensor
@@ -37,7 +38,15 @@ def sample(
 
     Either pass a ready ``config`` (its class must match the method) or the common fields
     plus any method option (e.g. ``rebirth_noise=0.5`` for fvd, ``scheme="systematic"``
-    for smc). Options are validated; an unknown one raises an error naming it.
+    for smc). Options are validated; an unknown one raises an error naming it. With ``config``, a
+    method option or a common keyword that differs from both its default and the config is refused
+    (it would be ignored).
+
+    The engine is gradient-free and defends its own state: it runs under ``torch.no_grad()`` and
+    detaches what the models return (no autograd graph survives a step), hands the denoiser and the
+    reward copies of its tensors (a model that writes into its input changes nothing), casts a
+    floating denoiser output to the population's float32, and refuses in one line an output that
+    is not real floating (int, bool, complex) or lives on another device.
 
     ``callback``, if given, is called after every denoising step with a
     :class:`~fvdiffusion.loop.StepEvent` (the step, the population, the step's trace row). It
@@ -61,7 +70,24 @@ def sample(
     elif not isinstance(config, spec.config_class):
         raise TypeError(f"config for method {method!r} must be a {spec.config_class.__name__}, "
                         f"got {type(config).__name__}")
+    else:
+        _refuse_keywords_beside_config(config, method_options, n_particles=n_particles, num_steps=num_steps,
+                                       seed=seed, lam=lam, eta=eta, batch_size=batch_size)
     if reward is None and spec.needs_reward_during_sampling:
         raise ValueError(f"method {method!r} needs a reward; got reward=None")
     return spec.run(denoiser, reward, config, cond=cond, progress=progress, callback=callback, grid=grid,
                     x_init=x_init, sharded=sharded)
+
+
+def _refuse_keywords_beside_config(config: CommonConfig, options: dict[str, Any], **common: Any) -> None:
+    """config= is the whole configuration: a method option beside it, or a common keyword set to a value
+    other than its default and the config's, would be silently ignored, so it is refused in one line."""
+    if options:
+        raise TypeError(f"sample() got config= and the method option(s) {', '.join(sorted(options))}: put them in "
+                        f"the config (dataclasses.replace(config, ...)) or pass no config")
+    defaults = {name: p.default for name, p in inspect.signature(sample).parameters.items()}
+    clashing = [f"{name}={value!r} (config has {getattr(config, name)!r})" for name, value in common.items()
+                if value != defaults[name] and value != getattr(config, name)]
+    if clashing:
+        raise TypeError(f"sample() got config= and {', '.join(clashing)}: pass the settings in the config or as "
+                        f"keywords, not both")

@@ -320,7 +320,7 @@ class RunContext:
             t_batch = torch.full((chunk.shape[0],), t, dtype=torch.long, device=chunk.device)
             try:
                 with record_function(DENOISER_RANGE):
-                    out = self.denoiser(chunk, t_batch, self.cond)
+                    out = self.denoiser(chunk.clone(), t_batch, self.cond)  # a copy: x is read again below
             except Exception as exc:  # keep the original as __cause__, add where it happened
                 self.checks.resolve()  # an earlier deferred failure explains more than this one
                 raise DenoiserError(f"denoiser raised {where}: {exception_line(exc)}") from exc
@@ -329,7 +329,13 @@ class RunContext:
             if out.shape != chunk.shape:
                 raise DenoiserError(f"denoiser returned shape {tuple(out.shape)}, expected {tuple(chunk.shape)} "
                                     f"{where}")
-            outputs.append(out)
+            if not out.is_floating_point():  # int, bool or complex outputs would flow into the samples
+                raise DenoiserError(f"denoiser returned dtype {out.dtype} {where}: expected a real floating dtype")
+            if out.device != chunk.device:
+                raise DenoiserError(f"denoiser returned a tensor on {out.device} {where}: expected the population's "
+                                    f"device, {chunk.device}")
+            # the population's dtype (a float16 output would break index writes downstream); never a graph
+            outputs.append(out.detach().to(chunk.dtype))
             self.cost.denoiser_calls += chunk.shape[0]
         model_output = torch.cat(outputs)  # always a fresh tensor: the engine owns (and may overwrite) it
         self.health.denoiser_values += model_output.shape[0]
@@ -380,11 +386,15 @@ class RunContext:
         for chunk in self.batches(x0):
             try:
                 with record_function(REWARD_RANGE):
-                    r = self.reward(chunk, prompt_argument(self.reward, self.cond, chunk.shape[0]))
+                    # a copy: x̂0 is read again (rebirth copies it), and a reward may write into its input
+                    r = self.reward(chunk.clone(), prompt_argument(self.reward, self.cond, chunk.shape[0]))
             except Exception as exc:  # keep the original as __cause__, add where it happened
                 self.checks.resolve()  # e.g. a NaN denoiser output fed to the reward: report that first
                 raise RewardError(f"reward raised {where}: {exception_line(exc)}") from exc
             r = as_reward_tensor(r, chunk.shape[0], reward_name(self.reward), where)
+            if r.is_meta:
+                raise RewardError(f"reward {reward_name(self.reward)!r} returned a tensor on the meta device (no "
+                                  f"values) {where}")
             values.append(r.detach().to(self.device, torch.float64))
             self.cost.reward_calls += chunk.shape[0]
         rewards = torch.cat(values)
@@ -641,8 +651,8 @@ def run_kernel(method: str, kernel: ParticleKernel | Sampler, denoiser: Denoiser
         except BaseException:
             ctx.close()
             raise
-    try:
-        with Timer(ctx.cost, ctx.device):
+    try:  # gradient-free: no autograd graph is kept across steps, whatever the models return
+        with torch.no_grad(), Timer(ctx.cost, ctx.device):
             if isinstance(kernel, Sampler):
                 finished = kernel.run(ctx)
             else:

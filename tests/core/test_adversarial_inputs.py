@@ -147,3 +147,94 @@ def test_every_method_runs_with_one_step_and_with_one_particle(gmm2d, method, n,
     result = fv.sample(method, den, problem.reward, lam=problem.lam, n_particles=n, num_steps=k, seed=0)
     assert result.samples.shape == (n, 2) and bool(torch.isfinite(result.samples).all())
     assert result.rewards.shape == (n,)
+
+
+# --- item 9: the engine defends its own state -----------------------------------------------------
+
+from fvdiffusion.errors import DenoiserError  # noqa: E402
+
+
+class Wrapped:
+    """The toy denoiser with its output passed through ``change`` (and optionally its input mutated)."""
+
+    def __init__(self, inner, change=lambda out, x: out, mutate=False):
+        self.inner, self.change, self.mutate = inner, change, mutate
+        self.schedule, self.prediction_type, self.sample_shape = inner.schedule, inner.prediction_type, inner.sample_shape
+
+    def __call__(self, x, t, cond=None):
+        out = self.inner(x, t, cond)
+        if self.mutate:
+            x.mul_(0)
+        return self.change(out, x)
+
+
+@pytest.mark.parametrize("method", list(fv.METHODS))
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_a_non_real_floating_denoiser_output_is_one_line(gmm2d, method, dtype):
+    problem, den = gmm2d
+    bad = Wrapped(den, lambda out, x: out.to(dtype))
+    with pytest.raises(DenoiserError) as info:
+        fv.sample(method, bad, problem.reward, lam=problem.lam, **SIZE)
+    assert f"denoiser returned dtype {dtype}" in one_line(info.value)
+
+
+@pytest.mark.parametrize("method", list(fv.METHODS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_floating_outputs_run_in_the_population_s_dtype(gmm2d, method, dtype):
+    problem, den = gmm2d
+    result = fv.sample(method, Wrapped(den, lambda out, x: out.to(dtype)), problem.reward, lam=problem.lam, **SIZE)
+    assert result.samples.dtype == torch.float32 and bool(torch.isfinite(result.samples).all())
+
+
+def test_a_meta_device_output_is_one_line_naming_the_device(gmm2d):
+    problem, den = gmm2d
+    with pytest.raises(DenoiserError) as info:
+        fv.sample("fvd", Wrapped(den, lambda out, x: out.to("meta")), problem.reward, **SIZE)
+    assert "on meta" in one_line(info.value) and "population's device, cpu" in one_line(info.value)
+    with pytest.raises(RewardError) as info:
+        fv.sample("fvd", den, lambda x, cond=None: problem.reward(x).to("meta"), **SIZE)
+    assert "meta device" in one_line(info.value)
+
+
+@pytest.mark.parametrize("method", POPULATION_METHODS)
+def test_no_autograd_graph_is_kept_when_the_denoiser_output_requires_grad(gmm2d, method):
+    problem, den = gmm2d
+    weight = torch.ones((), requires_grad=True)
+    seen = []
+
+    def with_grad(out, x):
+        with torch.enable_grad():  # a model that turns autograd on inside its forward
+            return out * weight
+
+    result = fv.sample(method, Wrapped(den, with_grad), problem.reward, lam=problem.lam,
+                       callback=lambda event: seen.append(event.state.x.requires_grad), **SIZE)
+    assert not result.samples.requires_grad and not any(seen)
+
+
+@pytest.mark.parametrize("method", list(fv.METHODS))
+def test_models_that_write_into_their_inputs_do_not_change_the_run(gmm2d, method):
+    problem, den = gmm2d
+
+    def scribbling_reward(x, cond=None):
+        r = problem.reward(x, cond)
+        x.fill_(1e6)
+        return r
+
+    plain = fv.sample(method, den, problem.reward, lam=problem.lam, **SIZE)
+    mutated = fv.sample(method, Wrapped(den, mutate=True), scribbling_reward, lam=problem.lam, **SIZE)
+    assert torch.equal(plain.samples, mutated.samples) and torch.equal(plain.rewards, mutated.rewards)
+
+
+def test_config_beside_conflicting_keywords_or_options_is_refused(gmm2d):
+    from fvdiffusion.samplers import make_config
+
+    problem, den = gmm2d
+    config = make_config("fvd", n_particles=6, num_steps=3, lam=2.0)
+    with pytest.raises(TypeError) as info:
+        fv.sample("fvd", den, problem.reward, config=config, n_particles=16)
+    assert "n_particles=16 (config has 6)" in one_line(info.value)
+    with pytest.raises(TypeError) as info:
+        fv.sample("fvd", den, problem.reward, config=config, rebirth_nosie=0.5)  # misspelt
+    assert "method option(s) rebirth_nosie" in one_line(info.value)
+    # keywords equal to the config (or left at their defaults) are fine
+    fv.sample("fvd", den, problem.reward, config=config, lam=2.0)

@@ -133,7 +133,7 @@ def test_all_dead_continues_with_uniform_weights_and_warns(gmm2d, method, opts):
 
 def test_reward_wrong_shape_names_shapes(gmm2d):
     _, den = gmm2d
-    with pytest.raises(RewardError, match=r"shape \(16, 1\), expected \(16,\)"):
+    with pytest.raises(RewardError, match=r"shape \(16, 1\) at step k=\d+: expected a float tensor of shape \(16,\)"):
         fv.sample("fvd", den, lambda x, c=None: torch.zeros(x.shape[0], 1), n_particles=16, num_steps=3)
 
 
