@@ -171,3 +171,21 @@ def test_outputs_come_back_in_the_pipeline_s_dtype():
     assert np_out.images.dtype.name == "float32"  # diffusers' "np" output is float32 whatever the pipeline
     reference = pipe(PROMPT, num_inference_steps=2, guidance_scale=2.0, output_type="latent").images
     assert reference.dtype == latent.images.dtype
+
+
+# --- item 7: accelerate in the diffusers extra ----------------------------------------------------
+
+def test_the_diffusers_extra_brings_accelerate_so_loading_a_pipeline_prints_no_notice(tmp_path, capfd):
+    import tomllib
+
+    from diffusers import DDPMPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert any(req.startswith("accelerate") for req in pyproject["project"]["optional-dependencies"]["diffusers"])
+    tiny_diffusers.ddpm_pipeline().save_pretrained(tmp_path / "ddpm")
+    capfd.readouterr()
+    diffusers_logging.set_verbosity_warning()
+    DDPMPipeline.from_pretrained(tmp_path / "ddpm")
+    captured = capfd.readouterr()
+    assert "accelerate" not in captured.err + captured.out
