@@ -17,8 +17,11 @@ CASES: dict[str, tuple[str, str, dict]] = {
     "smc_systematic_ess": ("smc", "gmm2d-linear", {"scheme": "systematic", "ess_threshold": 0.5}),
     "smc_ddim": ("smc", "gmm8d-component", {"eta": 0.0}),
     "vasr": ("vasr", "gmm2d-linear", {}),
-    "fvd": ("fvd", "gmm2d-component", {}),
-    "fvd_ddim": ("fvd", "gmm8d-linear", {"eta": 0.0}),
+    # the kernels FVD's defaults resolved to when these outputs were recorded, named in full so
+    # that a change of the defaults (issue 19) does not move a pinned run
+    "fvd": ("fvd", "gmm2d-component", {"rebirth_noise": 0.5, "nu_by_copies": True, "parent_allocation": "multinomial"}),
+    "fvd_ddim": ("fvd", "gmm8d-linear", {"eta": 0.0, "rebirth_noise": 1.0, "nu_by_copies": True,
+                                         "parent_allocation": "multinomial"}),
     "fvd_controller_level": ("fvd", "gmm2d-component", {"potential": "level", "target_dead_fraction": 0.2}),
     "fvd_langevin": ("fvd", "gmm2d-linear", {"rebirth": "langevin", "rebirth_noise": 0.5}),
     "svdd": ("svdd", "gmm2d-component", {"n_candidates": 3}),
