@@ -11,6 +11,7 @@ Potentials (k counts steps down; r_k = r(x̂0) at step k):
   diff   ℓ_k = λ r_k − λ_prev r_prev   (the tilt added since the last selection; telescopes)
   max    ℓ_k = λ max_{s ≥ k} r_s
   sum    ℓ_k = λ Σ_{s ≥ k} r_s
+  rt     ℓ_k = λ r_k                   (SMC's increment with no memory: FK steering's "rt")
 and the terminal correction that makes SMC's weighted population target p·exp(λ r(x0)).
 """
 
@@ -97,7 +98,8 @@ class Increment:
 
 def smc_increment(kind: str, lam: float, aux: dict[str, Tensor], reward: Tensor, where: str = "",
                   checks: HostChecks | None = None) -> Increment:
-    """log G_k for "diff" (λ(r_k − r_prev)), "max" (λ running max) or "sum" (λ running sum)."""
+    """log G_k for "diff" (λ(r_k − r_prev)), "max" (λ running max), "sum" (λ running sum) or "rt"
+    (λ r_k, the current reward alone; the terminal correction removes what the lineage paid)."""
     if kind == "diff":
         prev = aux.get("r_prev", torch.zeros_like(reward))
         return Increment(tilt(lam, reward - prev, where, checks), {"r_prev": reward})
@@ -107,7 +109,9 @@ def smc_increment(kind: str, lam: float, aux: dict[str, Tensor], reward: Tensor,
     if kind == "sum":
         total = aux.get("r_sum", torch.zeros_like(reward)) + reward
         return Increment(tilt(lam, total, where, checks), {"r_sum": total})
-    raise ValueError(f"potential: unknown value {kind!r}; expected diff, max or sum")
+    if kind == "rt":
+        return Increment(tilt(lam, reward, where, checks), {})
+    raise ValueError(f"potential: unknown value {kind!r}; expected diff, max, sum or rt")
 
 
 def terminal_correction(lam: float, log_weight: Tensor, log_g_sum: Tensor, final_reward: Tensor,

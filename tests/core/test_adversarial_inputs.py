@@ -238,3 +238,50 @@ def test_config_beside_conflicting_keywords_or_options_is_refused(gmm2d):
     assert "method option(s) rebirth_nosie" in one_line(info.value)
     # keywords equal to the config (or left at their defaults) are fine
     fv.sample("fvd", den, problem.reward, config=config, lam=2.0)
+
+
+# --- item 7: FK steering's potential names --------------------------------------------------------
+
+from fvdiffusion import potentials  # noqa: E402
+from fvdiffusion.denoisers.gaussian_mixture import mixture_cov, mixture_mean  # noqa: E402
+from fvdiffusion.schedule import VPSchedule  # noqa: E402
+from fvdiffusion.testbeds import toy_problem  # noqa: E402
+
+
+def test_fk_steering_s_add_is_our_running_sum_and_recorded_as_sum(gmm2d):
+    problem, den = gmm2d
+    add = fv.sample("smc", den, problem.reward, lam=problem.lam, potential="add", **SIZE)
+    total = fv.sample("smc", den, problem.reward, lam=problem.lam, potential="sum", **SIZE)
+    assert torch.equal(add.samples, total.samples) and torch.equal(add.log_weights, total.log_weights)
+    assert add.config["potential"] == "sum"
+
+
+def test_rt_increments_are_the_current_reward_alone():
+    rewards = [torch.tensor([1.0, -2.0]).double(), torch.tensor([3.0, -1.0]).double()]
+    aux: dict = {}
+    for r in rewards:
+        inc = potentials.smc_increment("rt", 0.7, aux, r)
+        assert torch.equal(inc.log_g, 0.7 * r)
+        aux.update(inc.carried)
+
+
+def test_smc_with_rt_weights_hit_the_exact_linear_tilt():
+    """FK steering's "rt" (G = exp(λ r_k), no memory) is exact here because the final correction
+    removes what the lineage paid; without it the weighted mean misses the tilt."""
+    problem = toy_problem("gmm2d-linear")
+    res = fv.sample("smc", problem.denoiser(VPSchedule.linear(1000)), problem.reward, lam=problem.lam,
+                    n_particles=4096, num_steps=20, seed=11, potential="rt", final_selection=False,
+                    selection_start=0.0, selection_interval=4)
+    w = res.log_weights.exp()
+    mean = (w[:, None] * res.samples.double()).sum(0)
+    exact = mixture_mean(problem.target).double()
+    std = mixture_cov(problem.target).diagonal().sqrt().double()
+    tolerance = 6 * std / (1.0 / (w * w).sum()).sqrt() + 0.08 * std
+    assert ((mean - exact).abs() <= tolerance).all(), (mean.tolist(), exact.tolist())
+
+
+def test_an_unknown_smc_potential_is_one_line_listing_the_names(gmm2d):
+    problem, den = gmm2d
+    with pytest.raises(Exception) as info:
+        fv.sample("smc", den, problem.reward, potential="level", **SIZE)
+    assert "potential" in one_line(info.value) and "diff, max, sum, rt" in one_line(info.value)

@@ -19,13 +19,16 @@ from fvdiffusion.loop import FinalWeighting, RunContext, plain_trace, select
 from fvdiffusion.population import ParticleState
 from fvdiffusion.schedule import StepInfo
 
-SMC_POTENTIALS = ("diff", "max", "sum")
+SMC_POTENTIALS = ("diff", "max", "sum", "rt")
+# FK steering's name for the running sum (fkd_class.py at 9413005: r + population_rs, both summed)
+POTENTIAL_ALIASES = {"add": "sum"}
 
 
 @dataclass(frozen=True)
 class SMCConfig(SelectionScheduleMixin, CommonConfig):
     """potential: "diff" G = exp(λ(r_k − r_prev)), "max" G = exp(λ max_{s≥k} r_s), "sum"
-    G = exp(λ Σ_{s≥k} r_s).  scheme: any resampling scheme of ``selection``.
+    G = exp(λ Σ_{s≥k} r_s) ("add", FK steering's name, is read as "sum"), "rt" G = exp(λ r_k).
+    scheme: any resampling scheme of ``selection``.
     ess_threshold: resample when ESS/N < threshold (None = resample on the schedule).
     final_selection: equalise the corrected final weights once more, with the minimal-death
     rule whatever ``scheme`` is (it never duplicates samples when the weights are uniform)."""
@@ -38,6 +41,9 @@ class SMCConfig(SelectionScheduleMixin, CommonConfig):
     def __post_init__(self) -> None:
         CommonConfig.__post_init__(self)
         self._check_schedule()
+        if isinstance(self.potential, str) and self.potential in POTENTIAL_ALIASES:
+            # the resolved config (and the process-group fingerprint) records the one canonical name
+            object.__setattr__(self, "potential", POTENTIAL_ALIASES[self.potential])
         check_choice("potential", self.potential, SMC_POTENTIALS)
         check_choice("scheme", self.scheme, tuple(selection.SCHEMES))
         if self.ess_threshold is not None:
