@@ -227,3 +227,39 @@ def _error_line(run) -> str:
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return "no error"
+
+
+# --- process groups end cleanly (tests/core/test_process_groups_end.py) ---------------------------
+
+def listening_addresses() -> list[str]:
+    """The local addresses of this process's listening TCP sockets (Linux /proc), hex as the kernel writes them."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:["):-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/net/{table}") as fh:
+            next(fh)
+            for line in fh:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    found.append(fields[1].rsplit(":", 1)[0])
+    return found
+
+
+def collective_timing(sleep_s: float) -> dict:
+    """Rank 1 joins an all-reduce ``sleep_s`` late; rank 0 reports how long it waited and whether it gave up."""
+    start = time.monotonic()
+    if torch.distributed.get_rank() == 1:
+        time.sleep(sleep_s)
+    raised = False
+    try:
+        torch.distributed.all_reduce(torch.ones(1))
+    except Exception:
+        raised = True
+    return {"env": os.environ.get("FVD_COLLECTIVE_TIMEOUT"), "waited": time.monotonic() - start, "raised": raised}

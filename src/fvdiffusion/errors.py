@@ -134,6 +134,14 @@ class TrainingDiverged(ValueError):
     """The training loss became NaN or inf (the message names the step)."""
 
 
+class GroupJoinError(ConfigError):
+    """The process group torchrun's variables describe could not be joined (a peer missing, a wrong address)."""
+
+
+class LaunchTerminated(KeyboardInterrupt):
+    """SIGTERM reached a launcher waiting for its workers: they are ended as on Ctrl-C."""
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped the run at a step boundary, after writing a checkpoint there."""
 

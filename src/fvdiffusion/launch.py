@@ -6,6 +6,10 @@ CPU, NCCL with one GPU per rank), runs ``fn(*args)`` and reports back: rank 0 it
 rank its failure as one line. The first failure is raised here as
 :class:`~fvdiffusion.errors.ShardFailedError`; workers still running after ``grace_s`` are
 terminated, so a launch never hangs.
+
+Workers die with this process (SIGKILL included) and leave Ctrl-C to it (:mod:`fvdiffusion.lifeline`);
+SIGTERM while it waits ends them as Ctrl-C does. The group is local, so everything it listens on
+is bound to the loopback: rank 0's store on 127.0.0.1 and gloo's pairs on the loopback interface.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from typing import Any, Callable
 
 import torch
 
-from fvdiffusion.distributed import DEFAULT_TIMEOUT_S
+from fvdiffusion import group_env, lifeline
+from fvdiffusion.distributed import DEFAULT_TIMEOUT_S, collective_timeout
 from fvdiffusion.errors import ConfigError, ShardFailedError, exception_line
 
 BACKENDS = ("gloo", "nccl")
-GRACE_S = 30.0  # after the first failure, how long the other workers get to stop on their own
+GRACE_S = 30.0  # after the first failure, how long the other workers get to stop on their own (at most the timeout)
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,7 @@ class Launch:
     nproc: int
     backend: str = "gloo"
     threads: int = 1                      # torch threads per worker
-    timeout_s: float = DEFAULT_TIMEOUT_S  # the group's collective timeout (also FVD_COLLECTIVE_TIMEOUT)
+    timeout_s: float = DEFAULT_TIMEOUT_S  # the group's collective timeout (FVD_COLLECTIVE_TIMEOUT in the workers)
     every_rank: bool = False              # return every rank's value, not only rank 0's
     grace_s: float = GRACE_S              # after the first failure, the others' time to stop before termination
 
@@ -51,30 +57,44 @@ class Launch:
 
 
 def launch(fn: Callable[..., Any], args: tuple = (), nproc: int = 2, backend: str = "gloo", threads: int = 1,
-           timeout_s: float = DEFAULT_TIMEOUT_S, every_rank: bool = False, grace_s: float = GRACE_S) -> Any:
+           timeout_s: float | None = None, every_rank: bool = False, grace_s: float | None = None) -> Any:
     """Run ``fn(*args)`` on ``nproc`` fresh processes in one group; returns rank 0's return value
     (``every_rank``: the list of every rank's value).
 
-    ``fn`` and ``args`` must be picklable (a module-level function): workers are spawned, not forked.
+    ``timeout_s`` defaults to FVD_COLLECTIVE_TIMEOUT (else 600 s), ``grace_s`` to the smaller of 30 s
+    and the timeout. ``fn`` and ``args`` must be picklable (a module-level function): workers are
+    spawned, not forked.
     """
-    spec = Launch(nproc=nproc, backend=backend, threads=threads, timeout_s=timeout_s, every_rank=every_rank,
-                  grace_s=grace_s)
+    timeout = collective_timeout() if timeout_s is None else timeout_s
+    spec = Launch(nproc=nproc, backend=backend, threads=threads, timeout_s=timeout, every_rank=every_rank,
+                  grace_s=min(GRACE_S, timeout) if grace_s is None else grace_s)
     context = torch.multiprocessing.get_context("spawn")
     reports = context.Queue()
     release = context.Event()  # tensors in the reports are shared from the workers' memory: keep them alive
     port = _free_port()
-    workers = [context.Process(target=_worker, args=(rank, spec, port, fn, args, reports, release), daemon=True)
+    workers = [context.Process(target=_worker, args=(rank, spec, port, os.getpid(), fn, args, reports, release),
+                               daemon=True)
                for rank in range(spec.nproc)]
-    for worker in workers:
-        worker.start()
     failed = True
     try:
-        value = _collect(workers, reports, spec)
+        with lifeline.sigterm_as_interrupt():
+            with lifeline.sigint_blocked():  # inherited by the workers, before their imports run
+                for worker in workers:
+                    worker.start()
+            value = _collect(workers, reports, spec)
         failed = False
         return value
+    except KeyboardInterrupt:
+        # all at once, last rank first: a rank that outlived a peer would log the lost connection
+        for worker in reversed(workers):
+            if worker.pid is not None and worker.is_alive():
+                worker.kill()
+        raise
     finally:
         release.set()
         for worker in workers:
+            if worker.pid is None:
+                continue  # never started
             worker.join(timeout=0.5 if failed else 5)  # after a failure a hung worker is not waited for
             if worker.is_alive():
                 worker.terminate()
@@ -108,18 +128,24 @@ def _collect(workers: list, reports: Any, spec: Launch) -> Any:
     return values if spec.every_rank else values[0]
 
 
-def _worker(rank: int, spec: Launch, port: int, fn: Callable[..., Any], args: tuple, reports: Any,
-            release: Any) -> None:
+def _worker(rank: int, spec: Launch, port: int, parent_pid: int, fn: Callable[..., Any], args: tuple,
+            reports: Any, release: Any) -> None:
+    lifeline.bind_to_parent(parent_pid)
+    _thread_lock_for_progress_bars()
     torch.set_num_threads(spec.threads)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(spec.nproc), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "MASTER_ADDR": LOOPBACK, "MASTER_PORT": str(port),
                        "FVD_COLLECTIVE_TIMEOUT": str(spec.timeout_s)})
+    # pairs and the NCCL bootstrap on the loopback, unless the user chose an interface
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(name, _loopback_interface())
     try:
         if spec.backend == "nccl":
             torch.cuda.set_device(rank)
-        torch.distributed.init_process_group(spec.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                             world_size=spec.nproc,
-                                             timeout=datetime.timedelta(seconds=spec.timeout_s))
+        timeout = datetime.timedelta(seconds=spec.timeout_s)
+        store = _loopback_store(rank, spec.nproc, port, timeout)
+        torch.distributed.init_process_group(spec.backend, store=store, rank=rank, world_size=spec.nproc,
+                                             timeout=timeout)
         value = fn(*args)
         reports.put(("ok", rank, value if rank == 0 or spec.every_rank else None))
         release.wait(timeout=spec.timeout_s)
@@ -135,16 +161,52 @@ def _worker(rank: int, spec: Launch, port: int, fn: Callable[..., Any], args: tu
                 pass
 
 
+def _thread_lock_for_progress_bars() -> None:
+    """tqdm would make a multiprocessing lock (a named semaphore) in the worker; a worker killed on
+    Ctrl-C never unregisters it, and the resource tracker then warns of a leak. One process draws
+    its own bar: a thread lock is enough."""
+    import threading
+
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
+
+
+def _loopback_store(rank: int, world: int, port: int, timeout: datetime.timedelta) -> Any:
+    """The group's key-value store; rank 0 serves it from a socket bound to 127.0.0.1 only
+    (TCPStore's own server would listen on every interface)."""
+    if rank != 0:
+        return torch.distributed.TCPStore(LOOPBACK, port, world, is_master=False, timeout=timeout)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((LOOPBACK, port))
+    listener.listen(max(128, world))
+    return torch.distributed.TCPStore(LOOPBACK, port, world, is_master=True, timeout=timeout,
+                                      master_listen_fd=listener.detach())
+
+
+def _loopback_interface() -> str:
+    """The loopback interface's name ("lo" on Linux, "lo0" on macOS)."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        names = []
+    return next((name for name in names if name in ("lo", "lo0")), "lo")
 
 
 def rank_device(device: str) -> str:
     """The device of this rank: ``cuda`` becomes this rank's GPU (LOCAL_RANK) in a group, else unchanged."""
     if device == "cuda" and os.environ.get("LOCAL_RANK") is not None:
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        env = group_env.read_env()
+        return f"cuda:{env.local_rank}" if env is not None and env.local_rank is not None else device
     return device
 
 
@@ -154,20 +216,15 @@ def join_environment_group(device: str, timeout_s: float | None = None) -> bool:
     NCCL when ``device`` is a GPU (one per rank, chosen by LOCAL_RANK), gloo otherwise. Does
     nothing when there is no such environment or a group is already initialised.
     """
-    if torch.distributed.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if torch.distributed.is_initialized():
         return False
-    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
-        if name not in os.environ:
-            raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {name} is not: start the "
-                              f"processes with torchrun (or unset WORLD_SIZE)")
-    from fvdiffusion.distributed import collective_timeout
-
+    env = group_env.read_env()  # every variable checked: one line naming a malformed one
+    if env is None:
+        return False
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.set_device(torch.device(rank_device(device)))
-    seconds = collective_timeout() if timeout_s is None else timeout_s
-    torch.distributed.init_process_group("nccl" if cuda else "gloo",
-                                         timeout=datetime.timedelta(seconds=seconds))
+    group_env.join(env, "nccl" if cuda else "gloo", collective_timeout() if timeout_s is None else timeout_s)
     return True
 
 

@@ -82,6 +82,9 @@ def scaling_command(
     if report_only:
         rows = _existing_rows(cfg, out)
     else:
+        from fvdiffusion.distributed import collective_timeout
+
+        collective_timeout()  # the groups' timeout (FVD_COLLECTIVE_TIMEOUT): a bad value is one line now
         rows = run_scaling(cfg, out, fresh=fresh, progress=tqdm_progress() if progress else None)
     if not rows:
         fail(f"no finished runs of this grid in {out / 'results.jsonl'}")

@@ -115,7 +115,9 @@ def handles_errors(command: F) -> F:
     """Decorate a command: expected failures become ``error: ...`` (exit 2), never a traceback.
 
     KeyboardInterrupt (Ctrl-C, or SIGTERM where a command maps it) ends with one line and
-    exit 130; a training run that stopped at a step boundary says how to resume.
+    exit 130; a training run that stopped at a step boundary says how to resume. In a process
+    group (torchrun), Ctrl-C reaches every rank: rank 0 alone prints the line, and an error that
+    an interrupt caused (a peer gone mid-collective) is read as the interrupt.
     """
 
     @functools.wraps(command)
@@ -125,9 +127,13 @@ def handles_errors(command: F) -> F:
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except KeyboardInterrupt as exc:
-            typer.secho(f"interrupted: {one_line(str(exc)) or 'stopped by the user'}", err=True)
+            _interrupted_line(exc)
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as exc:
+            interrupt = _interrupt_in_chain(exc)
+            if interrupt is not None:
+                _interrupted_line(interrupt)
+                raise typer.Exit(EXIT_INTERRUPTED) from None
             message = describe(exc)
             if message is None or os.environ.get("FVD_DEBUG"):
                 raise
@@ -136,6 +142,32 @@ def handles_errors(command: F) -> F:
 
     wrapper.__fvd_handles_errors__ = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def _interrupt_in_chain(exc: BaseException) -> KeyboardInterrupt | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _interrupted_line(exc: KeyboardInterrupt) -> None:
+    if _environment_rank() == 0:
+        typer.secho(f"interrupted: {one_line(str(exc)) or 'stopped by the user'}", err=True)
+
+
+def _environment_rank() -> int:
+    """This process's rank under torchrun (RANK with WORLD_SIZE > 1), else 0; unreadable: 0 (speak)."""
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 # --- input checks, run before anything is loaded -----------------------------------------------

@@ -175,8 +175,13 @@ def sample_command(
     options = parse_options(option, methods, SAMPLE_FLAGS) if option else {}
     if not methods:
         raise ValueError(f"{flag} needs at least one method")
-    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    from fvdiffusion import group_env
+    from fvdiffusion.distributed import collective_timeout
+
+    torchrun = group_env.read_env() is not None  # torchrun's variables checked, one line naming a bad one
     _check_processes(nproc, torchrun, methods, device, particles, noise_chunk)
+    if nproc > 1 or torchrun:
+        collective_timeout()  # a malformed FVD_COLLECTIVE_TIMEOUT is one line before anything starts
     job = SampleJob(target_class, methods, particles, steps, seed, eta, lam, batch_size, options, weights_dir, device,
                     noise_chunk)
     if nproc > 1:
