@@ -304,6 +304,9 @@ class Shard:
             work.wait()
         except Exception as exc:
             self.poll()  # a published failure explains more than the transport's error
+            if "timed out" in str(exc).lower():  # the transport's own timer (the same timeout) fired first
+                raise ShardFailedError(f"rank {self.rank} of {self.world}: {what} {self.where} did not complete "
+                                       f"within {self.timeout_s:g} s (a rank died or hangs)") from exc
             raise ShardFailedError(f"rank {self.rank} of {self.world}: {what} {self.where} failed: "
                                    f"{exception_line(exc)}") from exc
 
