@@ -189,3 +189,166 @@ def test_the_diffusers_extra_brings_accelerate_so_loading_a_pipeline_prints_no_n
     DDPMPipeline.from_pretrained(tmp_path / "ddpm")
     captured = capfd.readouterr()
     assert "accelerate" not in captured.err + captured.out
+
+
+# --- item 5: fvd t2i ----------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+from typer.testing import CliRunner  # noqa: E402
+
+from fvdiffusion.bench import t2i as t2i_runner  # noqa: E402
+from fvdiffusion.bench import t2i_rewards  # noqa: E402
+from fvdiffusion.cli import app as fvd_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny_diffusers.sd_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    from fvdiffusion.integrations.diffusers.export_mnist import export_ddpm_pipeline
+
+    return export_ddpm_pipeline(tmp_path_factory.mktemp("mnist") / "pipe")
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red apple\nthe sea at night\n")
+    return path
+
+
+def t2i(model, out, *extra, prompts=None, reward="brightness"):
+    source = ["--prompts", str(prompts)] if prompts is not None else ["--populations", "1"]
+    return CliRunner().invoke(fvd_app, ["t2i", "--model", str(model), *source, "--reward", reward,
+                                        "--particles", "2", "--steps", "2", "--device", "cpu", "--threads", "1",
+                                        "--no-progress", "--out", str(out), *extra])
+
+
+def error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+@pytest.fixture
+def align_calls(monkeypatch):
+    calls = []
+    real = t2i_runner.align
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(t2i_runner, "align", counting)
+    return calls
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--reward", "brightness"], "--reward brightness"),
+    (["--reward", "digit", "--reward-model", "3", "--eval-reward", "colourfulness"], "--eval-reward colourfulness"),
+])
+def test_t2i_rewards_that_cannot_score_the_pipeline_s_images_fail_before_any_sampling(mnist_dir, tmp_path, flags,
+                                                                                        named, align_calls):
+    reward = flags[1]
+    line = error_line(t2i(mnist_dir, tmp_path / "out", *flags[2:], reward=reward))
+    assert named in line and "[2, 1, 28, 28]" in line, line
+    assert align_calls == [] and not (tmp_path / "out" / "run.json").exists()
+
+
+def test_t2i_a_failed_run_never_blocks_its_own_retry(sd_dir, prompts_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(t2i_runner, "align", failing)
+    first = t2i(sd_dir, out, "--lam", "5", prompts=prompts_file)
+    assert first.exit_code != 0 and (out / "run.json").exists()
+    monkeypatch.undo()
+    retry = t2i(sd_dir, out, "--lam", "2", prompts=prompts_file)  # the fix: other settings
+    assert retry.exit_code == 0, retry.output
+    assert json.loads((out / "run.json").read_text())["options"]["lam"] == 2.0
+    # once a prompt is done, run.json binds
+    assert "lam" in error_line(t2i(sd_dir, out, "--lam", "3", prompts=prompts_file))
+
+
+def test_t2i_guidance_defaults_to_the_pipeline_s_own(sd_dir, prompts_file, tmp_path, align_calls):
+    assert t2i(sd_dir, tmp_path / "out", prompts=prompts_file).exit_code == 0
+    assert [k["guidance_scale"] for k in align_calls] == [None, None]  # align() then uses the pipeline's
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["guidance"] is None
+    assert t2i(sd_dir, tmp_path / "out2", "--guidance", "3", prompts=prompts_file).exit_code == 0
+    assert [k["guidance_scale"] for k in align_calls[2:]] == [3.0, 3.0]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--reward-model", "some/dir"], "--reward-model 'some/dir': --reward brightness takes no model"),
+    (["--clip-model", "some/dir"], "--clip-model 'some/dir': --reward brightness takes no CLIP model"),
+    (["--eval-reward", "jpeg", "--eval-reward-model", "x"], "--eval-reward-model 'x': --eval-reward jpeg takes no"),
+    (["--eval-clip-model", "x"], "--eval-clip-model needs --eval-reward"),
+])
+def test_t2i_model_paths_given_to_a_reward_that_takes_none_are_refused(sd_dir, prompts_file, tmp_path, extra,
+                                                                        needle, align_calls):
+    assert needle in error_line(t2i(sd_dir, tmp_path / "out", *extra, prompts=prompts_file))
+    assert align_calls == []
+
+
+def test_t2i_clip_model_reaches_every_model_reward(monkeypatch):
+    built = {}
+
+    class Fake:
+        def __init__(self, *args, **kwargs):
+            built[type(self).__name__] = (args, kwargs)
+
+    monkeypatch.setattr(t2i_rewards.model_rewards, "AestheticScore", type("AestheticScore", (Fake,), {}))
+    monkeypatch.setattr(t2i_rewards.model_rewards, "PickScore", type("PickScore", (Fake,), {}))
+    monkeypatch.setattr(t2i_rewards.model_rewards, "CLIPScore", type("CLIPScore", (Fake,), {}))
+    t2i_rewards.build_reward("aesthetic", "mlp.safetensors", "clip-dir", "cpu")
+    t2i_rewards.build_reward("pickscore", "pick-dir", "processor-dir", "cpu")
+    t2i_rewards.build_reward("clip", "clip-dir", None, "cpu")
+    assert built["AestheticScore"][0][:2] == ("mlp.safetensors", "clip-dir")
+    assert built["PickScore"] == (("pick-dir",), {"processor": "processor-dir", "device": "cpu"})
+    assert built["CLIPScore"][0] == ("clip-dir",)
+    assert {name for name, spec in t2i_rewards.REWARDS.items() if spec.model_help} >= {"clip", "aesthetic",
+                                                                                      "pickscore", "digit"}
+
+
+def test_t2i_the_clip_model_flag_reaches_the_run(sd_dir, prompts_file, tmp_path, monkeypatch):
+    from fvdiffusion.rewards.image_rewards import Brightness
+
+    seen = []
+
+    def fake_aesthetic(mlp, clip, device=None):
+        seen.append((mlp, clip))
+        return Brightness()
+
+    monkeypatch.setattr(t2i_rewards.model_rewards, "AestheticScore", fake_aesthetic)
+    result = t2i(sd_dir, tmp_path / "out", "--reward-model", "mlp.safetensors", "--clip-model", "clip-dir",
+                 prompts=prompts_file, reward="aesthetic")
+    assert result.exit_code == 0, result.output
+    assert seen == [("mlp.safetensors", "clip-dir")]
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["clip_model"] == "clip-dir"
+
+
+def test_t2i_a_csv_with_two_prompt_columns_is_refused(sd_dir, tmp_path, align_calls):
+    csv = tmp_path / "two.csv"
+    csv.write_text("Prompts,Category,Prompts\na cat,Animals,a dog\n")
+    line = error_line(t2i(sd_dir, tmp_path / "out", prompts=csv))
+    assert "2 'Prompts' columns" in line and "two.csv" in line and align_calls == []
+
+
+def test_t2i_a_shard_record_with_a_negative_index_is_refused(sd_dir, prompts_file, tmp_path):
+    out = tmp_path / "out"
+    assert t2i(sd_dir, out, "--shard", "0/2", prompts=prompts_file).exit_code == 0
+    shard = out / "metrics.shard-0-of-2.jsonl"
+    record = json.loads(shard.read_text().splitlines()[0])
+    record.update(index=-1, prompt="the sea at night")  # would index the last prompt
+    shard.write_text(json.dumps(record) + "\n")
+    line = error_line(t2i(sd_dir, out, "--merge", prompts=prompts_file))
+    assert "metrics.shard-0-of-2.jsonl" in line and "index -1" in line

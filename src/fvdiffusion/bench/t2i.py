@@ -7,8 +7,10 @@ once the images are on disk (a durable record file, :mod:`fvdiffusion.durable`: 
 line left by a crash is cut off and that prompt redone). Records are keyed by the prompt's
 index *and text*: a rerun skips the prompts already recorded, and a prompt edited between
 runs is recomputed, its stale record dropped from the file. ``OUT/run.json`` holds the run's
-settings, and rerunning into the same directory with different settings is refused rather
-than mixing two runs in one file.
+settings, and once a prompt is recorded, rerunning into the same directory with different
+settings is refused rather than mixing two runs in one file (before that, a retry replaces it).
+Every reward is probed on the pipeline's image shape before anything is sampled
+(:mod:`fvdiffusion.bench.t2i_rewards`).
 
 ``eval_reward`` scores the final images with a second reward that selection never sees;
 ``compare_base`` also runs ``method="base"`` from the same seed and writes a grid per prompt,
@@ -39,8 +41,11 @@ from fvdiffusion.durable import RecordLog, fsync_file, write_atomically
 from fvdiffusion.errors import CorruptRecordsError, PromptFileError, RunFileError, RunnerError
 from fvdiffusion.integrations.diffusers import align
 from fvdiffusion.integrations.diffusers.align import to_pil
+from fvdiffusion.bench.t2i_rewards import (  # noqa: F401  (REWARDS, REMOVED_REWARDS: the CLI's names)
+    REMOVED_REWARDS, REWARDS, build_reward, check_reward_name, check_reward_paths, pipeline_image_shape,
+    probe_reward,
+)
 from fvdiffusion.jsonsafe import finite_or_none
-from fvdiffusion.rewards import image_rewards, model_rewards
 from fvdiffusion.rewards.model_rewards import require
 from fvdiffusion.samplers import make_config
 
@@ -51,40 +56,7 @@ SHARD_FILE = re.compile(r"^metrics\.shard-(\d+)-of-(\d+)\.jsonl$")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-# --- rewards by name ---------------------------------------------------------------------
-
-def _aesthetic(reward_model: Optional[str], device: Any) -> Any:
-    if reward_model is None:
-        raise RunnerError("--reward aesthetic needs --reward-model PATH to the predictor's .safetensors weights")
-    return model_rewards.AestheticScore(reward_model, device=device)
-
-
-def _digit(reward_model: Optional[str], device: Any) -> Any:
-    """log p(class C | image) from the shipped MNIST classifier, on [0, 1] images (the exported DDPM's)."""
-    text = (reward_model or "").strip()
-    if not re.fullmatch(r"[0-9]", text):
-        raise RunnerError(f"--reward digit needs --reward-model C, the target class 0..9, got {reward_model!r}")
-    from fvdiffusion.integrations.diffusers.export_mnist import DigitImageReward
-    from fvdiffusion.rewards.classifier import ClassifierReward
-    from fvdiffusion.zoo.loaders import load_reward_classifier
-
-    return DigitImageReward(ClassifierReward(load_reward_classifier(device=device), int(text)))
-
-
-# name -> builder(reward_model, device); model-backed rewards import their extra only when built
-REWARDS: dict[str, Callable[[Optional[str], Any], Any]] = {
-    "brightness": lambda reward_model, device: image_rewards.Brightness(),
-    "colourfulness": lambda reward_model, device: image_rewards.Colourfulness(),
-    "jpeg": lambda reward_model, device: image_rewards.JpegCompressibility(),
-    "clip": lambda reward_model, device: model_rewards.CLIPScore(reward_model or model_rewards.DEFAULT_CLIP, device=device),
-    "aesthetic": _aesthetic,
-    "pickscore": lambda reward_model, device: model_rewards.PickScore(reward_model or model_rewards.DEFAULT_PICKSCORE,
-                                                                      device=device),
-    "digit": _digit,
-}
-# names that once were rewards: the message says why they are gone and what to use instead
-REMOVED_REWARDS = {"imagereward": model_rewards.IMAGEREWARD_REMOVED}
-
+# rewards by name: fvdiffusion.bench.t2i_rewards (REWARDS is re-exported for the CLI's name list)
 
 # --- inputs ------------------------------------------------------------------------------
 
@@ -117,6 +89,9 @@ def _csv_prompts(path: Path, text: str) -> list[str]:
         raise PromptFileError(f"{path}: line 1: bad CSV header ({exc})") from None
     if "Prompts" not in fieldnames:
         raise RunnerError(f"{path.name}: CSV has no 'Prompts' column (columns: {', '.join(fieldnames)})")
+    if fieldnames.count("Prompts") > 1:  # csv.DictReader would silently keep the last one
+        raise PromptFileError(f"{path}: line 1: the CSV has {fieldnames.count('Prompts')} 'Prompts' columns; "
+                              "keep one")
     prompts = []
     start = reader.line_num + 1  # the line the next record starts on
     while True:
@@ -144,7 +119,7 @@ class T2ISettings:
     particles: int
     steps: int
     seed: int
-    guidance: float
+    guidance: Optional[float]  # None: the pipeline's own default (as align() and the pipeline use)
     dtype: str
     options: dict[str, Any] = field(default_factory=dict)
     revision: Optional[str] = None  # hub commit / tag of the pipeline (None: the default branch)
@@ -154,16 +129,20 @@ class T2ISettings:
     eval_reward: Optional[str] = None        # a second reward on the final images, never used for selection
     eval_reward_model: Optional[str] = None
     compare_base: bool = False               # also run method="base" from the same seed; a grid per prompt
+    clip_model: Optional[str] = None         # aesthetic: its CLIP; pickscore: its processor (None: the default)
+    eval_clip_model: Optional[str] = None
 
 
 def shard_file(shard: tuple[int, int]) -> str:
     return f"metrics.shard-{shard[0]}-of-{shard[1]}.jsonl"
 
 
-def check_settings(out: Path, settings: T2ISettings) -> None:
-    """Refuse to continue a run that was made with other settings."""
+def check_settings(out: Path, settings: T2ISettings, has_records: bool = True) -> None:
+    """Refuse to continue a run that was made with other settings. A run.json without a single
+    record (a run that failed before its first prompt was done) binds nothing: its retry with
+    other settings replaces it."""
     path = out / SETTINGS_FILE
-    if not path.is_file():
+    if not path.is_file() or not has_records:
         return
     current = _settings_json(settings)
     try:
@@ -185,19 +164,16 @@ def check_settings(out: Path, settings: T2ISettings) -> None:
         )
 
 
-def save_settings(out: Path, settings: T2ISettings) -> None:
-    """Record the settings once the model and reward have loaded (a failed start leaves no claim on OUT)."""
+def save_settings(out: Path, settings: T2ISettings, has_records: bool = True) -> None:
+    """Record the settings once the model and reward have loaded and been probed (a run.json
+    without records is replaced, see :func:`check_settings`)."""
     path = out / SETTINGS_FILE
-    if not path.is_file():
+    if not path.is_file() or not has_records:
         write_atomically(path, (json.dumps(_settings_json(settings), indent=2) + "\n").encode("utf-8"))
 
 
 def _settings_json(settings: T2ISettings) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(settings)))  # normalised as it reads back from the file
-
-
-def _build_reward(name: str, reward_model: Optional[str], device: Any) -> Any:
-    return REWARDS[name](reward_model, device)
 
 
 def open_metrics(metrics: Path) -> RecordLog:
@@ -209,6 +185,9 @@ def open_metrics(metrics: Path) -> RecordLog:
     for number, record in enumerate(log.rows, start=1):
         if not isinstance(record.get("index"), int) or not isinstance(record.get("prompt"), str):
             raise RunFileError(f"{metrics}: record {number} is not a metrics record (no index or prompt)")
+        if isinstance(record["index"], bool) or record["index"] < 0:  # -1 would index the last prompt
+            raise RunFileError(f"{metrics}: record {number} has index {record['index']!r}; prompt indices "
+                               "start at 0")
     return log
 
 
@@ -241,13 +220,6 @@ def load_pipeline(model: str, dtype: str, device: str, revision: Optional[str] =
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunnerError(f"could not load pipeline {model!r} (safetensors weights only): {first_line}") from exc
     return pipe.to(device)
-
-
-def check_reward_name(flag: str, name: str) -> None:
-    if name in REMOVED_REWARDS:
-        raise RunnerError(f"{flag} {name}: {REMOVED_REWARDS[name]}")
-    if name not in REWARDS:
-        raise RunnerError(f"{flag}: unknown reward {name!r}; expected one of {', '.join(REWARDS)}")
 
 
 def merge_shards(out: Path, prompts: list[str], log: RecordLog) -> int:
@@ -351,8 +323,12 @@ def run_t2i(
     else:
         prompts = read_prompts(prompts_file)
     check_reward_name("--reward", settings.reward)
+    check_reward_paths("--reward", settings.reward, settings.reward_model, settings.clip_model,
+                       "--reward-model", "--clip-model")
     if settings.eval_reward is not None:
         check_reward_name("--eval-reward", settings.eval_reward)
+        check_reward_paths("--eval-reward", settings.eval_reward, settings.eval_reward_model,
+                           settings.eval_clip_model, "--eval-reward-model", "--eval-clip-model")
     if settings.dtype not in DTYPES:
         raise RunnerError(f"unknown dtype {settings.dtype!r}; expected one of {', '.join(DTYPES)}")
     if shard is not None and not (isinstance(shard, tuple) and len(shard) == 2 and 0 <= shard[0] < shard[1]):
@@ -366,8 +342,9 @@ def run_t2i(
         make_config(settings.method, n_particles=settings.particles, num_steps=settings.steps,
                     seed=settings.seed + len(prompts) - 1, batch_size=batch_size, **settings.options)
     out.mkdir(parents=True, exist_ok=True)
-    check_settings(out, settings)
     metrics = out / METRICS_FILE
+    has_records = _has_records(out)
+    check_settings(out, settings, has_records)
     main_log = open_metrics(metrics)
     if shard is None:
         merge_shards(out, prompts, main_log)
@@ -383,9 +360,9 @@ def run_t2i(
         return log.path
 
     device = resolve_device(device)
-    reward = _build_reward(settings.reward, settings.reward_model, device)
+    reward = build_reward(settings.reward, settings.reward_model, settings.clip_model, device)
     eval_reward = (None if settings.eval_reward is None
-                   else _build_reward(settings.eval_reward, settings.eval_reward_model, device))
+                   else build_reward(settings.eval_reward, settings.eval_reward_model, settings.eval_clip_model, device))
     pipe = load_pipeline(settings.model, settings.dtype, device, revision=settings.revision)
     unconditional = _is_unconditional(pipe)
     if unconditional and populations is None:
@@ -399,7 +376,13 @@ def run_t2i(
     for name, value in (("--height", settings.height), ("--width", settings.width)):
         if value is not None and isinstance(scale, int) and value % scale:
             raise RunnerError(f"{name} {value}: must be a multiple of the pipeline's VAE scale factor {scale}")
-    save_settings(out, settings)
+    # every reward scores the pipeline's own image shape once, before any population is sampled
+    shape = pipeline_image_shape(pipe, settings.height, settings.width)
+    probe_prompt = None if unconditional else todo[0][1]
+    probe_reward("--reward", settings.reward, reward, shape, device, probe_prompt)
+    if eval_reward is not None:
+        probe_reward("--eval-reward", settings.eval_reward, eval_reward, shape, device, probe_prompt)
+    save_settings(out, settings, has_records)
     size = {"negative_prompt": settings.negative_prompt, "height": settings.height, "width": settings.width,
             "guidance_scale": None if unconditional else settings.guidance}
     total = len(prompts) if shard is None else len(range(shard[0], len(prompts), shard[1]))
@@ -441,6 +424,12 @@ def run_t2i(
     if shard is None:
         write_summary(out, settings, prompts, main_log)
     return log.path
+
+
+def _has_records(out: Path) -> bool:
+    """Whether any prompt of this run is done (in metrics.jsonl or a shard file): only then does run.json bind."""
+    files = [out / METRICS_FILE, *(p for p in out.iterdir() if SHARD_FILE.match(p.name))]
+    return any(path.is_file() and path.stat().st_size > 0 for path in files)
 
 
 def _is_unconditional(pipe: Any) -> bool:

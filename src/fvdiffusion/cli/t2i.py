@@ -38,11 +38,16 @@ def t2i(
     steps: int = typer.Option(50, help="denoising steps"),
     seed: int = typer.Option(0, help="base seed; prompt i uses seed + i"),
     batch_size: Optional[int] = typer.Option(None, help="micro-batch for UNet, VAE and reward (results do not change)"),
-    guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
+    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale (default: the pipeline's "
+                                             "own, 7.5 for SD, 5.0 for SDXL)"),
     lam: float = typer.Option(1.0, help="reward scale λ (inf only for argmax methods)"),
     option: list[str] = typer.Option([], help="method option KEY=VALUE, repeatable (e.g. rebirth_noise=0.5)"),
     reward_model: Optional[str] = typer.Option(None, help="clip / pickscore: the model's local directory or hub id; aesthetic: the predictor's "
-                                               ".safetensors; digit: the target class 0..9"),
+                                               ".safetensors; digit: the target class 0..9 (refused for the "
+                                               "other rewards)"),
+    clip_model: Optional[str] = typer.Option(None, help="aesthetic: its CLIP backbone's local directory or hub id; "
+                                             "pickscore: its tokenizer and image processor's (offline runs need "
+                                             "a directory; refused for the other rewards)"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N, mps, or auto = cuda if available"),
     dtype: str = typer.Option("float32", help=f"pipeline dtype: {', '.join(DTYPE_NAMES)}"),
     threads: int = threads_option(),
@@ -56,6 +61,7 @@ def t2i(
     eval_reward: Optional[str] = typer.Option(None, help="a second reward scored on the final images and "
                                               "reported, never used for selection"),
     eval_reward_model: Optional[str] = typer.Option(None, help="--eval-reward's model (as --reward-model)"),
+    eval_clip_model: Optional[str] = typer.Option(None, help="--eval-reward's CLIP model (as --clip-model)"),
     compare_base: bool = typer.Option(False, help="also run method base from the same seed and write "
                                       "OUT/grids/iiii.png (base row vs aligned row)"),
     shard: Optional[str] = typer.Option(None, help="I/N: run prompts I, I+N, I+2N, ... (0 <= I < N) into "
@@ -84,6 +90,8 @@ def t2i(
         fail(f"--eta must be in [0, 1], got {eta}")
     if eval_reward_model is not None and eval_reward is None:
         fail("--eval-reward-model needs --eval-reward")
+    if eval_clip_model is not None and eval_reward is None:
+        fail("--eval-clip-model needs --eval-reward")
     if negative_prompt is not None and not negative_prompt.strip():
         fail("--negative-prompt is empty: leave it out for no negative prompt")
     shard_of = parse_shard(shard)
@@ -98,7 +106,8 @@ def t2i(
                            particles=particles, steps=steps, seed=seed, guidance=guidance, dtype=dtype,
                            options={**options, "lam": lam, **({} if eta is None else {"eta": eta})},
                            revision=revision, negative_prompt=negative_prompt, height=height, width=width,
-                           eval_reward=eval_reward, eval_reward_model=eval_reward_model, compare_base=compare_base)
+                           eval_reward=eval_reward, eval_reward_model=eval_reward_model, compare_base=compare_base,
+                           clip_model=clip_model, eval_clip_model=eval_clip_model)
     metrics = run_t2i(settings, prompts, out, batch_size=batch_size, device=device, show_progress=progress,
                       shard=shard_of, merge_only=merge, populations=populations)
     typer.echo(f"metrics: {metrics}")
