@@ -41,14 +41,39 @@ def fsync_file(path: Path) -> None:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write a whole file atomically: temporary file beside it, fsync, replace, fsync the folder."""
+    """Write a whole file atomically: temporary file beside it, fsync, replace, fsync the folder.
+
+    A failed write (a full disk, a file-size limit, an interrupt) leaves neither a temporary nor a
+    0-byte file, and the error names ``path`` (the OS's own names nothing for a failed write)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        _remove_quietly(tmp)
+        if isinstance(exc, OSError):
+            raise naming(path, exc) from None
+        raise
     fsync_dir(path.parent)
+
+
+def naming(path: Path, exc: OSError) -> OSError:
+    """``exc`` with ``path`` as its file name when it has none ("[Errno 28] No space left" names nothing)."""
+    if exc.filename is not None and not str(exc.filename).endswith(".tmp"):
+        return exc
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path)) if exc.errno else \
+        OSError(f"{path}: {exc}")
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def fsync_dir(path: Path) -> None:
@@ -137,14 +162,31 @@ class RecordLog:
         created = not self.path.exists()
         if created:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("ab") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        before = 0 if created else self.path.stat().st_size
+        try:
+            with self.path.open("ab") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException as exc:  # a full disk: no torn line, no 0-byte file left behind
+            self._restore(before, created)
+            if isinstance(exc, OSError):
+                raise naming(self.path, exc) from None
+            raise
         if created:
             fsync_dir(self.path.parent)
         self.rows.append(row)
         self._done.add(self.key(row))
+
+    def _restore(self, size: int, created: bool) -> None:
+        try:
+            if created:
+                self.path.unlink()
+            else:
+                with self.path.open("r+b") as fh:
+                    fh.truncate(size)
+        except OSError:
+            pass  # a torn last line is still cut off when the file is next opened
 
     def keep_only(self, rows: Iterable[dict[str, Any]]) -> None:
         """Atomically rewrite the file with just the records whose key is among ``rows``' keys."""
@@ -157,12 +199,6 @@ class RecordLog:
         if len(kept) == len(self.rows):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("wb") as fh:
-            fh.write("".join(strict_json_dumps(r) + "\n" for r in kept).encode("utf-8"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
+        write_atomically(self.path, "".join(strict_json_dumps(r) + "\n" for r in kept).encode("utf-8"))
         self.rows = kept
         self._done = {self.key(r) for r in kept}

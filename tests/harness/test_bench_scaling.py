@@ -122,3 +122,23 @@ def test_bad_flags_are_one_line_naming_the_flag(tmp_path, argv, needle):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
     assert not out.exists()  # refused before anything ran
 
+
+
+def test_report_only_accepts_rows_missing_a_timing_or_holding_null(tmp_path):
+    """Rows as an older runner, a crash or a hand edit may leave them: no traceback, '-' where nothing was timed."""
+    base = {"testbed": "toy", "repeat": 0, "device": "cpu", "threads": 1, "world_size": 1, "noise_chunk": 4,
+            "steps": 2, "selections": 2,
+            "selected_steps": 2, "mean_dead_fraction": 0.25, "particle_bytes": 8, "particle_bytes_moved": 0,
+            "bytes_per_selection": 0.0, "bound_per_selection": 32.0, "bound_ratio": 0.0,
+            "scalar_bytes_gathered": 0, "scalar_bytes_per_selection": None}
+    rows = [{**base, "n": 16, "procs": 1, "wall_seconds": 0.2, "step_seconds": 0.1},
+            {**base, "n": 16, "procs": 2, "wall_seconds": None, "step_seconds": None},
+            {**base, "n": 64, "procs": 1},                       # no timing at all
+            {**base, "n": 64, "procs": 2, "step_seconds": 0.3, "bytes_per_selection": None}]
+    out = tmp_path / "scaling"
+    out.mkdir()
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["bench", "scaling", "--quick", "--testbeds", "toy", "--report-only", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = (out / "results.md").read_text()
+    assert "- (no timing)" in report and (out / "scaling.png").is_file()

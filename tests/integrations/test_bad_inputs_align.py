@@ -352,3 +352,62 @@ def test_t2i_a_shard_record_with_a_negative_index_is_refused(sd_dir, prompts_fil
     shard.write_text(json.dumps(record) + "\n")
     line = error_line(t2i(sd_dir, out, "--merge", prompts=prompts_file))
     assert "metrics.shard-0-of-2.jsonl" in line and "index -1" in line
+
+
+# --- item 10: converters check finiteness and bound what they load -------------------------------
+
+from fvdiffusion.errors import ConversionError  # noqa: E402
+from fvdiffusion.rewards import model_rewards  # noqa: E402
+
+PREDICTOR = ((0, (1024, 768)), (2, (128, 1024)), (4, (64, 128)), (6, (16, 64)), (7, (1, 16)))
+
+
+def predictor_state():
+    torch.manual_seed(0)
+    return {f"layers.{i}.{p}": torch.randn(shape if p == "weight" else shape[:1]) * 0.01
+            for i, shape in PREDICTOR for p in ("weight", "bias")}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_convert_aesthetic_refuses_non_finite_weights(tmp_path, value):
+    state = predictor_state()
+    state["layers.2.weight"][3, 5] = value
+    torch.save(state, tmp_path / "p.pth")
+    with pytest.raises(ConversionError, match=r"layers\.2\.weight has 1 non-finite value"):
+        model_rewards.convert_aesthetic(tmp_path / "p.pth", tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_convert_aesthetic_refuses_a_small_file_that_expands_in_memory(tmp_path):
+    state = predictor_state()
+    wide = 300_000  # 1024 x 300,000 float32 = 1.2 GB once contiguous, from one stored value
+    state["layers.0.weight"] = torch.zeros(1).expand(1024, wide)
+    state["layers.0.bias"] = torch.zeros(1024)
+    torch.save(state, tmp_path / "bomb.pth")
+    assert (tmp_path / "bomb.pth").stat().st_size < 1_000_000
+    with pytest.raises(ConversionError, match="more than an aesthetic predictor holds"):
+        model_rewards.convert_aesthetic(tmp_path / "bomb.pth", tmp_path / "a.safetensors")
+    state["layers.0.weight"] = torch.zeros(1).expand(1024, 768)  # within the bound, but still a view of one value
+    torch.save(state, tmp_path / "view.pth")
+    with pytest.raises(ConversionError, match="claims 786,432 values but its storage holds 1"):
+        model_rewards.convert_aesthetic(tmp_path / "view.pth", tmp_path / "a.safetensors")
+
+
+def test_convert_aesthetic_bounds_the_file_before_unpickling(tmp_path, monkeypatch):
+    torch.save(predictor_state(), tmp_path / "p.pth")
+    monkeypatch.setattr(model_rewards, "MAX_CONVERT_BYTES", 100_000)
+    loads = []
+    monkeypatch.setattr(model_rewards.torch, "load", lambda *a, **k: loads.append(a))
+    with pytest.raises(ConversionError, match="more than an aesthetic predictor"):
+        model_rewards.convert_aesthetic(tmp_path / "p.pth", tmp_path / "a.safetensors")
+    assert loads == []
+
+
+def test_a_nan_safetensors_predictor_is_refused_by_aesthetic_score(tmp_path):
+    from safetensors.torch import save_file
+
+    state = predictor_state()
+    state["layers.7.bias"][0] = float("nan")
+    save_file(state, str(tmp_path / "a.safetensors"))
+    with pytest.raises(ValueError, match="non-finite"):
+        model_rewards.AestheticScore(tmp_path / "a.safetensors", tmp_path / "no-clip", download=False)

@@ -14,6 +14,7 @@ interrupted benchmark resumes at the next missing run.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -243,15 +244,15 @@ class Summary:
     n: int
     procs: int
     repeats: int
-    step_median: float
-    step_min: float
-    step_max: float
-    bytes_per_selection: float
-    bound_per_selection: float
+    step_median: float | None    # None: no repeat of this configuration holds a timing
+    step_min: float | None
+    step_max: float | None
+    bytes_per_selection: float | None
+    bound_per_selection: float | None
     bound_ratio: float | None
     scalar_bytes_per_selection: float | None
-    selections: int
-    selected_steps: int
+    selections: int | None
+    selected_steps: int | None
     efficiency: float | None = None   # T(1) / (P T(P)) at the same N, from the medians
 
 
@@ -260,9 +261,9 @@ def summarise(rows: Sequence[dict]) -> list[Summary]:
     for row in rows:
         groups.setdefault((row["testbed"], row["n"], row["procs"]), []).append(row)
     summaries = [_summary(key, group) for key, group in sorted(groups.items(), key=_order)]
-    one = {(s.testbed, s.n): s.step_median for s in summaries if s.procs == 1}
+    one = {(s.testbed, s.n): s.step_median for s in summaries if s.procs == 1 and s.step_median is not None}
     for s in summaries:
-        if (s.testbed, s.n) in one:
+        if (s.testbed, s.n) in one and s.step_median:
             s.efficiency = one[(s.testbed, s.n)] / (s.procs * s.step_median)
     return summaries
 
@@ -272,16 +273,24 @@ def _order(item: tuple[tuple[str, int, int], list]) -> tuple:
     return (TESTBEDS.index(testbed) if testbed in TESTBEDS else len(TESTBEDS), n, procs)
 
 
+def _numbers(group: list[dict], name: str) -> list[float]:
+    """The finite values of ``name`` over the rows: a row missing it, or holding null, has none."""
+    values = [row.get(name) for row in group]
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
 def _summary(key: tuple[str, int, int], group: list[dict]) -> Summary:
-    times = [row["step_seconds"] for row in group]
-    moved = statistics.fmean(row["bytes_per_selection"] for row in group)
-    bound = statistics.fmean(row["bound_per_selection"] for row in group)
-    scalars = [row["scalar_bytes_per_selection"] for row in group if row["scalar_bytes_per_selection"] is not None]
-    return Summary(*key, repeats=len(group), step_median=statistics.median(times), step_min=min(times),
-                   step_max=max(times), bytes_per_selection=moved, bound_per_selection=bound,
-                   bound_ratio=moved / bound if bound > 0 else None,
+    times = _numbers(group, "step_seconds")
+    moved, bound = _numbers(group, "bytes_per_selection"), _numbers(group, "bound_per_selection")
+    scalars = _numbers(group, "scalar_bytes_per_selection")
+    moved_mean = statistics.fmean(moved) if moved else None
+    bound_mean = statistics.fmean(bound) if bound else None
+    return Summary(*key, repeats=len(group), step_median=statistics.median(times) if times else None,
+                   step_min=min(times, default=None), step_max=max(times, default=None),
+                   bytes_per_selection=moved_mean, bound_per_selection=bound_mean,
+                   bound_ratio=moved_mean / bound_mean if moved_mean is not None and bound_mean else None,
                    scalar_bytes_per_selection=statistics.fmean(scalars) if scalars else None,
-                   selections=group[0]["selections"], selected_steps=group[0]["selected_steps"])
+                   selections=group[0].get("selections"), selected_steps=group[0].get("selected_steps"))
 
 
 @dataclass(frozen=True)
@@ -333,10 +342,14 @@ def _table(rows: Sequence[Summary]) -> list[str]:
 
     header = ["N", "P", "s/step median [min, max]", "efficiency T1/(P TP)", "bytes/selection", "bound/selection",
               "ratio", "scalar bytes/selection", "selections"]
-    body = [[s.n, s.procs, f"{s.step_median:.4g} [{s.step_min:.4g}, {s.step_max:.4g}]", _pct(s.efficiency),
-             f"{s.bytes_per_selection:,.0f}", f"{s.bound_per_selection:,.0f}", _ratio(s), _bytes(s.scalar_bytes_per_selection),
-             s.selections] for s in rows]
+    body = [[s.n, s.procs, _times(s), _pct(s.efficiency), _bytes(s.bytes_per_selection), _bytes(s.bound_per_selection),
+             _ratio(s), _bytes(s.scalar_bytes_per_selection), "-" if s.selections is None else s.selections]
+            for s in rows]
     return markdown_table(header, body).splitlines()
+
+
+def _times(s: Summary) -> str:
+    return "- (no timing)" if s.step_median is None else f"{s.step_median:.4g} [{s.step_min:.4g}, {s.step_max:.4g}]"
 
 
 def _pct(value: float | None) -> str:
@@ -356,7 +369,7 @@ def mismatches(rows: Sequence[dict]) -> list[tuple[str, int, int]]:
     seen: dict[tuple[str, int, int], set] = {}
     for row in rows:
         seen.setdefault((row["testbed"], row["n"], row["repeat"]), set()).add(
-            (row["mean_dead_fraction"], row["selected_steps"]))
+            (row.get("mean_dead_fraction"), row.get("selected_steps")))
     return sorted(key for key, values in seen.items() if len(values) > 1)
 
 
@@ -421,18 +434,23 @@ def write_figure(cfg: ScalingConfig, summaries: Sequence[Summary], path: Path) -
     fig, (time_ax, bytes_ax, eff_ax) = plt.subplots(1, 3, figsize=(15, 4.4))
     for testbed, marker in zip(cfg.testbeds, "os"):
         for procs in sorted(cfg.procs):
-            rows = [s for s in summaries if s.testbed == testbed and s.procs == procs]
-            if not rows:
-                continue
-            ns = [s.n for s in rows]
             label = f"{testbed} P={procs}"
-            err = [[s.step_median - s.step_min for s in rows], [s.step_max - s.step_median for s in rows]]
-            time_ax.errorbar(ns, [s.step_median for s in rows], yerr=err, marker=marker, capsize=3, label=label)
-            if procs > 1:
-                line = bytes_ax.plot(ns, [max(s.bytes_per_selection, 1.0) for s in rows], marker=marker, label=f"{label} moved")
-                bytes_ax.plot(ns, [s.bound_per_selection for s in rows], ls="--", marker="x", color=line[0].get_color(),
-                              label=f"{label} bound")
-                eff_ax.plot(ns, [100 * (s.efficiency or 0.0) for s in rows], marker=marker, label=label)
+            timed = [s for s in summaries if s.testbed == testbed and s.procs == procs and s.step_median is not None]
+            if timed:
+                err = [[s.step_median - s.step_min for s in timed], [s.step_max - s.step_median for s in timed]]
+                time_ax.errorbar([s.n for s in timed], [s.step_median for s in timed], yerr=err, marker=marker,
+                                 capsize=3, label=label)
+            moved = [s for s in summaries if s.testbed == testbed and s.procs == procs
+                     and s.bytes_per_selection is not None and s.bound_per_selection is not None]
+            if procs > 1 and moved:
+                ns = [s.n for s in moved]
+                line = bytes_ax.plot(ns, [max(s.bytes_per_selection, 1.0) for s in moved], marker=marker,
+                                     label=f"{label} moved")
+                bytes_ax.plot(ns, [s.bound_per_selection for s in moved], ls="--", marker="x",
+                              color=line[0].get_color(), label=f"{label} bound")
+            efficient = [s for s in timed if s.efficiency is not None]
+            if procs > 1 and efficient:
+                eff_ax.plot([s.n for s in efficient], [100 * s.efficiency for s in efficient], marker=marker, label=label)
     time_ax.set(xscale="log", yscale="log", xlabel="particles N", ylabel="seconds per step (median, min-max)",
                 title="FVD wall time per step")
     bytes_ax.set(xscale="log", yscale="log", xlabel="particles N", ylabel="particle bytes per selection",

@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from fvdiffusion.durable import RecordLog, fsync_file, write_atomically
+from fvdiffusion.durable import RecordLog, write_atomically
 from fvdiffusion.errors import CorruptRecordsError, PromptFileError, RunFileError, RunnerError
 from fvdiffusion.integrations.diffusers import align
 from fvdiffusion.integrations.diffusers.align import to_pil
@@ -142,7 +142,7 @@ def check_settings(out: Path, settings: T2ISettings, has_records: bool = True) -
     record (a run that failed before its first prompt was done) binds nothing: its retry with
     other settings replaces it."""
     path = out / SETTINGS_FILE
-    if not path.is_file() or not has_records:
+    if not path.is_file():
         return
     current = _settings_json(settings)
     try:
@@ -153,6 +153,8 @@ def check_settings(out: Path, settings: T2ISettings, has_records: bool = True) -
     if not isinstance(stored, dict):
         raise RunFileError(f"{path}: not a valid settings file (a JSON object expected); restore it, or use "
                            "another --out to start a new run")
+    if not has_records:
+        return  # a damaged file is still reported above; a readable one binds nothing yet
     # a field added since the run was started reads as its default (older run.json files stay valid)
     defaults = _settings_json(T2ISettings(**{f.name: "" for f in fields(T2ISettings) if f.default is MISSING
                                              and f.default_factory is MISSING}))
@@ -285,11 +287,11 @@ def save_grid(path: Path, rows: list[tuple[str, list[Any]]]) -> None:
 
 
 def _save_images(out: Path, image_dir: Path, images: list[Any], prefix: str = "") -> list[str]:
+    from fvdiffusion.bench.common.images import save_image
+
     paths = []
     for rank, image in enumerate(images):
-        path = image_dir / f"{prefix}{rank:02d}.png"
-        image.save(path)
-        fsync_file(path)
+        path = save_image(image, image_dir / f"{prefix}{rank:02d}.png")  # atomic and fsynced
         paths.append(str(path.relative_to(out)))
     return paths
 

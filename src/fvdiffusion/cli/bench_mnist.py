@@ -15,6 +15,7 @@ from fvdiffusion.cli.errors import (
     threads_option,
 )
 from fvdiffusion.cli.sample import MNIST_BYTES_PER_PARTICLE
+from fvdiffusion.durable import write_atomically
 
 DEFAULT_OUT = Path("benchmarks/mnist")
 
@@ -162,14 +163,14 @@ def mnist_command(
         spaces = tuple(s for s in scorer.spaces if s in TUNING_SPACES)
         text = "\n".join([f"# MNIST tuning (eta = {cfg.eta})\n", f"Reproduce: `{reproduce_command(cfg, out_dir)} "
                           "--tune-only`\n", *tuning_lines(outcome.tuning, cfg, spaces)]) + "\n"
-        (Path(out_dir) / "tuning.md").write_text(text)
+        write_atomically(Path(out_dir) / "tuning.md", text.encode("utf-8"))
         typer.echo(f"wrote {Path(out_dir) / 'tuning.md'}")
         return
     if not outcome.rows:
         fail(f"no finished cells in {Path(out_dir) / 'results.jsonl'}")
     summaries = summarise(outcome, scorer)
     report = mnist_report(outcome, cfg, scorer, reproduce_command(cfg, out_dir), summaries)
-    (Path(out_dir) / "results.md").write_text(report)
+    write_atomically(Path(out_dir) / "results.md", report.encode("utf-8"))
     figures = write_figures(outcome, summaries, scorer.primary, out_dir)
     typer.echo(f"wrote {Path(out_dir) / 'results.md'} and {', '.join(str(p) for p in figures)}")
 

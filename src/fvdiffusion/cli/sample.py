@@ -117,7 +117,9 @@ def run_sample_job(job: SampleJob, out: Path, progress: bool = True) -> dict[str
     if len(job.methods) > 1:
         save_rows(rows, out / "compare.png")
         report["compare"] = "compare.png"
-    (out / "metrics.json").write_text(strict_json_dumps(report, indent=2) + "\n")
+    from fvdiffusion.durable import write_atomically
+
+    write_atomically(out / "metrics.json", (strict_json_dumps(report, indent=2) + "\n").encode("utf-8"))
     return report
 
 

@@ -39,7 +39,9 @@ def suite(
                 fv.make_config(entry.method, n_particles=particles, num_steps=steps, seed=seed, eta=eta,
                                **entry.options)
     rows = run_suite(cfg, out)
-    (out / "table.md").write_text(suite_report(rows, cfg, default_command(cfg, out)))
+    from fvdiffusion.durable import write_atomically
+
+    write_atomically(out / "table.md", suite_report(rows, cfg, default_command(cfg, out)).encode("utf-8"))
     typer.echo(f"wrote {out / 'table.md'}")
 
 

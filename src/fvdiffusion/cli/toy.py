@@ -63,7 +63,9 @@ def toy(
         for seed in (0, *cfg.seeds):
             fv.make_config(spec.method, n_particles=particles, num_steps=steps, seed=seed, **spec.options)
     rows = run_toy_bench(cfg, out)
-    (out / "table.md").write_text(toy_table(rows, cfg))
+    from fvdiffusion.durable import write_atomically
+
+    write_atomically(out / "table.md", toy_table(rows, cfg).encode("utf-8"))
     figure = plot_toy(rows, out / "toy.png") if any(p.startswith("gmm2d") for p in cfg.problems) else None
     typer.echo(f"wrote {out / 'table.md'}" + (f" and {figure}" if figure else ""))
 

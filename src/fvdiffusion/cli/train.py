@@ -186,8 +186,10 @@ def quality_command(
     text = strict_json_dumps(report.to_dict(), indent=2)
     typer.echo(text)
     if out is not None:
+        from fvdiffusion.durable import write_atomically
+
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        write_atomically(out, (text + "\n").encode("utf-8"))
     if update_card:
         card = (ddpm or default_path("ddpm")).with_suffix(".md")
         update_card_quality(card, report.to_dict())

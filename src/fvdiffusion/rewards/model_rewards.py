@@ -267,6 +267,11 @@ class PickScore:
 _AESTHETIC_LAYERS = (0, 2, 4, 6, 7)  # Linear layers of the LAION MLP; dropouts sit between them
 AESTHETIC_KEYS = tuple(f"layers.{i}.{p}" for i in _AESTHETIC_LAYERS for p in ("weight", "bias"))
 _PICKLE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle"}
+# The published predictor is 3.7 MB (0.93 M float32 values); these bounds leave room for wider
+# CLIPs while refusing a small file that would expand in memory (a zip entry, or a tensor that is
+# a stride-0 view of a few values, as large as it likes once made contiguous).
+MAX_CONVERT_BYTES = 256 * 2**20
+MAX_AESTHETIC_VALUES = 64 * 2**20
 
 
 def _is_pickle(path: Path) -> bool:
@@ -287,6 +292,15 @@ def _check_aesthetic_state(state: Any, source: Path, error: type[Exception] = Va
     bad = [k for k, v in state.items() if not isinstance(v, Tensor) or not v.is_floating_point()]
     if bad:
         raise error(f"{source}: {bad[0]} is a {type(state[bad[0]]).__name__}, not a floating-point tensor")
+    total = sum(state[k].numel() for k in AESTHETIC_KEYS)
+    if total > MAX_AESTHETIC_VALUES:
+        raise error(f"{source}: {total:,} values in all, more than an aesthetic predictor holds "
+                    f"(at most {MAX_AESTHETIC_VALUES:,}; the published one has 0.93 M)")
+    for k in AESTHETIC_KEYS:
+        tensor = state[k]  # a view must not claim more values than its storage holds
+        if tensor.numel() and tensor.untyped_storage().nbytes() < tensor.numel() * tensor.element_size():
+            raise error(f"{source}: {k} claims {tensor.numel():,} values but its storage holds "
+                        f"{tensor.untyped_storage().nbytes() // tensor.element_size():,} (an expanded view)")
     width = None
     for i in _AESTHETIC_LAYERS:
         weight, bias = state[f"layers.{i}.weight"], state[f"layers.{i}.bias"]
@@ -296,6 +310,11 @@ def _check_aesthetic_state(state: Any, source: Path, error: type[Exception] = Va
         width = weight.shape[0]
     if width != 1:
         raise error(f"{source}: the last layer has {width} outputs, expected 1 (a score)")
+    for k in AESTHETIC_KEYS:
+        bad = int((~torch.isfinite(state[k])).sum())
+        if bad:
+            raise error(f"{source}: {k} has {bad} non-finite value(s) (NaN or inf) of {state[k].numel()}: "
+                        "the predictor would score every image NaN")
     return {k: state[k] for k in AESTHETIC_KEYS}
 
 
@@ -319,6 +338,7 @@ def convert_aesthetic(src: PathLike, dst: PathLike) -> Path:
         raise ConversionError(f"{dst}: the output must be a .safetensors file")
     if not src.is_file():
         raise MissingWeightsError(f"{src}: no such file (the predictor's .pth, e.g. sac+logos+ava1-l14-linearMSE.pth)")
+    _check_convert_size(src)
     try:
         state = torch.load(src, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
@@ -327,8 +347,26 @@ def convert_aesthetic(src: PathLike, dst: PathLike) -> Path:
                               f"(torch.load(weights_only=True) said: {first_line(exc)})") from None
     state = _check_aesthetic_state(state, src, ConversionError)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    dst.parent.mkdir(parents=True, exist_ok=True)  # --out may name a folder still to be made, as elsewhere
     write_atomically(dst, save(tensors, metadata={"format": "pt", "converted_from": src.name}))
     return dst
+
+
+def _check_convert_size(src: Path) -> None:
+    """Bound what torch.load may allocate: the file, and a zip archive's uncompressed entries."""
+    size = src.stat().st_size
+    if size > MAX_CONVERT_BYTES:
+        raise ConversionError(f"{src}: {size:,} bytes, more than an aesthetic predictor "
+                              f"(at most {MAX_CONVERT_BYTES:,}; the published one is 3.7 MB)")
+    if zipfile.is_zipfile(src):
+        try:
+            with zipfile.ZipFile(src) as archive:
+                unpacked = sum(info.file_size for info in archive.infolist())
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ConversionError(f"{src}: refused: a damaged zip archive ({first_line(exc)})") from None
+        if unpacked > MAX_CONVERT_BYTES:
+            raise ConversionError(f"{src}: unpacks to {unpacked:,} bytes, more than an aesthetic predictor "
+                                  f"(at most {MAX_CONVERT_BYTES:,})")
 
 
 class AestheticScore:

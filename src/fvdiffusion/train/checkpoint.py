@@ -12,17 +12,16 @@ record file (:mod:`fvdiffusion.durable`).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
-from fvdiffusion.durable import RecordLog, fsync_file, read_records
+from fvdiffusion.durable import RecordLog, read_records, write_atomically
 from fvdiffusion.errors import CheckpointError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -64,14 +63,10 @@ def save_checkpoint(
 
     full_meta = {**meta, "step": step}
     path = run_dir / CHECKPOINT_FILE
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"meta": json.dumps(full_meta)})
-    fsync_file(tmp)
-    os.replace(tmp, path)
-    meta_tmp = run_dir / (META_FILE + ".tmp")
-    meta_tmp.write_text(json.dumps(full_meta, indent=2) + "\n")
-    fsync_file(meta_tmp)
-    os.replace(meta_tmp, run_dir / META_FILE)
+    # in memory first, then the one atomic writer: a full disk names the file and leaves the last
+    # good checkpoint in place (no partial .tmp)
+    write_atomically(path, save(tensors, metadata={"meta": json.dumps(full_meta)}))
+    write_atomically(run_dir / META_FILE, (json.dumps(full_meta, indent=2) + "\n").encode("utf-8"))
     return path
 
 

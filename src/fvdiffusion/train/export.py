@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fvdiffusion.durable import fsync_dir, fsync_file
+from fvdiffusion.durable import fsync_dir, fsync_file, write_atomically
 from fvdiffusion.schedule import VPSchedule
 from fvdiffusion.train.checkpoint import last_logged_loss, load_checkpoint
 from fvdiffusion.train.classifier import ZOO_KIND, accuracy, build_classifier
@@ -113,9 +113,8 @@ def export_run(kind: str, run_dir: Path, out_dir: Path, fp16: bool = False,
             report = ddpm_quality(load_ddpm(tmp_weights, device=device), load_eval_net(device=device),
                                   n=quality_samples)
             metrics["quality"] = report.to_dict()
-        tmp_card.write_text(_card(zoo_kind, weights.name, tmp_weights, shipped, fp16, ckpt.meta, training, metrics,
-                                  len(reference)))
-        fsync_file(tmp_card)
+        write_atomically(tmp_card, _card(zoo_kind, weights.name, tmp_weights, shipped, fp16, ckpt.meta, training,
+                                         metrics, len(reference)).encode("utf-8"))
         # weights first: a crash between the two leaves a hash mismatch the loader reports, never a silent mix
         os.replace(tmp_weights, weights)
         os.replace(tmp_card, card)
@@ -269,7 +268,7 @@ def update_card_quality(card: Path, q: dict) -> None:
     if not card.is_file():
         raise FileNotFoundError(f"model card not found: {card}")
     lines = [line for line in card.read_text().splitlines() if not line.startswith(QUALITY_PREFIX)]
-    card.write_text("\n".join([*lines, quality_line(q)]) + "\n")
+    write_atomically(card, ("\n".join([*lines, quality_line(q)]) + "\n").encode("utf-8"))
 
 
 def _fmt(value: float | None) -> str:

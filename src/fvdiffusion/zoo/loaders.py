@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from fvdiffusion.denoisers.base import ModuleDenoiser
+from fvdiffusion.durable import write_atomically
 from fvdiffusion.errors import WeightsError, WeightsMissingError
 from fvdiffusion.schedule import VPSchedule
 from fvdiffusion.zoo.classifiers import (
@@ -216,7 +217,9 @@ def write_weights(module: nn.Module, kind: str, path: Path, fp16: bool = False, 
     header = {"format": FORMAT, "kind": kind, "config": json.dumps(module.config.to_dict())}
     header.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=header)
+    # serialised in memory, written by the one atomic writer: a full disk names the file and leaves
+    # no partial one (safetensors' own writer would report "IoError" and leave what it wrote)
+    write_atomically(path, save(tensors, metadata=header))
     path.chmod(0o644)  # safetensors writes 0600; shipped files must be readable by every user
     return path
 

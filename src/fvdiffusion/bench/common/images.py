@@ -37,9 +37,20 @@ def save_grid(images: Tensor, path: Path, ncols: int | None = None, scale: int =
     mode = "L" if array.shape[2] == 1 else "RGB"
     img = Image.fromarray(array[:, :, 0] if mode == "L" else array, mode=mode)
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return save_image(img, path)
+
+
+def save_image(img, path: Path) -> Path:
+    """Write a PIL image atomically (encoded in memory first: a full disk leaves no 0-byte file)."""
+    import io
+
+    from fvdiffusion.durable import write_atomically
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    buffer = io.BytesIO()
+    img.save(buffer, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
+    write_atomically(path, buffer.getvalue())
     return path
 
 
@@ -47,11 +58,19 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     """Lay out, write and close a matplotlib figure (creating the directory)."""
     import matplotlib.pyplot as plt
 
+    import io
+
+    from fvdiffusion.durable import write_atomically
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    buffer = io.BytesIO()  # rendered in memory: a full disk leaves no half-written figure
+    try:
+        fig.savefig(buffer, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
+    write_atomically(path, buffer.getvalue())
     return path
 
 

@@ -23,6 +23,7 @@ diffusers is imported only when a function here runs (MissingExtraError naming t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -162,8 +163,43 @@ def export_ddpm_pipeline(out_dir: str | Path, weights: str | Path | None = None)
     unet = load_module("ddpm", weights, "cpu")
     pipe = diffusers.DDPMPipeline(unet=zoo_unet_to_unet2d(unet), scheduler=ddpm_scheduler())
     out = Path(out_dir)
-    pipe.save_pretrained(out, safe_serialization=True)
+    write_folder_atomically(out, lambda staging: pipe.save_pretrained(staging, safe_serialization=True))
     return out
+
+
+def write_folder_atomically(out: Path, write: Any) -> None:
+    """``write(folder)`` into a hidden sibling of ``out``, then swap it into place: a kill or a full
+    disk leaves ``out`` as it was (absent, or the previous export), never half written, and no
+    staging folder behind. A failed write is one error naming ``out``."""
+    import shutil
+
+    from fvdiffusion.durable import fsync_dir
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    backup = out.parent / f".{out.name}.previous-{os.getpid()}"
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed export
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        write(staging)
+        for path in staging.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if out.exists():
+            os.rename(out, backup)  # the previous export, until the new one is in place
+        os.rename(staging, out)
+        fsync_dir(out.parent)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if backup.exists() and not out.exists():
+            os.rename(backup, out)
+        if isinstance(exc, OSError) or type(exc).__module__.startswith("safetensors"):
+            # a full disk, a size limit: name the folder, not a staged file nobody will see
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+            raise OSError(f"{out}: writing the pipeline failed, nothing written: {reason}") from None
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 class DigitImageReward:
