@@ -152,7 +152,8 @@ def test_output_types_hold_the_same_ranked_images(sd):
     torch.testing.assert_close(pt.mean(dim=(1, 2, 3)), outs["pt"].rewards.float(), rtol=0, atol=1e-6)
     # no final decode for latents: every decode was a reward evaluation
     assert latent.result.cost.extra["vae_decodes"] == latent.result.cost.reward_calls
-    assert outs["pt"].result.cost.extra["vae_decodes"] == outs["pt"].result.cost.reward_calls + N
+    # base keeps the final reward's images for the output: decoded once, not twice (issue 21 item 6)
+    assert outs["pt"].result.cost.extra["vae_decodes"] == outs["pt"].result.cost.reward_calls
     assert latent.nsfw_content_detected is None and outs["pil"].nsfw_content_detected is None  # no checker
 
 

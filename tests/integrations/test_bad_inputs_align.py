@@ -173,6 +173,47 @@ def test_outputs_come_back_in_the_pipeline_s_dtype():
     assert reference.dtype == latent.images.dtype
 
 
+# --- item 6: base decodes its final images once ----------------------------------------------------
+
+def _counting_vae_rows(pipe):
+    rows = []
+    real = pipe.vae.decode
+
+    def decode(z, *args, **kwargs):
+        rows.append(int(z.shape[0]))
+        return real(z, *args, **kwargs)
+
+    pipe.vae.decode = decode
+    return rows, real
+
+
+@pytest.mark.parametrize("output_type", ["pt", "pil"])
+def test_base_decodes_its_final_images_once(sd, output_type):
+    from fvdiffusion.integrations.diffusers.rewards import LatentImageReward
+
+    rows, real = _counting_vae_rows(sd)
+    try:
+        out = align(sd, PROMPT, Brightness(), **{**SMALL, "method": "base", "output_type": output_type},
+                    batch_size=3)
+    finally:
+        sd.vae.decode = real
+    assert sum(rows) == 4 and out.result.cost.extra["vae_decodes"] == 4  # was 8: final reward, then output
+    if output_type == "pt":  # the kept images are the ones a fresh decode gives
+        fresh = LatentImageReward(sd, Brightness(), batch_size=3).decode(out.result.samples)[out.ranking]
+        assert torch.equal(out.images.float(), fresh)
+
+
+def test_a_reward_that_writes_into_its_images_does_not_change_base_s_output(sd):
+    def scribbler(images, prompt):
+        r = images.mean(dim=(1, 2, 3))
+        images.fill_(0.0)
+        return r
+
+    got = align(sd, PROMPT, scribbler, **{**SMALL, "method": "base", "output_type": "pt"})
+    want = align(sd, PROMPT, Brightness(), **{**SMALL, "method": "base", "output_type": "pt"})
+    assert torch.equal(got.images, want.images) and float(got.images.max()) > 0
+
+
 # --- item 7: accelerate in the diffusers extra ----------------------------------------------------
 
 def test_the_diffusers_extra_brings_accelerate_so_loading_a_pipeline_prints_no_notice(tmp_path, capfd):

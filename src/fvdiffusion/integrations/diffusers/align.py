@@ -57,6 +57,9 @@ from fvdiffusion.schedule import StepGrid
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DEFAULT_PARTICLES = 8
 DEFAULT_GUIDANCE = 7.5
+# methods that call the reward only on the final samples, which they return as they are: align() keeps
+# those images for the output (bon calls it only there too, but returns the samples reordered)
+FINAL_REWARD_ONLY = ("base",)
 
 
 @dataclass
@@ -566,6 +569,9 @@ def align(
     else:
         seeds = [engine_seed + i for i in range(len(prompts))]
 
+    for _, image_reward in adapters:  # their only reward call is on the final samples: decode those once
+        if method in FINAL_REWARD_ONLY and output_type != "latent" and isinstance(image_reward, LatentImageReward):
+            image_reward.keep_last = True
     results, watch = [], _CallbackWatch()
     for index, (p, (denoiser, image_reward)) in enumerate(zip(prompts, adapters)):
         result = sample(

@@ -24,6 +24,14 @@ class LatentImageReward:
     ``prompts_as_list = True`` or names its second parameter ``prompts`` (:mod:`fvdiffusion.rewards.calling`).
     The VAE and the reward run in micro-batches of ``batch_size`` (None = all at once);
     ``decodes`` counts the latents decoded so far (rows, not batches).
+
+    ``keep_last = True`` keeps the images of every call since the last :meth:`decode` (a copy,
+    whatever the reward does to its input; the engine may call the reward in micro-batches), and
+    :meth:`decode` of the same latents returns them instead of decoding again:
+    ``align()`` sets it for ``base``, whose only reward call is on the final samples it returns,
+    so their returned images are decoded once. Other methods call the reward at every selection
+    step; keeping each step's images would hold N decoded images through the run, so their final
+    images are decoded a second time (N decodes per prompt).
     """
 
     def __init__(self, pipe_or_vae: Any, image_reward: ImageReward, batch_size: int | None = None) -> None:
@@ -35,10 +43,20 @@ class LatentImageReward:
         self.batch_size = batch_size
         self.decodes = 0
         self.name = reward_name(image_reward)
+        self.keep_last = False
+        self._kept: list[tuple[Tensor, Tensor]] = []  # (latents, their images) of the calls since decode()
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1] (float32, on the latents' device)."""
+        kept, self._kept = self._kept, []
+        if kept and sum(x.shape[0] for x, _ in kept) == latents.shape[0]:
+            seen = torch.cat([x for x, _ in kept])
+            if seen.shape == latents.shape and seen.device == latents.device and torch.equal(seen, latents):
+                return torch.cat([images for _, images in kept])
+        return self._decode(latents)
+
+    def _decode(self, latents: Tensor) -> Tensor:
         device, dtype = module_device_dtype(self.vae)
         scaling = self.vae.config.scaling_factor
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
@@ -60,9 +78,14 @@ class LatentImageReward:
 
     @torch.no_grad()
     def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
-        rewards = []
+        rewards, kept = [], []
         for s in chunks(x0.shape[0], self.batch_size):
-            rewards.append(call_reward(self.image_reward, self.decode(x0[s]), cond))
+            images = self._decode(x0[s])
+            if self.keep_last:
+                kept.append(images.clone())  # the reward may write into its input
+            rewards.append(call_reward(self.image_reward, images, cond))
+        if self.keep_last:
+            self._kept.append((x0.detach().clone(), torch.cat(kept)))
         return torch.cat(rewards)
 
 
