@@ -214,6 +214,15 @@ def test_a_reward_that_writes_into_its_images_does_not_change_base_s_output(sd):
     assert torch.equal(got.images, want.images) and float(got.images.max()) > 0
 
 
+@pytest.mark.parametrize("options, reward_calls", [({}, 4 * 4 + 4), ({"selection_interval": 2}, 4 * 2 + 4),
+                                                    ({"selection_start": 0.5}, 4 * 2 + 4)])
+def test_selecting_less_often_saves_reward_calls_and_decodes(sd, options, reward_calls):
+    """The cost recipe of docs/diffusers.md: reward calls and decodes follow the selection schedule."""
+    out = align(sd, PROMPT, Brightness(), **{**SMALL, "num_inference_steps": 4, "output_type": "pt"}, **options)
+    assert out.result.cost.reward_calls == reward_calls and out.result.cost.denoiser_calls == 16
+    assert out.result.cost.extra["vae_decodes"] == reward_calls + 4  # the returned images: N more
+
+
 # --- item 7: accelerate in the diffusers extra ----------------------------------------------------
 
 def test_the_diffusers_extra_brings_accelerate_so_loading_a_pipeline_prints_no_notice(tmp_path, capfd):
