@@ -65,3 +65,18 @@ def test_missing_tuning_cells_are_a_clear_error(tmp_path):
     (tmp_path / "ddpm" / "results.jsonl").write_text("")
     with pytest.raises(ValueError, match="not all there"):
         fvd_defaults.choose_default(tmp_path / "ddpm", _suite_rows("ddpm", lambda n, p: 1.0), "ddpm")
+
+
+def test_the_shipped_defaults_are_what_the_committed_results_choose():
+    """samplers/fvd.py's constants must equal the rule's choice on the committed tuning results."""
+    from pathlib import Path
+
+    from fvdiffusion.samplers.fvd import FVDConfig
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    suite_rows = fvd_defaults.load_suite_rows(root / "suite_v2")
+    for sampler, eta in fvd_defaults.SAMPLER_ETA.items():
+        choice = fvd_defaults.choose_default(root / "mnist_paper" / sampler, suite_rows, sampler)
+        shipped = FVDConfig(eta=eta).as_dict()
+        chosen = fvd_defaults.kernel_of(choice.chosen.options, eta)
+        assert {k: shipped[k] for k in fvd_defaults.KERNEL_FIELDS} == chosen, sampler
