@@ -258,3 +258,26 @@ def test_ctrl_c_under_torchrun_is_one_line_on_rank_zero_only(tmp_path):
     assert codes == [130, 130], [err.text for _, err in ranks]
     assert _messages(ranks[0][1].text) == ["interrupted: stopped by the user"], ranks[0][1].text
     assert _messages(ranks[1][1].text) == [], ranks[1][1].text
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc")
+def test_ctrl_c_during_bench_scaling_is_one_line_and_leaves_no_worker(tmp_path):
+    proc, err = _start(["bench", "scaling", "--quick", "--testbeds", "mnist", "--out", str(tmp_path / "out")])
+    try:
+        deadline = time.monotonic() + 120
+        while len(_spawned(proc.pid)) < 1:  # the first group (P = 1) is starting
+            assert time.monotonic() < deadline and proc.poll() is None, err.text
+            time.sleep(0.05)
+        time.sleep(2.0)
+        workers = _children(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+        deadline = time.monotonic() + 15
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if _alive(w)], f"orphans left: {workers}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err.thread.join(timeout=10)
+    assert code == 130 and _messages(err.text) == ["interrupted: stopped by the user"], err.text
