@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         f" --out {args.out}" if args.out else "")
     text = report(choices, command)
     if args.out is not None:
-        args.out.write_text(text)
+        from fvdiffusion.durable import write_atomically
+
+        write_atomically(args.out, text.encode())
     print(text)
 
 
