@@ -162,3 +162,14 @@ def test_mean_interval_of_single_population_cells_resamples_the_cells():
     points = torch.tensor([1.0, 3.0, 2.0, 6.0])
     interval = mean_interval(points, points.expand(500, 4))
     assert interval.low < 3.0 < interval.high and interval.high - interval.low > 1.0
+
+
+def test_single_population_cells_with_rounding_noise_still_resample_cells_and_claim_no_per_cell_significance():
+    from fvdiffusion.bench.common.paired_stats import paired_comparison
+
+    method = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    baseline = torch.tensor([1.1, 1.5, 1.0, 2.0])
+    wiggle = 1 + 1e-9 * torch.randn(300, 4, generator=torch.Generator().manual_seed(0))
+    result = paired_comparison(method, baseline, method * wiggle, baseline * wiggle)
+    assert result.change.high - result.change.low > 10.0        # percent: the cells differ a lot
+    assert result.significant_wins is None and result.significant_losses is None

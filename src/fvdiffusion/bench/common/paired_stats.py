@@ -72,10 +72,18 @@ def mean_interval(estimates: Tensor, replicates: Tensor, level: float = LEVEL) -
                                _cells_or_replicates(estimates.double(), replicates.double()).mean(dim=1), level)
 
 
+def _no_spread(replicates: Tensor) -> bool:
+    """True when no cell's replicates vary beyond rounding (one population per cell: every draw
+    is that population; the grouped formula and the point estimate differ only in the last bits)."""
+    reps = replicates.nan_to_num()
+    spread = reps.amax(dim=0) - reps.amin(dim=0)
+    return bool((spread <= 1e-6 * (1.0 + reps.abs().amax(dim=0))).all())
+
+
 def _cells_or_replicates(points: Tensor, replicates: Tensor) -> Tensor:
-    """``replicates`` [B, C], or — when no cell's replicates differ from its point and C > 1 —
-    B draws of C cells with replacement (a fixed generator: the same cells give the same interval)."""
-    if points.numel() > 1 and bool((replicates.nan_to_num() == points.nan_to_num()).all()):
+    """``replicates`` [B, C], or — when no cell's replicates vary and C > 1 — B draws of C cells
+    with replacement (a fixed generator: the same cells give the same interval)."""
+    if points.numel() > 1 and _no_spread(replicates):
         draws = torch.randint(points.numel(), replicates.shape, generator=torch.Generator().manual_seed(points.numel()))
         return points[draws]
     return replicates
@@ -90,7 +98,8 @@ class PairedComparison:
       ratios would let one cell with a tiny baseline value dominate); otherwise the mean of
       method − baseline. With the bootstrap interval of that mean.
     wins / losses / ties: cells where the method's point estimate is lower / higher / equal
-      (lower is better). significant_*: cells whose own interval of the change excludes 0.
+      (lower is better). significant_*: cells whose own interval of the change excludes 0;
+      None when the cells hold one population each (a cell alone then has no interval).
     """
 
     cells: int
@@ -99,8 +108,8 @@ class PairedComparison:
     wins: int
     losses: int
     ties: int
-    significant_wins: int
-    significant_losses: int
+    significant_wins: int | None
+    significant_losses: int | None
 
     @property
     def win_margin(self) -> int:
@@ -128,16 +137,21 @@ def paired_comparison(method: Tensor, baseline: Tensor, method_reps: Tensor, bas
         diff, diff_reps = (m / b).log(), (mr / br).log()
     else:
         diff, diff_reps = m - b, mr - br
-    change = percentile_interval(float(diff.mean()), _cells_or_replicates(diff, diff_reps).mean(dim=1), level)
+    if diff.numel() > 1 and _no_spread(mr) and _no_spread(br):
+        diff_reps_used = _cells_or_replicates(diff, diff.expand_as(diff_reps))
+    else:
+        diff_reps_used = diff_reps
+    change = percentile_interval(float(diff.mean()), diff_reps_used.mean(dim=1), level)
     if relative:
         as_percent = lambda x: 100.0 * math.expm1(x)
         change = Interval(as_percent(change.estimate), as_percent(change.low), as_percent(change.high))
     per_cell = [percentile_interval(float(diff[c]), diff_reps[:, c], level) for c in range(diff.numel())]
+    single = _no_spread(mr) and _no_spread(br)   # one population per cell: a cell has no interval
     return PairedComparison(
         cells=int(diff.numel()), relative=relative, change=change,
         wins=int((m < b).sum()), losses=int((m > b).sum()), ties=int((m == b).sum()),
-        significant_wins=sum(ci.high < 0 for ci in per_cell),
-        significant_losses=sum(ci.low > 0 for ci in per_cell),
+        significant_wins=None if single else sum(ci.high < 0 for ci in per_cell),
+        significant_losses=None if single else sum(ci.low > 0 for ci in per_cell),
     )
 
 

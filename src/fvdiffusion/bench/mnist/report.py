@@ -219,7 +219,8 @@ def _comparison_table(by_label: dict[str, LabelSummary], space: str) -> str:
     for a, b in comparison_pairs(by_label):
         f, k = compare(by_label[a], by_label[b], space, "fid"), compare(by_label[a], by_label[b], space, "kid")
         rows.append([f"{a} − {b}", f.cells, f.change.format(1), f"{f.wins} / {f.losses} / {f.ties}",
-                     f"{f.significant_wins} / {f.significant_losses}", k.change.format(2, KID_SCALE),
+                     "–" if f.significant_wins is None else f"{f.significant_wins} / {f.significant_losses}",
+                     k.change.format(2, KID_SCALE),
                      f"{k.wins} / {k.losses}"])
     return markdown_table(header, rows) if rows else "No FVD-against-SMC pairs in this run.\n"
 
@@ -241,9 +242,15 @@ def claim_lines(by_label: dict[str, LabelSummary], spaces: tuple[str, ...], stro
             verdict = ClaimVerdict(c.change, lo, hi).text
             out.append(f"- {text}, `{space}` space: FID {by_label[a].fid[space].estimate:.2f} vs "
                        f"{by_label[b].fid[space].estimate:.2f}; change {c.change.format(1, suffix='%')}; FVD lower in "
-                       f"{c.wins} of {c.cells} cells ({c.significant_wins} significantly, {c.significant_losses} "
-                       f"significantly higher): {verdict}.")
+                       f"{c.wins} of {c.cells} cells{_significance(c)}: {verdict}.")
     return out if len(out) > 1 else ["Not enough rows for the claim check."]
+
+
+def _significance(c) -> str:
+    """' (k significantly, j significantly higher)', or nothing when cells hold one population each."""
+    if c.significant_wins is None:
+        return ""
+    return f" ({c.significant_wins} significantly, {c.significant_losses} significantly higher)"
 
 
 def value_based_lines(summaries: list[LabelSummary], fvd: LabelSummary | None, space: str) -> list[str]:
