@@ -64,6 +64,12 @@ def sample(
     (docs/distributed.md). ``sharded=False`` keeps the whole population in this process.
     """
     spec = get_method(method)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable taking a StepEvent, got {type(callback).__name__}")
+    if callback is not None and method in TREE_METHODS:
+        # a tree search has no population stepped k = K … 1 to show a callback: refuse rather than ignore it
+        raise ValueError(f"callback: {method} grows a search tree, not a population stepped from K to 1, so it "
+                         "calls no per-step callback; read result.trace after the run (or pass progress=True)")
     if config is None:
         config = make_config(method, n_particles=n_particles, num_steps=num_steps, seed=seed, lam=lam, eta=eta,
                              batch_size=batch_size, **method_options)
@@ -77,6 +83,9 @@ def sample(
         raise ValueError(f"method {method!r} needs a reward; got reward=None")
     return spec.run(denoiser, reward, config, cond=cond, progress=progress, callback=callback, grid=grid,
                     x_init=x_init, sharded=sharded)
+
+
+TREE_METHODS = ("dts", "dts*")
 
 
 def _refuse_keywords_beside_config(config: CommonConfig, options: dict[str, Any], **common: Any) -> None:

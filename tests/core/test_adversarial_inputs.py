@@ -285,3 +285,22 @@ def test_an_unknown_smc_potential_is_one_line_listing_the_names(gmm2d):
     with pytest.raises(Exception) as info:
         fv.sample("smc", den, problem.reward, potential="level", **SIZE)
     assert "potential" in one_line(info.value) and "diff, max, sum, rt" in one_line(info.value)
+
+
+def test_a_callback_that_cannot_be_called_or_would_be_ignored_is_refused_in_one_line():
+    import re
+
+    import fvdiffusion as fv
+    from fvdiffusion.testbeds import toy_problem
+    from fvdiffusion.schedule import VPSchedule
+
+    problem = toy_problem("gmm2d-component")
+    den = problem.denoiser(VPSchedule.linear(1000))
+    with pytest.raises(TypeError, match="callback: expected a callable"):
+        fv.sample("fvd", den, problem.reward, n_particles=4, num_steps=2, callback=42)
+    for method in ("dts", "dts*"):
+        with pytest.raises(ValueError, match=re.escape(f"callback: {method} grows a search tree")):
+            fv.sample(method, den, problem.reward, n_particles=4, num_steps=2, callback=lambda event: None)
+    seen = []
+    fv.sample("fvd", den, problem.reward, n_particles=4, num_steps=2, callback=seen.append)
+    assert len(seen) == 2
