@@ -461,3 +461,16 @@ def test_a_nan_safetensors_predictor_is_refused_by_aesthetic_score(tmp_path):
     save_file(state, str(tmp_path / "a.safetensors"))
     with pytest.raises(ValueError, match="non-finite"):
         model_rewards.AestheticScore(tmp_path / "a.safetensors", tmp_path / "no-clip", download=False)
+
+
+@pytest.mark.parametrize("arg, value, named", [("height", 0, "height"), ("width", -8, "width"),
+                                               ("height", 16.5, "height"), ("guidance_scale", float("inf"),
+                                                                            "guidance_scale"),
+                                               ("guidance_scale", float("nan"), "guidance_scale")])
+def test_sizes_and_guidance_the_pipeline_would_misread_are_one_line_before_any_model_runs(sd, arg, value, named):
+    calls = sd.unet.forward
+    with pytest.raises(ValueError) as info:
+        align(sd, PROMPT, Brightness(), **{**SMALL, arg: value})
+    line = str(info.value)
+    assert "\n" not in line and line.startswith(named)
+    assert sd.unet.forward == calls

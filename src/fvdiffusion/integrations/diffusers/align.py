@@ -18,6 +18,8 @@ refused before any model runs with one :class:`UnsupportedPipelineError` line sa
 
 from __future__ import annotations
 
+import math
+
 import inspect
 import warnings
 from dataclasses import dataclass, fields
@@ -328,6 +330,17 @@ def _refuse_pipeline_callback(on_step_end: Any) -> None:
                          "observes")
 
 
+def _check_size_and_guidance(height: Any, width: Any, guidance_scale: Any) -> None:
+    """One line for a size or guidance that the pipeline would misread (0 taken as "default") or
+    fail on deep inside torch (a negative size), or that would turn every latent into NaN (inf)."""
+    for arg, value in (("height", height), ("width", width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"{arg} must be a positive number of pixels, got {value!r}")
+    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
+                                       or not math.isfinite(guidance_scale)):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+
+
 def _step_callback(pipe: Any, callback: Callable[[StepEvent], Any] | None, on_step_end: Callable[..., Any] | None,
                    prompt_index: int, prompt: str | None, watch: _CallbackWatch) -> Callable[[StepEvent], Any] | None:
     if callback is None and on_step_end is None:
@@ -472,6 +485,7 @@ def align(
             raise TypeError(f"{arg} must be callable, got {type(fn).__name__}")
     if callback_on_step_end is not None:
         _refuse_pipeline_callback(callback_on_step_end)
+    _check_size_and_guidance(height, width, guidance_scale)
     _check_generator(generator, seed)
     if not isinstance(flatten, bool):
         raise TypeError(f"flatten must be True or False, got {flatten!r}")
