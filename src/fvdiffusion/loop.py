@@ -243,6 +243,7 @@ class RunContext:
     def create(cls, denoiser: Denoiser, reward: Reward | None, config: CommonConfig, cond: Any = None,
                progress: bool = False, desc: str = "", callback: Callable[[StepEvent], Any] | None = None,
                grid: StepGrid | None = None, x_init: Tensor | None = None, sharded: bool = True) -> "RunContext":
+        _check_denoiser_contract(denoiser, grid)
         device = _device_of(denoiser)
         if sharded and distributed.process_group() is not None and config.noise_chunk is None:
             config = replace(config, noise_chunk=distributed.default_chunk(config.n_particles))
@@ -491,6 +492,26 @@ def reward_stats(reward: Tensor) -> tuple[Tensor, Tensor]:
     mean = torch.where(finite, reward, torch.zeros_like(reward)).sum() / finite.sum()
     best = torch.where(finite, reward, torch.full_like(reward, -math.inf)).amax()
     return mean, torch.where(finite.any(), best, torch.full_like(best, math.nan))
+
+
+def _check_denoiser_contract(denoiser: Any, grid: Any) -> None:
+    """The three attributes the engine reads off a denoiser, checked before anything runs, so a
+    missing schedule or a wrong prediction type is one line naming it, not an internal error."""
+    from fvdiffusion.schedule import VPSchedule
+
+    name = type(denoiser).__name__
+    if not callable(denoiser):
+        raise TypeError(f"denoiser: {name} is not callable as denoiser(x_t, t, cond)")
+    if grid is None and not isinstance(getattr(denoiser, "schedule", None), VPSchedule):
+        raise TypeError(f"denoiser.schedule: expected a VPSchedule, got {type(getattr(denoiser, 'schedule', None)).__name__}"
+                        f" on {name}")
+    if getattr(denoiser, "prediction_type", None) not in ("eps", "x0", "v"):
+        raise ValueError(f"denoiser.prediction_type: expected 'eps', 'x0' or 'v', got "
+                         f"{getattr(denoiser, 'prediction_type', None)!r} on {name}")
+    shape = getattr(denoiser, "sample_shape", None)
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ValueError(f"denoiser.sample_shape: expected a tuple of positive ints, got {shape!r} on {name}")
 
 
 def distinct_count(index: Tensor) -> Tensor:

@@ -304,3 +304,24 @@ def test_a_callback_that_cannot_be_called_or_would_be_ignored_is_refused_in_one_
     seen = []
     fv.sample("fvd", den, problem.reward, n_particles=4, num_steps=2, callback=seen.append)
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize("attribute, value, named", [("schedule", None, "denoiser.schedule"),
+                                                     ("prediction_type", "epsilon", "denoiser.prediction_type"),
+                                                     ("sample_shape", (2, 0), "denoiser.sample_shape")])
+def test_a_denoiser_missing_its_contract_is_one_line_naming_the_attribute(attribute, value, named):
+    from fvdiffusion.schedule import VPSchedule
+
+    class Tiny:
+        schedule = VPSchedule.linear(1000)
+        prediction_type = "eps"
+        sample_shape = (2,)
+
+        def __call__(self, x, t, cond=None):
+            return torch.zeros_like(x)
+
+    den = Tiny()
+    setattr(den, attribute, value)
+    with pytest.raises((TypeError, ValueError)) as info:
+        fv.sample("fvd", den, lambda x, c=None: x.sum(-1), n_particles=4, num_steps=2)
+    assert str(info.value).startswith(named) and "\n" not in str(info.value)
