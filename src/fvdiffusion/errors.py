@@ -96,6 +96,10 @@ class DuplicateImagesWarning(UserWarning):
     made the copies differ); ``AlignResult.duplicates`` counts them. Issued once per align() call."""
 
 
+class UnverifiedWeightsWarning(UserWarning):
+    """A weights file loaded without a model card recording its SHA-256: only the structural checks ran."""
+
+
 class CallbackChangesIgnoredWarning(UserWarning):
     """A ``callback_on_step_end`` returned (or made in place) changes to the latents: align() does not
     apply them, since the engine selects the population itself. Issued once per align() call."""

@@ -86,9 +86,12 @@ def test_flipped_finite_bytes_are_caught_by_the_cards_hash(tmp_path):
 
 def test_without_a_card_finite_flips_cannot_be_detected_but_exponent_flips_and_nan_are(tmp_path):
     # the documented limit: low-bit corruption of an uncarded file is indistinguishable from training
+    from fvdiffusion.errors import UnverifiedWeightsWarning
+
     quiet = _copy_ddpm(tmp_path / "quiet", with_card=False)
     _flip(quiet, byte_in_float=0, mask=0xFF)
-    load_ddpm(quiet)
+    with pytest.warns(UnverifiedWeightsWarning, match="no model card recording its SHA-256"):
+        load_ddpm(quiet)  # loads, but says it could not be verified
     # exponent flips blow values up past the plausibility bound (or to inf)
     loud = _copy_ddpm(tmp_path / "loud", with_card=False)
     _flip(loud, byte_in_float=3, mask=0x40)
@@ -344,3 +347,15 @@ def test_export_has_no_default_destination(tmp_path):
         export_run("ddpm", tmp_path, out_dir=None)
     result = CliRunner().invoke(app, ["train", "export", "--kind", "ddpm", "--run", str(tmp_path)])
     assert result.exit_code == 2 and "--out" in result.output and "Traceback" not in result.output
+
+
+def test_a_carded_file_loads_without_the_unverified_warning(tmp_path):
+    import warnings
+
+    from fvdiffusion.errors import UnverifiedWeightsWarning
+
+    carded = _copy_ddpm(tmp_path / "carded", with_card=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnverifiedWeightsWarning)
+        load_ddpm(carded)
+        load_ddpm()  # the shipped weights

@@ -153,7 +153,8 @@ def load_module(kind: str, path: str | Path | None = None, device: str | torch.d
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise WeightsError(f"weights file {path}: {size:,} bytes is over the {MAX_FILE_BYTES:,}-byte limit")
-    verify_hash(path, required=is_shipped(path))
+    if not verify_hash(path, required=is_shipped(path)):
+        warn_unverified(path)
     module = _build_checked(path, kind)  # on the meta device: no memory yet
     _materialise(path, module)
     return module.to(device).eval().requires_grad_(False)
@@ -185,6 +186,17 @@ def recorded_hash(card: Path) -> str | None:
         return None
     match = _CARD_HASH.search(text)
     return match.group(2).lower() if match else None
+
+
+def warn_unverified(path: Path) -> None:
+    """Say once that ``path`` loads on structural checks alone (no card with a SHA-256 beside it)."""
+    import warnings
+
+    from fvdiffusion.errors import UnverifiedWeightsWarning
+
+    warnings.warn(f"weights file {path} has no model card recording its SHA-256: only its structure and value "
+                  f"ranges were checked, so corruption that keeps every value finite and small (e.g. flipped "
+                  f"bits) would go unnoticed", UnverifiedWeightsWarning, stacklevel=3)
 
 
 def verify_hash(path: Path, required: bool = False) -> bool:
