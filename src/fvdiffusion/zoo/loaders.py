@@ -153,10 +153,11 @@ def load_module(kind: str, path: str | Path | None = None, device: str | torch.d
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise WeightsError(f"weights file {path}: {size:,} bytes is over the {MAX_FILE_BYTES:,}-byte limit")
-    if not verify_hash(path, required=is_shipped(path)):
-        warn_unverified(path)
+    verified = verify_hash(path, required=is_shipped(path))
     module = _build_checked(path, kind)  # on the meta device: no memory yet
     _materialise(path, module)
+    if not verified:  # said only once the file passed every structural check (a bad file is just its error)
+        warn_unverified(path)
     return module.to(device).eval().requires_grad_(False)
 
 
