@@ -268,7 +268,7 @@ def suite_report(rows: list[dict[str, Any]], cfg: SuiteConfig, command: str) -> 
             rare = [r for r in reported if r["label"] == label and r["problem"] == "rare16d-component"]
             distinct = f"{mean_std([r['distinct_samples'] for r in rare])[0]:.0f}" if rare and label != "sampler-floor" else "–"
             calls = f"{mean_std([r['denoiser_calls'] for r in rare])[0]:,.0f}" if rare and label != "sampler-floor" else "–"
-            mark = " ← default" if label == choices[sampler].label else ""
+            mark = " ← suite pick" if label == choices[sampler].label else ""
             table.append([label + mark, *cells, worst, distinct, calls])
         out.append(markdown_table(header, table))
     return "".join(out)
