@@ -254,17 +254,17 @@ def test_default_batch_splits_big_populations_and_keeps_results():
             calls.append(x.shape[0])
             return inner(x, t, cond)
 
-    import fvdiffusion.loop as loop
+    import fvdiffusion.loop.context as loop_context
 
     whole = fv.sample("fvd", Counting(), problem.reward, lam=problem.lam, n_particles=64, num_steps=3, seed=1)
     assert calls == [64, 64, 64]
     calls.clear()
-    old = loop.CPU_MEMORY_BUDGET
-    loop.CPU_MEMORY_BUDGET = 8 * 4 * loop.ACTIVATION_FACTOR * 16  # 16 rows of 8 floats
+    old = loop_context.CPU_MEMORY_BUDGET
+    loop_context.CPU_MEMORY_BUDGET = 8 * 4 * loop_context.ACTIVATION_FACTOR * 16  # 16 rows of 8 floats
     try:
         split = fv.sample("fvd", Counting(), problem.reward, lam=problem.lam, n_particles=64, num_steps=3, seed=1)
     finally:
-        loop.CPU_MEMORY_BUDGET = old
+        loop_context.CPU_MEMORY_BUDGET = old
     assert calls == [16] * 12
     assert torch.equal(whole.samples, split.samples)
 
