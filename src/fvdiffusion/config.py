@@ -63,14 +63,24 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 NONFINITE_DENOISER = ("raise", "kill")
+# How particles move between grid points (fvdiffusion.transitions): the names a config may give.
+TRANSITIONS = ("ddim", "ddpm", "euler", "dpmpp_2m")
+
+
+# The transition fields at their defaults are left out of ``as_dict`` (stored results stay keyed).
+TRANSITION_DEFAULTS = {"transition": "ddim", "clip_x0": None, "dynamic_threshold": None, "dynamic_threshold_max": 1.0}
 
 
 @dataclass(frozen=True)
 class CommonConfig:
     """Fields every method shares.
 
-    n_particles: population size N.  num_steps: denoising steps K.  eta: DDIM η (1 = DDPM
-    ancestral, 0 = deterministic DDIM).  lam: reward scale λ ≥ 0 (π* ∝ p·exp(λ r); may be
+    n_particles: population size N.  num_steps: denoising steps K.  eta: the transition's noise
+    η (for "ddim": 1 = DDPM ancestral, 0 = deterministic DDIM).  transition: how particles move
+    between grid points — "ddim", "ddpm", "euler" (η > 0: ancestral), "dpmpp_2m" (DPM-Solver++(2M);
+    η > 0: its SDE variant); see ``fvdiffusion.transitions``.  clip_x0 / dynamic_threshold /
+    dynamic_threshold_max: x̂0 processing before each step, as a diffusers scheduler's
+    ``clip_sample_range`` / ``dynamic_thresholding_ratio`` / ``sample_max_value`` (None = off).  lam: reward scale λ ≥ 0 (π* ∝ p·exp(λ r); may be
     inf for argmax variants that accept it).  seed: the one seed of the run.  batch_size:
     micro-batch for denoiser and reward calls (None = sized from a memory budget, see
     ``fvdiffusion.loop.auto_batch_rows``; results do not depend on it).  nonfinite_denoiser: what a NaN/±inf denoiser output does — "raise"
@@ -90,6 +100,10 @@ class CommonConfig:
     batch_size: int | None = None
     nonfinite_denoiser: str = "raise"
     noise_chunk: int | None = None
+    transition: str = "ddim"
+    clip_x0: float | None = None
+    dynamic_threshold: float | None = None
+    dynamic_threshold_max: float = 1.0
 
     allow_infinite_lambda = False  # class-level: argmax methods (svdd, dts*) switch it on
 
@@ -106,6 +120,15 @@ class CommonConfig:
         check_choice("nonfinite_denoiser", self.nonfinite_denoiser, NONFINITE_DENOISER)
         if self.noise_chunk is not None:
             check_int("noise_chunk", self.noise_chunk, 1)
+        check_choice("transition", self.transition, TRANSITIONS)
+        if self.transition == "ddpm" and self.eta != 1.0:
+            _fail("eta", self.eta, "1 for transition='ddpm' (its noise is the DDPM posterior's; use "
+                  "transition='ddim' for another eta)")
+        if self.clip_x0 is not None:
+            check_float("clip_x0", self.clip_x0, 0.0, math.inf)
+        if self.dynamic_threshold is not None:
+            check_float("dynamic_threshold", self.dynamic_threshold, 0.0, 1.0)
+        check_float("dynamic_threshold_max", self.dynamic_threshold_max, 1.0, math.inf)
         check_bool_fields(self)
 
     def as_dict(self) -> dict[str, Any]:
@@ -116,6 +139,9 @@ class CommonConfig:
             del values["nonfinite_denoiser"]
         if values["noise_chunk"] is None:
             del values["noise_chunk"]
+        for name, default in TRANSITION_DEFAULTS.items():
+            if values[name] == default:
+                del values[name]
         return values
 
     @classmethod

@@ -242,11 +242,13 @@ class Shard:
         """The population after a selection: slot i holds a copy of particle ``ancestors[i]``.
 
         The per-particle scalars (all N on every rank) are gathered in place; of the particle
-        tensors only x̂0 and ε̂ cross ranks (the DDIM step reads nothing else). A clone received
+        tensors only x̂0, ε̂ and the transition's history cross ranks. A clone received
         from another rank gets x_t = √ᾱ x̂0 + √(1−ᾱ) ε̂; a clone within the rank copies its
         parent's x_t exactly.
         """
-        (x0_hat, eps_hat), plan = self.exchange([state.x0_hat, state.eps_hat], ancestors)
+        keys = list(state.history)  # a multistep transition's memory travels with its particle
+        (x0_hat, eps_hat, *kept), plan = self.exchange([state.x0_hat, state.eps_hat,
+                                                        *(state.history[k] for k in keys)], ancestors)
         x = state.x[torch.where(plan.received, 0, plan.source).to(state.x.device)]
         if bool(plan.received.any()):
             rebuilt = math.sqrt(alpha_bar) * x0_hat + math.sqrt(1 - alpha_bar) * eps_hat
@@ -255,7 +257,8 @@ class Shard:
         idx = ancestors.long()
         scalars = {name: _take(getattr(state, name), idx) for name in SCALAR_FIELDS}
         return ParticleState(x=x, x0_hat=x0_hat, eps_hat=eps_hat, **scalars,
-                             aux={k: _take(v, idx) for k, v in state.aux.items()}, scalars=dict(state.scalars))
+                             aux={k: _take(v, idx) for k, v in state.aux.items()}, scalars=dict(state.scalars),
+                             history=dict(zip(keys, kept)))
 
     # --- faults ------------------------------------------------------------------------
     def _key(self, name: str) -> str:

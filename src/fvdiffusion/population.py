@@ -23,7 +23,10 @@ class ParticleState:
     difference potential); they are permuted by :func:`gather` like everything else, so a
     sampler can never forget to move one of them when particles are copied. ``scalars`` holds
     per-run values that belong to the population as a whole (FVD's controller: λ_prev, log κ,
-    the selection count); gathers carry them over unchanged.
+    the selection count); gathers carry them over unchanged. ``history`` holds the transition's
+    per-particle memory (a multistep solver's previous x̂0, its order): sample-shaped like x (this
+    process's rows across processes) and moved by every gather, so a clone steps on with its parent's.
+    The state is never written in place: a selection builds a new one (:func:`gather`).
     """
 
     x: Tensor            # [N, ...] current x_t
@@ -34,6 +37,7 @@ class ParticleState:
     root: Tensor         # [N] long, index of the initial particle each one descends from
     aux: dict[str, Tensor] = field(default_factory=dict)
     scalars: dict[str, Any] = field(default_factory=dict)
+    history: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -44,6 +48,9 @@ class ParticleState:
 
     def with_scalars(self, **values: Any) -> "ParticleState":
         return replace(self, scalars={**self.scalars, **values})
+
+    def with_history(self, history: dict[str, Tensor]) -> "ParticleState":
+        return replace(self, history=dict(history))
 
 
 def initial_state(x: Tensor, weight_device: torch.device | None = None, n: int | None = None) -> ParticleState:
@@ -75,27 +82,8 @@ def gather(state: ParticleState, idx: Tensor) -> ParticleState:
         **{name: _take(getattr(state, name), idx) for name in PARTICLE_FIELDS},
         aux={k: _take(v, idx) for k, v in state.aux.items()},
         scalars=dict(state.scalars),
+        history={k: _take(v, idx) for k, v in state.history.items()},
     )
-
-
-def copy_into_dead(state: ParticleState, ancestors: Tensor, reborn: Tensor) -> ParticleState:
-    """The same population as ``gather(state, ancestors)``, writing only the reborn slots.
-
-    Valid for selections in the stable arrangement (:func:`fvdiffusion.selection.offspring_to_ancestors`
-    and the kill-and-rebirth paths), where every source of a copy keeps its own slot: no row is
-    both read and written, so copying in place is exact, and a field that aliases another one
-    (x̂0 = x on the final samples) is written twice with the same values. The state's tensors are
-    modified in place: the engine owns them (they come from ``torch.cat``, a DDIM step or a gather).
-    Costs O(dead · D) instead of O(N · D); finding the dead slots reads ``reborn`` on the host.
-    """
-    slots = torch.nonzero(reborn).flatten()
-    if slots.numel() == 0:
-        return replace(state, aux=dict(state.aux), scalars=dict(state.scalars))
-    sources = ancestors.long()[slots]
-    for tensor in [*(getattr(state, name) for name in PARTICLE_FIELDS), *state.aux.values()]:
-        rows, src = slots.to(tensor.device), sources.to(tensor.device)
-        tensor.index_copy_(0, rows, tensor.index_select(0, src))
-    return replace(state, aux=dict(state.aux), scalars=dict(state.scalars))
 
 
 def _take(tensor: Tensor, idx: Tensor) -> Tensor:

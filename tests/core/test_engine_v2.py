@@ -16,7 +16,7 @@ from fvdiffusion.denoisers.gaussian_mixture import mixture_cov, mixture_mean
 from fvdiffusion.checks import HostChecks, force_eager
 from fvdiffusion.errors import ConfigError, DenoiserError
 from fvdiffusion.loop import DENOISER_RANGE, REWARD_RANGE, STEP_RANGE, auto_batch_rows
-from fvdiffusion.population import copy_into_dead, gather, initial_state
+from fvdiffusion.population import gather, initial_state
 from fvdiffusion.schedule import VPSchedule
 from fvdiffusion.testbeds import toy_problem
 
@@ -61,17 +61,24 @@ def test_lineage_agrees_with_the_roots_every_gather_carried(method, options):
     assert len(set(res.lineage.steps)) > 1, "these runs select, so the lineage must hold records"
 
 
-def test_roots_move_with_their_particles_in_both_copy_paths():
+def test_a_gather_moves_every_field_and_never_writes_the_source():
+    """Roots, aux and the transition's history move with their particles; the old state is unchanged
+    (the state is frozen: a selection builds a new one on every device)."""
     x = torch.arange(6.0).reshape(6, 1)
-    state = initial_state(x).with_aux(tag=torch.arange(6) * 10)
+    history = {"x0_prev": x * 100, "order": torch.tensor([1.0, 0, 1, 0, 1, 0])}
+    state = initial_state(x).with_aux(tag=torch.arange(6) * 10).with_history(history)
+    before = {name: t.clone() for name, t in [("x", state.x), ("root", state.root), ("tag", state.aux["tag"]),
+                                                ("x0_prev", state.history["x0_prev"])]}
     ancestors = torch.tensor([0, 0, 2, 2, 4, 0])  # slots 1, 3, 5 reborn, sources keep their own slot
-    reborn = ancestors != torch.arange(6)
-    out_of_place = gather(state, ancestors)
-    in_place = copy_into_dead(initial_state(x.clone()).with_aux(tag=torch.arange(6) * 10), ancestors, reborn)
-    for result in (out_of_place, in_place):
-        assert result.root.tolist() == ancestors.tolist()
-        assert result.x.flatten().tolist() == ancestors.double().tolist()
-        assert result.aux["tag"].tolist() == (ancestors * 10).tolist()
+    result = gather(state, ancestors)
+    assert result.root.tolist() == ancestors.tolist()
+    assert result.x.flatten().tolist() == ancestors.double().tolist()
+    assert result.aux["tag"].tolist() == (ancestors * 10).tolist()
+    assert result.history["x0_prev"].flatten().tolist() == (ancestors * 100).double().tolist()
+    assert result.history["order"].tolist() == history["order"][ancestors].tolist()
+    for name, tensor in [("x", state.x), ("root", state.root), ("tag", state.aux["tag"]),
+                         ("x0_prev", state.history["x0_prev"])]:
+        assert torch.equal(tensor, before[name]), f"the gather wrote into the source's {name}"
 
 
 # --- potentials against their formulas --------------------------------------------------------

@@ -22,6 +22,7 @@ from fvdiffusion.result import Cost, Lineage, StepTrace
 from fvdiffusion.rewards.base import Reward
 from fvdiffusion.rewards.calling import as_reward_tensor, prompt_argument, reward_name
 from fvdiffusion.schedule import Prediction, StepGrid, StepInfo, to_x0_eps
+from fvdiffusion.transitions import Transition, make_transition
 
 STEP_RANGE, DENOISER_RANGE, REWARD_RANGE = "fvdiffusion.step", "fvdiffusion.denoiser", "fvdiffusion.reward"
 
@@ -57,6 +58,7 @@ class RunContext:
     noise: ChunkedNoise | None = None       # keyed per slot chunk (config.noise_chunk), else one stream
     assembled: bool = False                 # after the loop: the whole population is on every rank
     step_alpha_bar: float = 1.0             # ᾱ of the step being taken
+    transition: Transition | None = None    # how particles move between grid points (from the config)
 
     def at_step(self, info: StepInfo) -> None:
         """The driver enters step ``info``; across processes, stop here if another rank failed."""
@@ -101,6 +103,7 @@ class RunContext:
                   x_init=_checked_x_init(x_init, config, denoiser), shard=shard)
         if len(ctx.grid) != config.num_steps:
             raise ConfigError(f"invalid grid: it has {len(ctx.grid)} steps, expected num_steps={config.num_steps}")
+        ctx.transition = make_transition(config, ctx.grid)
         lo, hi = (shard.lo, shard.hi) if shard is not None else (0, config.n_particles)
         if config.noise_chunk is not None:
             ctx.noise = ChunkedNoise(seed=config.seed, chunk=config.noise_chunk, n=config.n_particles, lo=lo, hi=hi,

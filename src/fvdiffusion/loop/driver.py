@@ -19,10 +19,10 @@ from fvdiffusion.errors import ConfigError
 from fvdiffusion.loop.context import STEP_RANGE, RunContext
 from fvdiffusion.loop.contracts import FinalWeighting, Finished, ParticleKernel, Sampler
 from fvdiffusion.loop.health import StepEvent, settle_trace
-from fvdiffusion.population import ParticleState, copy_into_dead, gather, initial_state
+from fvdiffusion.population import ParticleState, gather, initial_state
 from fvdiffusion.result import Cost, SampleResult
 from fvdiffusion.rewards.base import Reward
-from fvdiffusion.schedule import StepGrid, ddim_step
+from fvdiffusion.schedule import Prediction, StepGrid
 
 
 def select(ctx: RunContext, state: ParticleState, log_w: Tensor, scheme: str, k: int,
@@ -31,9 +31,8 @@ def select(ctx: RunContext, state: ParticleState, log_w: Tensor, scheme: str, k:
     Fleming–Viot ``parent_rule`` and ``allocation`` are passed on), copy particles, record the lineage.
 
     ``log_w`` must be finite or −inf with at least one finite entry (the potentials module and
-    :meth:`RunContext.guard_all_dead` make it so). On the CPU only the reborn slots are written;
-    on an accelerator the gather is one out-of-place copy (finding the reborn slots would read
-    the device on the host).
+    :meth:`RunContext.guard_all_dead` make it so). The new population is one out-of-place gather
+    on every device (the state is frozen and never written in place).
     """
     scheme_fn = selection.get_scheme(scheme)
     checked = False  # potentials are cleaned upstream; validating would read the device
@@ -47,8 +46,6 @@ def select(ctx: RunContext, state: ParticleState, log_w: Tensor, scheme: str, k:
 def _copy_selected(ctx: RunContext, state: ParticleState, ancestors: Tensor, reborn: Tensor) -> ParticleState:
     if ctx.shard is not None and not ctx.assembled:
         return ctx.shard.select_particles(state, ancestors, ctx.step_alpha_bar)
-    if ctx.checks.eager:
-        return copy_into_dead(state, ancestors, reborn)
     return gather(state, ancestors)
 
 
@@ -93,9 +90,13 @@ def equalise_final(ctx: RunContext, state: ParticleState, weighting: FinalWeight
 # --- the one driver --------------------------------------------------------------------------
 
 def particle_loop(ctx: RunContext, kernel: ParticleKernel) -> ParticleState:
-    """Denoise N particles from pure noise to t = 0, letting ``kernel.step`` act after each denoiser call."""
+    """Denoise N particles from pure noise to t = 0, letting ``kernel.step`` act after each denoiser call
+    and moving them with the context's transition."""
     sample_shape = tuple(ctx.denoiser.sample_shape)
-    state = kernel.init(ctx, initial_state(ctx.initial_x(), n=ctx.config.n_particles))
+    transition = ctx.transition
+    x = ctx.initial_x()
+    state = initial_state(x, n=ctx.config.n_particles).with_history(transition.initial_history(x))
+    state = kernel.init(ctx, state)
     for info in ctx.grid:
         ctx.at_step(info)
         with record_function(STEP_RANGE):
@@ -106,10 +107,10 @@ def particle_loop(ctx: RunContext, kernel: ParticleKernel) -> ParticleState:
                     raise ctx.all_killed(info.k, info.t, state.n)
                 state = rebirth_killed(ctx, state, dead, info.k)
             state, trace = kernel.step(ctx, info, state)
-            noise = ctx.particle_noise(sample_shape) if ctx.config.eta > 0 else None
-            x_prev = ddim_step(state.x0_hat, state.eps_hat, info.alpha_bar, info.alpha_bar_prev, ctx.config.eta,
-                               noise)
-            state = replace(state, x=x_prev)
+            noise = ctx.particle_noise(sample_shape) if transition.draws_noise else None
+            moved = transition.step(info, state.x, Prediction(x0=state.x0_hat, eps=state.eps_hat), state.history,
+                                    noise)
+            state = replace(state, x=moved.x, history=moved.history)
         ctx.record(trace, info, state)
     return state
 

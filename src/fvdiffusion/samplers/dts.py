@@ -44,7 +44,7 @@ calls = leaves in the tree, nothing else.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -56,8 +56,9 @@ from fvdiffusion.loop import Finished, RunContext
 from fvdiffusion.population import ParticleState
 from fvdiffusion.potentials import clean, refuse_overflow, tilt
 from fvdiffusion.result import StepTrace
-from fvdiffusion.samplers.svdd import choice_probabilities, draw_from, ess_fraction, require_stochastic_kernel
-from fvdiffusion.schedule import Prediction, ddim_step
+from fvdiffusion.samplers.svdd import choice_probabilities, draw_from, ess_fraction
+from fvdiffusion.schedule import Prediction
+from fvdiffusion.transitions import require_stochastic_transition
 
 _INDEX_BYTES = 8  # long / float64 per-node fields and Python list slots
 SEARCH = " in the tree search"  # where a λ overflow happened, for its error message
@@ -102,7 +103,10 @@ class DTSConfig(CommonConfig):
         if not isinstance(self.greedy, bool):
             raise ConfigError(f"invalid greedy={self.greedy!r}: expected True or False")
         check_float("explore", self.explore, 0.0, 1.0)
-        require_stochastic_kernel(self.eta, "dts")
+        require_stochastic_transition(self, "dts")
+        if self.transition == "dpmpp_2m":
+            raise ConfigError("invalid transition='dpmpp_2m' for dts: its tree keeps no solver history per node; "
+                              "use ddim, ddpm or euler")
 
 
 @dataclass(frozen=True)
@@ -292,6 +296,18 @@ class TreeSearch:
             self.tree.value[ids] = clean(reward)[0]
         return ids
 
+    def expand(self, parent_ids: Tensor, depth: int, noise: Tensor) -> Tensor:
+        """The children's states: one step of the run's transition from each parent node.
+
+        A node stores (x̂0, ε̂); its x_t is √ᾱ x̂0 + √(1−ᾱ) ε̂ (exact for the transitions dts allows,
+        none of which keeps a history)."""
+        tree = self.tree
+        # the child is denoised at the next node's timestep, so the step lands exactly there
+        info = replace(self.ctx.grid[depth], alpha_bar_prev=self.alpha_bars[depth + 1])
+        x0, eps = tree.x0_hat[parent_ids], tree.eps_hat[parent_ids]
+        x = math.sqrt(info.alpha_bar) * x0 + math.sqrt(1 - info.alpha_bar) * eps
+        return self.ctx.transition.step(info, x, Prediction(x0=x0, eps=eps), {}, noise).x
+
     def plant_root(self) -> None:
         self.create([-1], self.ctx.randn((1, *self.sample_shape)), 0)
 
@@ -341,9 +357,7 @@ class TreeSearch:
             if level.new_parents:
                 tree = self.tree
                 parent_ids = torch.tensor(level.new_parents, device=tree.x0_hat.device)
-                x = ddim_step(tree.x0_hat[parent_ids], tree.eps_hat[parent_ids], self.alpha_bars[depth],
-                              self.alpha_bars[depth + 1], self.config.eta,
-                              noise[torch.tensor(level.new_rows, device=noise.device)])
+                x = self.expand(parent_ids, depth, noise[torch.tensor(level.new_rows, device=noise.device)])
                 self.create(level.new_parents, x, depth + 1)
                 batch.reserved -= len(level.new_parents)
             batch.current = following

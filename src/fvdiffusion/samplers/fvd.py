@@ -20,6 +20,7 @@ from fvdiffusion.config import (
 from fvdiffusion.loop import FinalWeighting, RunContext, plain_trace, select
 from fvdiffusion.population import ParticleState
 from fvdiffusion.schedule import StepInfo
+from fvdiffusion.transitions import is_stochastic, restart_history
 
 POTENTIALS = ("diff", "level")
 PARENT_RULES = selection.PARENT_RULES
@@ -60,11 +61,11 @@ class FVDConfig(SelectionScheduleMixin, CommonConfig):
       survival (always independent) has been drawn: "multinomial" (i.i.d. draws) or
       "systematic" (one shared offset: each parent gets ⌊D·m/M⌋ or ⌈D·m/M⌉ of the D dead,
       the same counts as residual-systematic). None = the default for the
-      sampler type (DEFAULT_ALLOCATION_STOCHASTIC for η > 0, DEFAULT_ALLOCATION_DDIM for η = 0).
+      sampler type (DEFAULT_ALLOCATION_STOCHASTIC for a stochastic transition, DEFAULT_ALLOCATION_DDIM for a deterministic one).
     rebirth_noise: ν ∈ [0, 1]; 0 = exact clone, 1 = re-noise the parent's x̂0 afresh.
     The kernel fields (rebirth, rebirth_noise, nu_schedule, nu_by_copies) default to None:
       when all are unset the kernel chosen for the sampler type by the tuning suite applies
-      (DEFAULT_KERNEL_STOCHASTIC for η > 0, DEFAULT_KERNEL_DDIM for η = 0); once any one is
+      (DEFAULT_KERNEL_STOCHASTIC for a stochastic transition (η > 0), DEFAULT_KERNEL_DDIM for a deterministic one); once any one is
       set, the unset ones take the plain values of NEUTRAL_KERNEL, so a user's kernel is
       exactly what they wrote.
     target_dead_fraction: α* of the absorption controller (None = off, κ = 1).
@@ -105,7 +106,7 @@ class FVDConfig(SelectionScheduleMixin, CommonConfig):
         check_choice("parent_rule", self.parent_rule, PARENT_RULES)
         if self.parent_allocation is None:
             object.__setattr__(self, "parent_allocation",
-                               DEFAULT_ALLOCATION_STOCHASTIC if self.eta > 0 else DEFAULT_ALLOCATION_DDIM)
+                               DEFAULT_ALLOCATION_STOCHASTIC if is_stochastic(self) else DEFAULT_ALLOCATION_DDIM)
         check_choice("parent_allocation", self.parent_allocation, ALLOCATIONS)
         self._resolve_kernel()
         check_choice("rebirth", self.rebirth, REBIRTH_KERNELS)
@@ -122,7 +123,7 @@ class FVDConfig(SelectionScheduleMixin, CommonConfig):
     def _resolve_kernel(self) -> None:
         unset = [name for name in NEUTRAL_KERNEL if getattr(self, name) is None]
         if len(unset) == len(NEUTRAL_KERNEL):
-            fill = DEFAULT_KERNEL_STOCHASTIC if self.eta > 0 else DEFAULT_KERNEL_DDIM
+            fill = DEFAULT_KERNEL_STOCHASTIC if is_stochastic(self) else DEFAULT_KERNEL_DDIM
         else:
             fill = NEUTRAL_KERNEL
         for name in unset:
@@ -210,12 +211,14 @@ class FVDKernel:
             return state
         xi = ctx.particle_noise(tuple(state.x.shape[1:]))  # for every slot: the stream does not depend on who died
         nu = ctx.local(nu).to(state.x.device, state.x.dtype).reshape(-1, *([1] * (state.x.ndim - 1)))
-        mask = ctx.local(outcome.reborn).to(state.x.device).reshape(nu.shape)
+        moved = ctx.local(outcome.reborn).to(state.x.device) & (nu.flatten() > 0)
+        mask = moved.reshape(nu.shape)
         eps_new = torch.sqrt(1 - nu**2) * state.eps_hat + nu * xi
         eps = torch.where(mask, eps_new, state.eps_hat)
         x_new = math.sqrt(info.alpha_bar) * state.x0_hat + math.sqrt(1 - info.alpha_bar) * eps
         x = torch.where(mask, x_new, state.x)
-        return replace(state, x=x, eps_hat=eps)
+        # a clone whose x_t moved is no longer on its parent's path: a multistep solver restarts it
+        return replace(state, x=x, eps_hat=eps, history=restart_history(state.history, moved))
 
     def _clone_nu(self, outcome: selection.Selection, info: StepInfo) -> torch.Tensor | None:
         """ν for every slot (used only where reborn), or None when every clone gets ν = 0."""
@@ -260,4 +263,5 @@ class FVDKernel:
             x=state.x.index_copy(0, rows, x),
             x0_hat=state.x0_hat.index_copy(0, rows, x0),
             eps_hat=state.eps_hat.index_copy(0, rows, eps),
+            history=restart_history(state.history, reborn.to(state.x.device)),
         )

@@ -1,6 +1,7 @@
 """SVDD-PM: soft value-based decoding with the posterior-mean value r(x̂0) (DESIGN.md §5).
 
-At every step each particle draws M candidate next states from the base DDIM(η) kernel,
+At every step each particle draws M candidate next states from the run's transition (DDIM(η) by
+default; any stochastic one, a multistep solver's history going with each candidate),
 scores each by the reward at its Tweedie estimate x̂0 (one denoiser call per candidate, at
 the next timestep) and keeps one candidate with probability softmax(λ r) (argmax when
 λ = inf). The kept candidate's prediction *is* the next step's denoiser output, so it is
@@ -23,18 +24,14 @@ import torch
 from torch import Tensor
 
 from fvdiffusion.checks import HostChecks
-from fvdiffusion.config import CommonConfig, ConfigError, check_int
+from fvdiffusion.config import CommonConfig, check_int
 from fvdiffusion.loop import Finished, RunContext, plain_trace
 from fvdiffusion.population import ParticleState
 from fvdiffusion.potentials import clean, tilt
-from fvdiffusion.schedule import Prediction, ddim_step
+from fvdiffusion.schedule import Prediction
+from fvdiffusion.transitions import require_stochastic_transition
 
 
-def require_stochastic_kernel(eta: float, method: str) -> None:
-    """Candidates drawn from a deterministic kernel (η = 0) all coincide: nothing to choose from."""
-    if eta <= 0:
-        raise ConfigError(f"invalid eta={eta!r}: expected > 0 for {method} (with eta = 0 every candidate "
-                          f"drawn from the base kernel is the same state)")
 
 
 @dataclass(frozen=True)
@@ -49,7 +46,7 @@ class SVDDConfig(CommonConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("n_candidates", self.n_candidates, 1)
-        require_stochastic_kernel(self.eta, "svdd")
+        require_stochastic_transition(self, "svdd")
 
 
 def choice_probabilities(values: Tensor, exists: Tensor, lam: float, greedy: bool = False, where: str = "",
@@ -98,17 +95,22 @@ class SVDDSampler:
         pred, dead = ctx.denoise(x, first.t, first.alpha_bar, config.num_steps)
         kept_reward = torch.full((n,), math.nan, dtype=torch.float64, device=ctx.device)
         if dead is not None:
-            x, pred, kept_reward = _rebirth_killed(ctx, dead, x, pred, kept_reward, config.num_steps, first.t)
+            x, pred, kept_reward, _ = _rebirth_killed(ctx, dead, x, pred, kept_reward, {}, config.num_steps, first.t)
+        transition = ctx.transition
+        history = transition.initial_history(x)
         for info in ctx.grid:
             if info.t_prev == -1:
                 # σ = 0 on the last step: x0 = x̂0 of the kept candidate, every candidate would coincide
-                x = ddim_step(pred.x0, pred.eps, info.alpha_bar, info.alpha_bar_prev, config.eta, None)
+                x = transition.step(info, x, pred, history, None).x
                 population = _population(x, pred, kept_reward)
                 ctx.record(plain_trace(info, population, lam), info, population)
                 break
             noise = ctx.randn((n * m, *sample_shape))  # one draw for the whole population
-            candidates = ddim_step(pred.x0.repeat_interleave(m, dim=0), pred.eps.repeat_interleave(m, dim=0),
-                                   info.alpha_bar, info.alpha_bar_prev, config.eta, noise)
+            moved = transition.step(info, x.repeat_interleave(m, dim=0),
+                                    Prediction(x0=pred.x0.repeat_interleave(m, dim=0),
+                                               eps=pred.eps.repeat_interleave(m, dim=0)),
+                                    {key: h.repeat_interleave(m, dim=0) for key, h in history.items()}, noise)
+            candidates = moved.x
             cand_pred, cand_dead = ctx.denoise(candidates, info.t_prev, info.alpha_bar_prev, info.k,
                                                what="candidates")
             cand_reward = ctx.rewards_where_alive(cand_pred.x0, info.k, cand_dead)
@@ -125,10 +127,11 @@ class SVDDSampler:
             dev_rows = rows.to(candidates.device)
             x = candidates[dev_rows]
             pred = Prediction(x0=cand_pred.x0[dev_rows], eps=cand_pred.eps[dev_rows])
+            history = {key: h[dev_rows] for key, h in moved.history.items()}
             kept_reward = cand_reward[rows]
             if dead is not None and bool(dead.any()):
-                x, pred, kept_reward = _rebirth_killed(ctx, dead, x, pred, kept_reward, info.k, info.t_prev,
-                                                       "candidates")
+                x, pred, kept_reward, history = _rebirth_killed(ctx, dead, x, pred, kept_reward, history, info.k,
+                                                                info.t_prev, "candidates")
             population = _population(x, pred, kept_reward)
             ctx.record(plain_trace(info, population, lam, selected=m > 1, ess=ess_fraction(probs),
                                    nonfinite_rewards=nonfinite), info, population)
@@ -137,8 +140,9 @@ class SVDDSampler:
         return Finished(final, {"n_candidates": m})
 
 
-def _rebirth_killed(ctx: RunContext, dead: Tensor, x: Tensor, pred: Prediction, reward: Tensor, k: int, t: int,
-                    what: str = "particles") -> tuple[Tensor, Prediction, Tensor]:
+def _rebirth_killed(ctx: RunContext, dead: Tensor, x: Tensor, pred: Prediction, reward: Tensor,
+                    history: dict[str, Tensor], k: int, t: int,
+                    what: str = "particles") -> tuple[Tensor, Prediction, Tensor, dict[str, Tensor]]:
     """nonfinite_denoiser="kill": each dead particle becomes a copy of a uniformly drawn live one (in the lineage)."""
     if bool(dead.all()):
         raise ctx.all_killed(k, t, dead.numel() if what == "particles" else dead.numel() * ctx.config.n_candidates,
@@ -149,7 +153,8 @@ def _rebirth_killed(ctx: RunContext, dead: Tensor, x: Tensor, pred: Prediction, 
                                           device=dead.device)]
     ctx.lineage.record(k, ancestors)
     dev = ancestors.to(x.device)
-    return x[dev], Prediction(x0=pred.x0[dev], eps=pred.eps[dev]), reward[ancestors]
+    return (x[dev], Prediction(x0=pred.x0[dev], eps=pred.eps[dev]), reward[ancestors],
+            {key: h[dev] for key, h in history.items()})
 
 
 def _population(x: Tensor, pred: Prediction, reward: Tensor) -> ParticleState:
