@@ -222,7 +222,7 @@ def area(module: str) -> str:
 
 
 CORE = {"samplers", "loop", "potentials", "selection", "population", "schedule", "result", "config", "errors", "checks",
-        "distributed", "noise"}
+        "distributed", "noise", "candidates"}
 LEAVES = {"schedule", "selection", "population", "result", "noise"}  # import nothing of the project ...
 LEAF_MAY_IMPORT = {"errors"}                                 # ... but the exception classes
 
@@ -260,6 +260,50 @@ def _violations(edges: list[Edge], applies, forbidden: set[str]) -> list[str]:
 def test_nothing_imports_upward(rule, applies, forbidden):
     bad = _violations(EDGES, applies, forbidden)
     assert not bad, f"{rule}:\n  " + "\n  ".join(bad)
+
+
+# No sampler imports another: what two methods share lives in the engine (e.g. fvdiffusion.candidates),
+# and only the registry, fvdiffusion.samplers (samplers/__init__.py), imports the sampler modules.
+SAMPLERS = f"{PACKAGE}.samplers"
+SAMPLER_RULE = ("a module of sampler a (fvdiffusion.samplers.a or fvdiffusion.samplers.a.*) imports nothing of "
+                "fvdiffusion.samplers but sampler a itself: no other sampler b (base.py included), not the registry "
+                "fvdiffusion.samplers (samplers/__init__.py), which alone imports the sampler modules")
+
+
+def sampler_of(module: str) -> str | None:
+    """The sampler a module belongs to ('dts' for fvdiffusion.samplers.dts.tree); '' for the registry
+    (fvdiffusion.samplers itself); None outside samplers/."""
+    if module == SAMPLERS:
+        return ""
+    if module.startswith(SAMPLERS + "."):
+        return module.split(".")[2]
+    return None
+
+
+def _sampler_violations(edges: list[Edge]) -> list[str]:
+    return [str(e) for e in edges if sampler_of(e.importer) and sampler_of(e.target) is not None
+            and sampler_of(e.target) != sampler_of(e.importer)]
+
+
+@pytest.mark.parametrize("rule", [SAMPLER_RULE], ids=[SAMPLER_RULE])
+def test_no_sampler_imports_another(rule):
+    bad = _sampler_violations(EDGES)
+    assert not bad, f"{rule}:\n  " + "\n  ".join(bad)
+
+
+def test_the_sampler_rule_sees_a_sampler_importing_another():
+    """Planted edges: across samplers and to the registry are violations; within one sampler, from the
+    registry and from outside samplers/ are not."""
+    bad = [Edge("fvdiffusion.samplers.dts.search", "fvdiffusion.samplers.svdd", 1),
+           Edge("fvdiffusion.samplers.fvd", "fvdiffusion.samplers.base", 1),
+           Edge("fvdiffusion.samplers.smc", "fvdiffusion.samplers", 1)]
+    fine = [Edge("fvdiffusion.samplers.dts.search", "fvdiffusion.samplers.dts.tree", 1),
+            Edge("fvdiffusion.samplers.dts", "fvdiffusion.samplers.dts.search", 1),
+            Edge("fvdiffusion.samplers", "fvdiffusion.samplers.svdd", 1),
+            Edge("fvdiffusion.api", "fvdiffusion.samplers.dts", 1),
+            Edge("fvdiffusion.samplers.svdd", "fvdiffusion.candidates", 1)]
+    assert len(_sampler_violations(bad)) == len(bad)
+    assert _sampler_violations(fine) == []
 
 
 def test_numerical_leaves_import_nothing_of_the_project():

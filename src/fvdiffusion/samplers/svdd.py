@@ -23,15 +23,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fvdiffusion.checks import HostChecks
+# choosing among candidates lives in the engine (no sampler imports another); these names stay
+# importable from here for compatibility
+from fvdiffusion.candidates import choice_probabilities, draw_from, ess_fraction
 from fvdiffusion.config import CommonConfig, check_int
 from fvdiffusion.loop import Finished, RunContext, plain_trace
 from fvdiffusion.population import ParticleState
-from fvdiffusion.potentials import clean, tilt
+from fvdiffusion.potentials import clean
 from fvdiffusion.schedule import Prediction
 from fvdiffusion.transitions import require_stochastic_transition
-
-
 
 
 @dataclass(frozen=True)
@@ -47,37 +47,6 @@ class SVDDConfig(CommonConfig):
         super().__post_init__()
         check_int("n_candidates", self.n_candidates, 1)
         require_stochastic_transition(self, "svdd")
-
-
-def choice_probabilities(values: Tensor, exists: Tensor, lam: float, greedy: bool = False, where: str = "",
-                         checks: HostChecks | None = None) -> Tensor:
-    """softmax(λ · values) over the columns that exist, per row: [n, C] float64.
-
-    values [n, C] float64 (−inf or NaN = worthless), exists [n, C] bool (every row has a True).
-    λ = inf or ``greedy`` puts all mass on the first argmax; λ = 0 is uniform. A row whose
-    existing values are all worthless is uniform over its existing columns. A finite λ so large
-    that λ·value overflows is refused (ConfigError naming lam, ``where`` it happened).
-    """
-    worthless = torch.isnan(values) | torch.isneginf(values)
-    v = torch.where(exists & ~worthless, values, torch.full_like(values, -math.inf))
-    all_worthless = torch.isneginf(v).all(dim=1, keepdim=True)
-    v = torch.where(all_worthless & exists, torch.zeros_like(v), v)
-    if greedy or math.isinf(lam):
-        return torch.nn.functional.one_hot(v.argmax(dim=1), values.shape[1]).to(torch.float64)
-    logits = tilt(lam, v, where, checks) if lam > 0 else torch.where(torch.isfinite(v), torch.zeros_like(v), v)
-    return torch.softmax(logits, dim=1)
-
-
-def draw_from(probs: Tensor, uniforms: Tensor) -> Tensor:
-    """One column per row by inverse CDF with the given uniforms [n] in [0, 1); zero-mass columns are never hit."""
-    cdf = probs.cumsum(dim=1)
-    picked = (cdf <= uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]).sum(dim=1)
-    return picked.clamp(max=probs.shape[1] - 1)
-
-
-def ess_fraction(probs: Tensor) -> Tensor:
-    """Mean over rows of ESS / C of the choice probabilities (1 = uniform, 1/C = a single column), 0-dim."""
-    return (1.0 / (probs * probs).sum(dim=1) / probs.shape[1]).mean()
 
 
 class SVDDSampler:

@@ -1,44 +1,8 @@
-"""Diffusion Tree Sampling (DTS) and its greedy variant dts* (DESIGN.md §5).
+"""The search of dts / dts*: its configs, the rollouts (batch by batch, level by level), the final
+descents, their lineage and trace rows, and the sampler that runs them (see the package docstring).
 
-A search tree over denoising states. The node at depth d holds x_{t_d} (d = 0 … K−1, one
-root x_T ~ N(0, I)) through its denoiser prediction (x̂0, ε̂) — x_t = √ᾱ x̂0 + √(1−ᾱ) ε̂ —
-so every node costs exactly one denoiser call, made when it is created. Nodes at depth K−1
-(timestep t_1 = 0) are the leaves: the last step to x0 is deterministic (σ = 0 because
-ᾱ_prev = 1), so a leaf's sample is its x̂0 and its reward is evaluated once, at creation.
-
-A rollout descends from the root. At a node it *expands* a new child, drawn from the base
-DDIM(η) kernel, while the node has fewer children than allowed (``max_children``, or
-min(max_children, ⌈C·visits^α⌉) with progressive widening) and the node budget has room for
-the whole new chain down to a leaf; otherwise it *selects* an existing child with probability
-softmax(λ V(child)) mixed with a uniform pick (weight ``explore``). After an expansion every
-deeper node is new, so the rollout keeps expanding to a leaf.
-
-Soft values are consistent estimates of V(s) = (1/λ) log E_{p(x0|s)}[exp(λ r(x0))]. Children
-are base-kernel draws, so the target at s is the uniform mean over its children of
-exp(λ V(child)); a rollout that selected child c among n with probability P carries the
-importance weight 1/(n·P) for that choice, and V(s) is (1/λ) log of the mean, over every
-rollout through s, of w·exp(λ r) (w: the product of its weights below s; mean w·r when
-λ = 0). Each term is unbiased given the tree, however the rollouts were routed. (The
-nested backup log mean_c exp(λ V(c)) is not: the children the descents favour get refined
-and regress to the mean while the others keep their low first estimates, so it drifts low
-as rollouts grow.) The uniform share ``explore`` keeps every child revisited, so no estimate
-is stuck at an unlucky first leaf, and bounds each weight by 1/explore.
-
-The N final descents follow each child's share of the importance mass Σ w·exp(λ r) (w from
-the root) of the rollouts through it, so a descent ends at a leaf with probability ∝ the
-importance weights of the rollouts that reached it: self-normalised importance sampling of
-p·exp(λ r) over all rollouts. dts* (argmax descent) and λ = inf cannot weight a choice that
-had probability 0: they keep the nested backup (max at λ = inf) and descend by argmax.
-
-Rollouts run in batches of ``rollouts_per_batch`` that move level by level, so all the new
-nodes of a level cost one micro-batched denoiser call. Inside a level the decisions are made
-one rollout at a time (rollouts already on a new chain first), so ``max_children`` and the
-node budget hold exactly. A rollout at a node whose only children are being created at
-this level (their values are not known yet) joins one of them uniformly at random.
-
-Every stored node at depth < K−1 has at least one child, so the N final descents (without
-expansion) always end at a leaf: denoiser calls = nodes in the tree, reward
-calls = leaves in the tree, nothing else.
+The tree's storage is :mod:`fvdiffusion.samplers.dts.tree`, its values and choice probabilities
+:mod:`fvdiffusion.samplers.dts.values`.
 """
 
 from __future__ import annotations
@@ -50,18 +14,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fvdiffusion.candidates import draw_from, ess_fraction
 from fvdiffusion.config import CommonConfig, ConfigError, check_float, check_int
 from fvdiffusion.errors import DenoiserError
 from fvdiffusion.loop import Finished, RunContext
 from fvdiffusion.population import ParticleState
-from fvdiffusion.potentials import clean, refuse_overflow, tilt
+from fvdiffusion.potentials import clean
 from fvdiffusion.result import StepTrace
-from fvdiffusion.samplers.svdd import choice_probabilities, draw_from, ess_fraction
+from fvdiffusion.samplers.dts.tree import SearchTree
+from fvdiffusion.samplers.dts.values import TreeValues
 from fvdiffusion.schedule import Prediction
 from fvdiffusion.transitions import require_stochastic_transition
-
-_INDEX_BYTES = 8  # long / float64 per-node fields and Python list slots
-SEARCH = " in the tree search"  # where a λ overflow happened, for its error message
 
 
 @dataclass(frozen=True)
@@ -116,86 +79,6 @@ class DTSStarConfig(DTSConfig):
     greedy: bool = True
 
 
-class SearchTree:
-    """Node storage, grown by doubling up to the node budget (never beyond it)."""
-
-    def __init__(self, sample_shape: tuple[int, ...], max_children: int, node_budget: int,
-                 empty_return: float = -math.inf) -> None:
-        self.sample_shape = sample_shape
-        self.empty_return = empty_return
-        self.max_children = max_children
-        self.node_budget = node_budget
-        self.n_nodes = 0
-        self.x0_hat = torch.empty(0)
-        self.eps_hat = torch.empty(0)
-        self.children = torch.empty(0, max_children, dtype=torch.long)  # −1 = no child
-        self.value = torch.empty(0, dtype=torch.float64)   # soft value V (leaf: reward, −inf if not finite)
-        self.reward = torch.empty(0, dtype=torch.float64)  # leaf reward (NaN for inner nodes)
-        # the rollouts through the node: sum of their returns weighted from the node (see SoftMean),
-        # and log of the sum of their importance weights from the root (what the final descents follow)
-        self.returns = torch.empty(0, dtype=torch.float64)
-        self.log_mass = torch.empty(0, dtype=torch.float64)
-        self.depth = torch.empty(0, dtype=torch.long)
-        self.n_children: list[int] = []
-        self.visits: list[int] = []
-
-    @property
-    def capacity(self) -> int:
-        return self.value.numel()
-
-    def bytes_per_node(self) -> int:
-        """x̂0, ε̂, the children row, value, reward, returns, mass, depth, 2 list slots (children count, visits)."""
-        numel = math.prod(self.sample_shape)
-        return 2 * numel * self.x0_hat.element_size() + (self.max_children + 7) * _INDEX_BYTES
-
-    def add(self, parents: list[int], pred: Prediction, depth: int) -> Tensor:
-        """Store new nodes (one per row of ``pred``) as children of ``parents`` (−1: the root)."""
-        count = pred.x0.shape[0]
-        self._reserve(self.n_nodes + count, pred.x0)
-        ids = torch.arange(self.n_nodes, self.n_nodes + count)
-        dev_ids = ids.to(self.x0_hat.device)
-        self.x0_hat[dev_ids] = pred.x0
-        self.eps_hat[dev_ids] = pred.eps
-        self.value[ids] = math.nan
-        self.reward[ids] = math.nan
-        self.returns[ids] = self.empty_return
-        self.log_mass[ids] = -math.inf
-        self.depth[ids] = depth
-        linked = [(p, i) for p, i in zip(parents, ids.tolist()) if p >= 0]
-        for p, i in linked:
-            self.children[p, self.n_children[p]] = i
-            self.n_children[p] += 1
-        self.n_children.extend([0] * count)
-        self.visits.extend([0] * count)
-        self.n_nodes += count
-        return ids
-
-    def _reserve(self, needed: int, like: Tensor) -> None:
-        if needed <= self.capacity:
-            return
-        if needed > self.node_budget:
-            raise RuntimeError(f"tree would hold {needed} nodes, over node_budget={self.node_budget}")
-        new_cap = min(self.node_budget, max(needed, 2 * self.capacity, 64))
-        extra = new_cap - self.capacity
-        self.x0_hat = torch.cat([self.x0_hat.reshape(-1, *self.sample_shape).to(like),
-                                 like.new_empty((extra, *self.sample_shape))])
-        self.eps_hat = torch.cat([self.eps_hat.reshape(-1, *self.sample_shape).to(like),
-                                  like.new_empty((extra, *self.sample_shape))])
-        self.children = torch.cat([self.children, torch.full((extra, self.max_children), -1, dtype=torch.long)])
-        self.value = torch.cat([self.value, torch.empty(extra, dtype=torch.float64)])
-        self.reward = torch.cat([self.reward, torch.empty(extra, dtype=torch.float64)])
-        self.returns = torch.cat([self.returns, torch.empty(extra, dtype=torch.float64)])
-        self.log_mass = torch.cat([self.log_mass, torch.empty(extra, dtype=torch.float64)])
-        self.depth = torch.cat([self.depth, torch.empty(extra, dtype=torch.long)])
-
-    def child_table(self, nodes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(children ids with −1 replaced by 0, which exist, their values) for ``nodes``: [n, C] each."""
-        kids = self.children[nodes]
-        exists = kids >= 0
-        kids = kids.clamp(min=0)
-        return kids, exists, self.value[kids]
-
-
 @dataclass
 class _Batch:
     """Where the rollouts of a batch are."""
@@ -221,45 +104,8 @@ class _Level:
     joiners: list[int] = field(default_factory=list)      # rollouts joining a child created now
 
 
-def _log_add_at(acc: Tensor, index: Tensor, log_terms: Tensor) -> None:
-    """acc[index[j]] = log(exp(acc[index[j]]) + exp(log_terms[j])) in place, repeated indices summed, stably."""
-    nodes, inverse = index.unique(return_inverse=True)
-    local = acc[nodes]
-    peak = local.scatter_reduce(0, inverse, log_terms, reduce="amax", include_self=True)
-    shift = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # nothing yet: stays −inf
-    total = (local - shift).exp().index_add(0, inverse, (log_terms - shift[inverse]).exp())
-    acc[nodes] = shift + total.log()
-
-
-@dataclass(frozen=True)
-class SoftMean:
-    """V(s) from the weighted returns of the rollouts through s: the soft mean (1/λ) log mean w·exp(λ r).
-
-    The accumulator is log Σ w·exp(λ r) for λ > 0 and Σ w·r for λ = 0 (the limit: V = mean w·r).
-    """
-
-    lam: float
-
-    @property
-    def empty(self) -> float:
-        return -math.inf if self.lam > 0 else 0.0
-
-    def accumulate(self, acc: Tensor, index: Tensor, log_weight: Tensor, reward: Tensor) -> None:
-        if self.lam > 0:
-            tilted = tilt(self.lam, reward, SEARCH)
-            terms = refuse_overflow(log_weight + tilted, log_weight, tilted, lam=self.lam, where=SEARCH)
-            _log_add_at(acc, index, terms)
-        else:  # a worthless leaf (r = −inf) makes the mean −inf, as it would with λ > 0 in the limit
-            acc.index_add_(0, index, torch.where(torch.isneginf(reward), reward, log_weight.exp() * reward))
-
-    def value(self, acc: Tensor, visits: Tensor) -> Tensor:
-        if self.lam > 0:
-            return (acc - visits.log()) / self.lam
-        return acc / visits
-
-
 class TreeSearch:
-    """The search state of one run: the tree, the cost context and the batch logic."""
+    """The search state of one run: the tree, its values, the cost context and the batch logic."""
 
     def __init__(self, ctx: RunContext, config: DTSConfig) -> None:
         self.ctx, self.config = ctx, config
@@ -267,13 +113,11 @@ class TreeSearch:
         self.timesteps = [info.t for info in ctx.grid]
         self.alpha_bars = [info.alpha_bar for info in ctx.grid]
         self.leaf_depth = config.num_steps - 1
-        self.soft_mean = SoftMean(config.lam)
-        self.tree = SearchTree(self.sample_shape, config.max_children, config.node_budget, self.soft_mean.empty)
+        self.values = TreeValues(config.lam, config.greedy, config.explore)
+        self.tree = SearchTree(self.sample_shape, config.max_children, config.node_budget,
+                               self.values.soft_mean.empty)
         self.rollouts = 0
         self.blocked_by_budget = 0  # expansions the node budget refused
-        # Boltzmann descent gives every child positive probability, so returns can be importance
-        # weighted; argmax descent (dts*, λ = inf) cannot be, and keeps the nested backup
-        self.weighted = not (config.greedy or math.isinf(config.lam))
 
     # --- nodes ------------------------------------------------------------------------
     def create(self, parents: list[int], x: Tensor, depth: int) -> Tensor:
@@ -317,32 +161,6 @@ class TreeSearch:
             return cfg.max_children
         return min(cfg.max_children, math.ceil(cfg.widening_c * self.tree.visits[node] ** cfg.widening_alpha))
 
-    def search_probabilities(self, nodes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(children [n, C], which exist, probability that a rollout selects each).
-
-        softmax(λ V) (argmax for dts*), mixed with a uniform pick (weight ``explore``) when the
-        returns are importance weighted: every child keeps being revisited, so its estimate
-        converges however unlucky its first leaf was, and no weight exceeds 1 / explore per level.
-        """
-        kids, exists, values = self.tree.child_table(nodes)
-        probs = choice_probabilities(values, exists, self.config.lam, self.config.greedy, SEARCH)
-        if self.weighted and self.config.explore > 0:
-            uniform = exists.to(probs.dtype) / exists.sum(dim=1, keepdim=True)
-            probs = (1 - self.config.explore) * probs + self.config.explore * uniform
-        return kids, exists, probs
-
-    def descent_probabilities(self, nodes: Tensor) -> tuple[Tensor, Tensor]:
-        """(children [n, C], probability that a final descent takes each).
-
-        Weighted returns: each child's share of the importance mass, so a descent ends at a leaf
-        with probability ∝ the summed importance weights w·exp(λ r) of the rollouts that reached
-        it (self-normalised importance sampling over all rollouts). Otherwise softmax(λ V) / argmax.
-        """
-        kids, exists, values = self.tree.child_table(nodes)
-        if self.weighted:
-            return kids, choice_probabilities(self.tree.log_mass[kids], exists, 1.0)
-        return kids, choice_probabilities(values, exists, self.config.lam, self.config.greedy, SEARCH)
-
     # --- rollouts ---------------------------------------------------------------------
     def run_batch(self, size: int) -> None:
         """``size`` rollouts from the root to leaves, then one backup of every node they passed."""
@@ -363,11 +181,11 @@ class TreeSearch:
             batch.current = following
         for leaf in batch.current:
             self.tree.visits[leaf] += 1
-        if self.weighted:
-            self.backup(batch)
+        if self.values.weighted:
+            self.values.backup(self.tree, batch.current, batch.paths, batch.log_ratios)
         else:
             for nodes in reversed(batch.paths):
-                self.backup_nested(torch.tensor(sorted(set(nodes))))
+                self.values.backup_nested(self.tree, torch.tensor(sorted(set(nodes))))
         self.rollouts += size
 
     def _decide(self, batch: "_Batch", depth: int) -> "_Level":
@@ -400,7 +218,8 @@ class TreeSearch:
         following = [level.new_ids.get(i, -1) for i in range(len(batch.current))]
         log_ratio = torch.zeros(len(batch.current), dtype=torch.float64)
         if level.selectors:
-            kids, exists, probs = self.search_probabilities(torch.tensor([batch.current[i] for i in level.selectors]))
+            kids, exists, probs = self.values.search_probabilities(
+                self.tree, torch.tensor([batch.current[i] for i in level.selectors]))
             rows = torch.arange(len(level.selectors))
             columns = draw_from(probs, uniforms[level.selectors])
             n_existing = exists.sum(dim=1).to(torch.float64)
@@ -413,70 +232,17 @@ class TreeSearch:
             following[i] = options[int(float(uniforms[i]) * len(options))]
         return following
 
-    def backup(self, batch: "_Batch") -> None:
-        """Add each rollout's importance-weighted return to every node it passed, then refresh V there.
-
-        A rollout's return seen from node s is exp(λ r) · w, w = Π 1 / (n_d · P_d) over the choices
-        it made below s among n_d existing children with search probability P_d (a new child is a
-        base-kernel draw and needs no weight). Given the tree before the batch, w·exp(λ r) is an
-        unbiased estimate of the uniform-over-children value that the nested backup
-        (1/λ) log mean_c exp(λ V(c)) estimates, whatever routed the rollout. The nested mean is not:
-        rollouts refine the children whose first estimates were high (which then regress to the
-        mean) and leave the others at their low first estimates, so it drifts low as rollouts grow.
-        """
-        tree, est = self.tree, self.soft_mean
-        leaves = torch.tensor(batch.current)
-        reward = tree.value[leaves]  # the leaf's potential: its reward, −inf if not finite
-        log_weight = torch.zeros(len(leaves), dtype=torch.float64)
-        for nodes, log_ratio in zip(reversed(batch.paths), reversed(batch.log_ratios)):
-            log_weight = log_weight + log_ratio  # the choice made at this depth weighs the return from here up
-            est.accumulate(tree.returns, torch.tensor(nodes), log_weight, reward)
-        # from the root, w·exp(λ r) is the rollout's importance weight for the final descents
-        lam, worthless = self.config.lam, torch.isneginf(reward)
-        tilted = torch.where(worthless, reward, tilt(lam, reward, SEARCH))
-        log_mass = torch.where(worthless, reward, refuse_overflow(log_weight + tilted, log_weight, tilted, lam=lam,
-                                                                  where=SEARCH))
-        passed = torch.cat([torch.tensor(nodes) for nodes in batch.paths] + [leaves])
-        _log_add_at(tree.log_mass, passed, log_mass.repeat(len(batch.paths) + 1))
-        # long even when empty: at K = 1 a rollout goes straight from the root to a leaf (no inner node)
-        inner = torch.tensor(sorted({node for nodes in batch.paths for node in nodes}), dtype=torch.long)
-        visits = torch.tensor([tree.visits[i] for i in inner.tolist()], dtype=torch.float64)
-        tree.value[inner] = est.value(tree.returns[inner], visits)
-
-    def backup_nested(self, nodes: Tensor) -> None:
-        """V(s) = (1/λ) log mean_c exp(λ V(c)) over existing children (max at λ = inf), for argmax descent."""
-        _, exists, values = self.tree.child_table(nodes)
-        values = torch.where(exists, values, torch.full_like(values, -math.inf))
-        lam = self.config.lam
-        count = exists.sum(dim=1).to(torch.float64)
-        if math.isinf(lam):
-            v = values.max(dim=1).values
-        elif lam == 0:
-            v = torch.where(exists, values, torch.zeros_like(values)).sum(dim=1) / count
-        else:
-            v = (torch.logsumexp(tilt(lam, values, SEARCH), dim=1) - count.log()) / lam
-        self.tree.value[nodes] = v
-
     # --- reading the tree -------------------------------------------------------------
     def expected_descent_reward(self) -> float:
         """E[r] of one final descent under the current tree, computed exactly (no sampling, no calls)."""
-        tree = self.tree
-        n = tree.n_nodes
-        depth = tree.depth[:n]
-        expected = tree.reward[:n].clone()
-        for d in range(self.leaf_depth - 1, -1, -1):
-            nodes = torch.nonzero(depth == d).flatten()
-            kids, probs = self.descent_probabilities(nodes)
-            terms = torch.where(probs > 0, probs * expected[kids], torch.zeros_like(probs))
-            expected[nodes] = terms.sum(dim=1)
-        return float(expected[0])
+        return self.values.expected_descent_reward(self.tree, self.leaf_depth)
 
     def descend(self, n: int) -> tuple[list[Tensor], list[float]]:
         """N final descents from the root to leaves: node ids per depth, and the ESS/C of each level's choice."""
         current = torch.zeros(n, dtype=torch.long)
         paths, ess = [current], [1.0]
         for _ in range(self.leaf_depth):
-            kids, probs = self.descent_probabilities(current)
+            kids, probs = self.values.descent_probabilities(self.tree, current)
             current = kids[torch.arange(n), draw_from(probs, self.ctx.rand(n).cpu())]
             paths.append(current)
             ess.append(float(ess_fraction(probs)))
