@@ -288,6 +288,24 @@ def test_quality_report_counts_confidence_and_histogram_tv():
     assert a.shape == (5, 1, 28, 28) and torch.isfinite(a).all()
 
 
+def test_quality_samples_are_the_engines_base_method():
+    """sample_ddpm is fv.sample("base", eta=1) with the same seed; its batch_size is the engine's
+    micro-batch (the samples do not depend on it); clip_x0 is the engine's clip_x0=1.0."""
+    torch.manual_seed(0)
+    import fvdiffusion as fv
+    from fvdiffusion.schedule import VPSchedule
+
+    denoiser = ModuleDenoiser(UNet(TINY_UNET).eval(), VPSchedule.linear(1000), (1, 28, 28))
+    ours = sample_ddpm(denoiser, 5, steps=3, seed=4, batch_size=2)
+    engine = fv.sample("base", denoiser, n_particles=5, num_steps=3, seed=4, eta=1.0).samples
+    assert torch.equal(ours, engine.cpu())
+    assert torch.equal(ours, sample_ddpm(denoiser, 5, steps=3, seed=4, batch_size=5))
+    clipped = sample_ddpm(denoiser, 5, steps=3, seed=4, batch_size=2, clip_x0=True)
+    assert torch.equal(clipped, fv.sample("base", denoiser, n_particles=5, num_steps=3, seed=4, eta=1.0,
+                                          clip_x0=1.0).samples.cpu())
+    assert not torch.equal(clipped, ours)
+
+
 # --- `fvd train` command group -----------------------------------------------------------
 
 def _train_cli(args: list[str]):

@@ -2,8 +2,8 @@
 
 Issue bars: of 1,000 samples (50+ steps) at least 85% get a class probability >= 0.9 from
 the evaluation network, and the histogram of predicted classes is within total-variation
-distance 0.1 of uniform. Sampling is plain DDPM ancestral (DDIM with η = 1), written here
-so that this check does not depend on the particle engine.
+distance 0.1 of uniform. Sampling is the engine's ``base`` method with η = 1 (DDPM ancestral:
+DDIM(1) on the engine's step grid), so the check measures the very sampler every method builds on.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from fvdiffusion.api import sample
 from fvdiffusion.denoisers.base import Denoiser
-from fvdiffusion.schedule import ddim_step, to_x0_eps
 
 CONFIDENT_FRACTION_BAR = 0.85
 TV_BAR = 0.1
@@ -50,34 +50,21 @@ def sample_ddpm(
     batch_size: int = 250,
     clip_x0: bool = False,
 ) -> Tensor:
-    """n samples by DDPM ancestral steps; noise comes from one CPU generator (device-independent).
+    """n samples [n, *sample_shape] (on the CPU) from the engine's ``base`` method: ``steps`` DDPM steps.
 
-    ``clip_x0`` clamps each Tweedie estimate to [-1, 1] before the step (a common trick; off
-    by default so that this measures the plain sampler the engine's ``base`` method uses).
+    One engine run, ``fvdiffusion.api.sample("base", denoiser, n_particles=n, num_steps=steps,
+    seed=seed, eta=1.0, batch_size=batch_size)``: ``batch_size`` is the engine's micro-batch, so it
+    bounds the denoiser's memory (the population itself is n samples) and never changes the
+    samples; the seed alone fixes them, on a given device (the noise is drawn by the engine's
+    generator on the denoiser's device). ``clip_x0`` clamps each Tweedie estimate x̂0 to [-1, 1]
+    before the step (the engine's ``clip_x0=1.0``; off by default so that this measures the plain
+    sampler). Run in this process only (``sharded=False``), even inside a process group.
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
-    schedule = denoiser.schedule
-    timesteps = schedule.timesteps(steps).tolist()
-    device = _device_of(denoiser)
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        x = torch.randn((b, *denoiser.sample_shape), generator=generator).to(device)
-        for i, t in enumerate(timesteps):
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            ab_t, ab_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
-            pred = denoiser(x, torch.full((b,), t, dtype=torch.long, device=device))
-            est = to_x0_eps(pred, x, ab_t, denoiser.prediction_type)
-            x0, eps = est.x0, est.eps
-            if clip_x0:
-                x0 = x0.clamp(-1, 1)
-                eps = (x - ab_t.sqrt().float() * x0) / (1 - ab_t).sqrt().float()
-            noise = torch.randn(x.shape, generator=generator).to(device)
-            x = ddim_step(x0, eps, ab_t, ab_prev, eta=1.0, noise=noise)
-        out.append(x.cpu())
-    return torch.cat(out)
+    result = sample("base", denoiser, n_particles=n, num_steps=steps, seed=seed, eta=1.0, batch_size=batch_size,
+                    clip_x0=1.0 if clip_x0 else None, sharded=False)
+    return result.samples.cpu()
 
 
 @torch.no_grad()
@@ -116,9 +103,3 @@ def class_probabilities(classifier: nn.Module, images: Tensor, batch_size: int =
     chunks = [classifier(images[i:i + batch_size].to(device)).softmax(-1).cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(chunks)
 
-
-def _device_of(denoiser: Denoiser) -> torch.device:
-    module = getattr(denoiser, "module", None)
-    if isinstance(module, nn.Module):
-        return next(module.parameters()).device
-    return torch.device("cpu")
