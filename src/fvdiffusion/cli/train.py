@@ -1,6 +1,6 @@
 """The ``fvd train`` command group: ddpm, classifier, features, export, quality.
 
-Option defaults are read from the recipe configs, so the CLI and the Python API agree.
+Option defaults are the recipe configs' defaults, so the CLI and the Python API agree.
 """
 
 from __future__ import annotations
@@ -16,9 +16,14 @@ from fvdiffusion.cli.errors import (
     check_device, check_finite, check_fits, check_out, check_range, handles_errors, set_threads,
     threads_option,
 )
-from fvdiffusion.train.classifier import ClassifierTrainConfig
-from fvdiffusion.train.ddpm import DDPMTrainConfig
-from fvdiffusion.train.feature_net import FeatureNetTrainConfig
+
+# The recipe configs' defaults that the options show, written out because the configs live beside
+# the training code, which imports torch, and building the CLI (``fvd --help``) must not.
+# tests/core/test_lazy_imports.py checks them against DDPMTrainConfig, ClassifierTrainConfig and
+# FeatureNetTrainConfig.
+DDPM_DEFAULTS = {"steps": 30_000, "batch_size": 128, "lr": 4e-4, "seed": 0, "checkpoint_every": 500}
+CLASSIFIER_DEFAULTS = {"steps": 1200, "batch_size": 128, "lr": 2e-3}
+FEATURES_DEFAULTS = {"steps": 3000, "batch_size": 128, "lr": 2e-3, "seed": 3}
 
 
 # Memory bounds used to refuse sizes that cannot fit, before anything is loaded (generous:
@@ -55,19 +60,19 @@ def register(app: typer.Typer) -> None:
 
 @handles_errors
 def train_ddpm_command(
-    steps: int = typer.Option(DDPMTrainConfig.steps, help="Total optimisation steps (a resumed run continues up to this)."),
-    batch_size: int = typer.Option(DDPMTrainConfig.batch_size, "--batch-size"),
-    lr: float = typer.Option(DDPMTrainConfig.lr, help="AdamW learning rate (constant after a linear warm-up)."),
-    seed: int = typer.Option(DDPMTrainConfig.seed),
+    steps: int = typer.Option(DDPM_DEFAULTS["steps"], help="Total optimisation steps (a resumed run continues up to this)."),
+    batch_size: int = typer.Option(DDPM_DEFAULTS["batch_size"], "--batch-size"),
+    lr: float = typer.Option(DDPM_DEFAULTS["lr"], help="AdamW learning rate (constant after a linear warm-up)."),
+    seed: int = typer.Option(DDPM_DEFAULTS["seed"]),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     out: Path = typer.Option(Path("runs/ddpm"), help="Run directory (checkpoint + log)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out (fresh if none)."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop and checkpoint after this wall time."),
-    checkpoint_every: int = typer.Option(DDPMTrainConfig.checkpoint_every, "--checkpoint-every"),
+    checkpoint_every: int = typer.Option(DDPM_DEFAULTS["checkpoint_every"], "--checkpoint-every"),
     threads: int = threads_option(),
 ) -> None:
     """Train the unconditional MNIST DDPM (eps-prediction, linear VP schedule, EMA)."""
-    from fvdiffusion.train.ddpm import train_ddpm
+    from fvdiffusion.train.ddpm import DDPMTrainConfig, train_ddpm
 
     device = _setup(device, threads, out, lr, batch_size)
     check_finite("--max-minutes", max_minutes)
@@ -84,9 +89,9 @@ def train_ddpm_command(
 def train_classifier_command(
     kind: ClassifierKind = typer.Option(..., help="reward: the reward classifier; eval: the evaluation network; "
                                         "mlp: the MLP judge of the 'mlp' FID/KID space (never augmented)."),
-    steps: int = typer.Option(ClassifierTrainConfig.steps, help="Optimisation steps."),
-    batch_size: int = typer.Option(ClassifierTrainConfig.batch_size, "--batch-size"),
-    lr: float = typer.Option(ClassifierTrainConfig.lr, help="AdamW peak learning rate (warm-up, then cosine decay)."),
+    steps: int = typer.Option(CLASSIFIER_DEFAULTS["steps"], help="Optimisation steps."),
+    batch_size: int = typer.Option(CLASSIFIER_DEFAULTS["batch_size"], "--batch-size"),
+    lr: float = typer.Option(CLASSIFIER_DEFAULTS["lr"], help="AdamW peak learning rate (warm-up, then cosine decay)."),
     seed: Optional[int] = typer.Option(None, help="Default: 1 for reward, 2 for eval, 4 for mlp (they must differ)."),
     device: str = typer.Option("cpu"),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<kind>_classifier)."),
@@ -95,7 +100,7 @@ def train_classifier_command(
     threads: int = threads_option(),
 ) -> None:
     """Train the reward classifier, the evaluation network or the MLP judge on clean MNIST digits."""
-    from fvdiffusion.train.classifier import train_classifier
+    from fvdiffusion.train.classifier import ClassifierTrainConfig, train_classifier
 
     out = out or Path(f"runs/{kind.value}_classifier")
     device = _setup(device, threads, out, lr, batch_size)
@@ -111,10 +116,10 @@ def train_classifier_command(
 
 @handles_errors
 def train_features_command(
-    steps: int = typer.Option(FeatureNetTrainConfig.steps, help="Optimisation steps."),
-    batch_size: int = typer.Option(FeatureNetTrainConfig.batch_size, "--batch-size"),
-    lr: float = typer.Option(FeatureNetTrainConfig.lr, help="AdamW peak learning rate (warm-up, then cosine decay)."),
-    seed: int = typer.Option(FeatureNetTrainConfig.seed),
+    steps: int = typer.Option(FEATURES_DEFAULTS["steps"], help="Optimisation steps."),
+    batch_size: int = typer.Option(FEATURES_DEFAULTS["batch_size"], "--batch-size"),
+    lr: float = typer.Option(FEATURES_DEFAULTS["lr"], help="AdamW peak learning rate (warm-up, then cosine decay)."),
+    seed: int = typer.Option(FEATURES_DEFAULTS["seed"]),
     device: str = typer.Option("cpu"),
     out: Path = typer.Option(Path("runs/feature_net"), help="Run directory (checkpoint + log)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out (same --steps: "
@@ -122,7 +127,7 @@ def train_features_command(
     threads: int = threads_option(),
 ) -> None:
     """Train the feature autoencoder (no augmentation) whose latent is the 'ae' FID/KID space."""
-    from fvdiffusion.train.feature_net import train_feature_net
+    from fvdiffusion.train.feature_net import FeatureNetTrainConfig, train_feature_net
 
     device = _setup(device, threads, out, lr, batch_size)
     config = FeatureNetTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
