@@ -23,6 +23,9 @@ CASES: dict[str, tuple[str, str, dict]] = {
        for scheme in ("multinomial", "systematic", "stratified", "residual", "fleming_viot", "killing")},
     "smc_ess_max": ("smc", "gmm2d-linear", {"scheme": "systematic", "ess_threshold": 0.7, "potential": "max"}),
     "vasr": ("vasr", "gmm2d-linear", {}),
+    # a multistep transition: each clone's solver history crosses ranks with it
+    "fvd_dpmpp_2m": ("fvd", "gmm2d-component", {"transition": "dpmpp_2m", "eta": 0.0}),
+    "smc_dpmpp_2m_sde": ("smc", "gmm2d-linear", {"transition": "dpmpp_2m", "eta": 1.0, "scheme": "systematic"}),
     "base": ("base", "gmm2d-component", {}),
     "bon": ("bon", "gmm2d-component", {}),
 }

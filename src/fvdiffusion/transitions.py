@@ -17,7 +17,9 @@ Transitions (σ = √((1−ᾱ)/ᾱ) is the variance-exploding noise level, λ =
 * ``ddpm`` — the DDPM posterior q(x' | x_t, x̂0) written as diffusers' ``DDPMScheduler`` does (mean from
   x̂0 and x_t, "fixed_small" variance). Equal to DDIM(1) in exact arithmetic; η must be 1.
 * ``euler`` — Euler in σ (k-diffusion's and diffusers' ``EulerDiscreteScheduler``); η > 0 adds the
-  ancestral noise σ_up = η·√(σ'²(σ²−σ'²)/σ²) (η = 1: ``EulerAncestralDiscreteScheduler``).
+  ancestral noise σ_up = η·√(σ'²(σ²−σ'²)/σ²) (η = 1: ``EulerAncestralDiscreteScheduler``). On the
+  same grid this is DDIM(η) written in σ (σ_up is DDIM's noise, σ_down its direction), equal in
+  exact arithmetic and tested so; it is here to step as those schedulers do, in their coordinates.
 * ``dpmpp_2m`` — DPM-Solver++(2M) with the midpoint correction, data prediction (diffusers'
   ``DPMSolverMultistepScheduler``, ``algorithm_type="dpmsolver++"``, order 2); η > 0 is the SDE variant
   (η = 1: ``algorithm_type="sde-dpmsolver++"``). History: the previous step's x̂0. The first step, a
@@ -25,8 +27,8 @@ Transitions (σ = √((1−ᾱ)/ᾱ) is the variance-exploding noise level, λ =
 
 x̂0 processing (where the user's scheduler asks for it): ``clip_x0`` clamps x̂0 to [−c, c];
 ``dynamic_threshold`` (Imagen's dynamic thresholding) clamps each sample to its ``ratio``-quantile of
-|x̂0| (at least 1, at most ``dynamic_threshold_max``) and divides by it. DDIM then re-derives ε̂ from
-x_t, as diffusers' ``DDIMScheduler`` does.
+|x̂0| (at least 1, at most ``dynamic_threshold_max``) and divides by it. ε̂ is left as the model gave
+it, as diffusers' ``DDIMScheduler.step`` leaves it (``use_clipped_model_output=False``).
 """
 
 from __future__ import annotations
@@ -114,11 +116,10 @@ class _Single:
         return {}
 
     def _processed(self, x: Tensor, pred: Prediction, alpha_bar: float) -> Prediction:
+        # ε̂ stays the model's, as in diffusers' DDIMScheduler.step (use_clipped_model_output=False)
         if not self.processing.active:
             return pred
-        x0 = self.processing(pred.x0)
-        eps = (x - _as(math.sqrt(alpha_bar), x.dtype) * x0) / _as(math.sqrt(1 - alpha_bar), x.dtype)
-        return Prediction(x0=x0, eps=eps)
+        return Prediction(x0=self.processing(pred.x0), eps=pred.eps)
 
 
 class DDIM(_Single):

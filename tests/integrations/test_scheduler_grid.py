@@ -205,8 +205,7 @@ def test_a_zero_terminal_snr_scheduler_runs(sd_v):
 
 # ---------------------------------------------------------------- replaced schedulers
 
-REPLACED = {  # class -> extra config; all from the tiny SD pipeline's DDIM config
-    "EulerDiscreteScheduler": {}, "EulerAncestralDiscreteScheduler": {}, "DPMSolverMultistepScheduler": {},
+REPLACED = {  # class -> extra config; all from the tiny SD pipeline's DDIM config (native ones: test_native_schedulers)
     "UniPCMultistepScheduler": {}, "PNDMScheduler": {"skip_prk_steps": True}, "LMSDiscreteScheduler": {},
     "HeunDiscreteScheduler": {}, "LCMScheduler": {}, "TCDScheduler": {}, "KDPM2DiscreteScheduler": {},
 }
@@ -236,11 +235,7 @@ def test_other_schedulers_give_their_timesteps_and_one_warning_naming_them(sd, n
         assert "not 4 distinct training steps" in message and steps == ddim_timesteps(1000, 4, "linspace")
 
 
-@pytest.mark.parametrize("options, needle", [
-    (dict(clip_sample=True), "clip_sample=True"),
-    (dict(thresholding=True), "thresholding"),
-    (dict(variance_type="fixed_large"), "variance_type='fixed_large'"),
-])
+@pytest.mark.parametrize("options, needle", [(dict(variance_type="fixed_large"), "variance_type='fixed_large'")])
 def test_ddpm_with_what_the_engine_does_not_apply_warns(sd, options, needle):
     from diffusers import DDPMScheduler
 
@@ -248,6 +243,34 @@ def test_ddpm_with_what_the_engine_does_not_apply_warns(sd, options, needle):
     with pytest.warns(SchedulerReplacedWarning, match=needle):
         align(with_scheduler(sd, scheduler), PROMPT, Brightness(), method="base", num_images_per_prompt=N,
               num_inference_steps=2, guidance_scale=2.0, output_type="latent")
+
+
+@pytest.mark.parametrize("options, field", [
+    (dict(clip_sample=True, clip_sample_range=0.5), "clip_x0"),
+    (dict(thresholding=True, sample_max_value=1.2, dynamic_thresholding_ratio=0.9), "dynamic_threshold"),
+])
+def test_ddim_clipping_and_thresholding_are_applied_as_diffusers_applies_them(sd, options, field):
+    """x̂0 processing is now the transition's: DDIM(0) with clip_sample / thresholding reproduces pipe(...)."""
+    from diffusers import DDIMScheduler
+
+    pipe = with_scheduler(sd, DDIMScheduler.from_config(sd.scheduler.config, **options))
+    expected = pipe(PROMPT, num_inference_steps=4, guidance_scale=2.0, num_images_per_prompt=N,
+                    generator=torch.Generator().manual_seed(3), output_type="latent").images
+    out = aligned(pipe, PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(3))
+    assert out.result.config[field] is not None
+    torch.testing.assert_close(out.result.samples, expected, rtol=1e-5, atol=1e-4)
+    plain = aligned(sd, PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(plain.result.samples, out.result.samples, atol=1e-4)  # the option did something
+
+
+def test_ddpm_with_clipping_steps_with_the_posterior_of_the_clipped_x0(sd):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(sd.scheduler.config, clip_sample=True)
+    out = aligned(with_scheduler(sd, scheduler), PROMPT, num_inference_steps=4, eta=1.0)  # no warning
+    assert out.result.config["transition"] == "ddpm" and out.result.config["clip_x0"] == 1.0
+    with pytest.raises(Exception, match="eta"):  # the DDPM posterior has one noise level
+        aligned(with_scheduler(sd, scheduler), PROMPT, num_inference_steps=4, eta=0.0)
 
 
 def test_ddpm_without_clipping_is_the_engines_own_step(sd):

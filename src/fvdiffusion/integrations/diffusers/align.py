@@ -524,6 +524,9 @@ def align(
     if kind == "img2img":
         grid = _truncated_grid(schedule_from_scheduler(pipe.scheduler), steps.grid, strength)
         num_steps = len(grid)
+    # the scheduler's transition (and x̂0 processing) unless the user chose their own
+    if steps is not None:
+        method_options = {**dict(steps.engine_options), **method_options}
     # validate every engine option before any model runs (and read eta for the scheduler warning)
     config = make_config(method, n_particles=n, num_steps=num_steps, seed=engine_seed, batch_size=batch_size,
                          **method_options)
@@ -576,6 +579,8 @@ def align(
         x_inits = list(drawn.split(n))
     else:
         x_inits = [None] * len(prompts)
+    if steps is not None and steps.latent_scale != 1.0 and kind != "img2img":  # a sigma-space x_T in VP terms
+        x_inits = [None if x is None else x * steps.latent_scale for x in x_inits]
     if kind == "flow":  # the pipeline's latents are x_t at the first sigma; the engine's state is x_t / c(t)
         x_inits = [None if x is None else denoiser.initial_state(x) for x, (denoiser, _) in zip(x_inits, adapters)]
     if generator is not None:
