@@ -50,10 +50,10 @@ there in brackets); the module then had 190 and 233 tests:
      planted inside test_a_broken_scheme_in_the_registry_is_rejected, where the generic check over
      the whole registry must raise AssertionError for it (and pass for every real scheme).
 
-A real discrepancy, on 86b4930 and on 196c045 (not fixed here; marked xfail(strict=True)): bon
-ranks its final samples with a permutation that the lineage does not record, so
-``lineage.ancestors_at(K)`` names the wrong root for every reordered sample
-(test_lineage_matches_carried_roots[bon]).
+A real discrepancy found by this suite, on 86b4930 and 196c045, fixed since: bon ranked its final
+samples with a permutation the lineage did not record, so ``lineage.ancestors_at(K)`` named the
+wrong root for every reordered sample (test_lineage_matches_carried_roots[bon]); the ranking is now
+the kernel's ``FinalWeighting.reordered``, recorded by the driver.
 """
 
 from __future__ import annotations
@@ -403,9 +403,7 @@ KILLS = dict(rows=(1, 3, 6, 9, 11, 14), calls=(3, 4))
 LINEAGE_RUNS = [
     pytest.param("base", {}, None, id="base"),
     pytest.param("base", {}, KILLS, id="base-kill"),
-    pytest.param("bon", {}, None, id="bon", marks=pytest.mark.xfail(strict=True, reason=(
-        "real (86b4930): bon's final ranking is a permutation the lineage does not record, so "
-        "ancestors_at(K) gives sample i the root i instead of extras['ranking'][i]"))),
+    pytest.param("bon", {}, None, id="bon"),  # its ranking is recorded as the step-0 lineage entry
     *[pytest.param("smc", {"scheme": s}, None, id=f"smc-{s}") for s in selection.SCHEMES],
     pytest.param("smc", {"ess_threshold": 0.6, "selection_end": 0.7}, None, id="smc-ess-window"),
     pytest.param("smc", {}, KILLS, id="smc-kill"),

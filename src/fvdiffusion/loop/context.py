@@ -70,7 +70,8 @@ class RunContext:
     def assemble(self, state: ParticleState) -> ParticleState:
         """After the loop: the whole population on every rank (the samples all-gathered once).
 
-        x̂0 and ε̂ are not gathered: the final weighting reads the samples and their rewards only.
+        x̂0, ε̂ and the transition's history are not gathered: the final weighting reads the samples and
+        their rewards only.
         """
         if self.shard is None or self.assembled:
             return state
@@ -79,7 +80,7 @@ class RunContext:
         self.assembled = True
         if self.noise is not None:
             self.noise.lo, self.noise.hi = 0, self.config.n_particles
-        return replace(state, x=x, x0_hat=x, eps_hat=x)
+        return replace(state, x=x, x0_hat=x, eps_hat=x, history={})  # no step follows: the solver memory is done
 
     def initial_x(self) -> Tensor:
         """x at the first step (this process's rows): the caller's ``x_init`` or fresh noise."""

@@ -33,6 +33,7 @@ class FinalWeighting:
     skip_if_uniform: bool = False
     report_ess: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+    reordered: Tensor | None = None  # slot i of ``state`` holds particle reordered[i] (e.g. a ranking)
 
 
 @dataclass(frozen=True)

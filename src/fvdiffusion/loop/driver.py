@@ -192,6 +192,8 @@ def _finish_particles(ctx: RunContext, kernel: ParticleKernel, state: ParticleSt
         state = replace(state, x0_hat=state.x, reward=ctx.evaluate_reward(state.x, None))
     state = ctx.assemble(state)
     weighting = kernel.finish(ctx, state)
+    if weighting.reordered is not None:
+        ctx.lineage.record(0, weighting.reordered)
     if weighting.log_w is None:
         return Finished(weighting.state, dict(weighting.extras))
     state, extras = equalise_final(ctx, weighting.state, weighting)

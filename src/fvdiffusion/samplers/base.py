@@ -58,4 +58,4 @@ class BestOfNKernel(BaseKernel):
         state = gather(state, order)
         order = order.cpu()
         return FinalWeighting(state, extras={"ranking": order, "top_k": self.config.top_k,
-                                             "top_k_samples": state.x[: self.config.top_k]})
+                                             "top_k_samples": state.x[: self.config.top_k]}, reordered=order)
