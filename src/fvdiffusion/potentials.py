@@ -17,6 +17,7 @@ and the terminal correction that makes SMC's weighted population target p·exp(�
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -121,3 +122,16 @@ def terminal_correction(lam: float, log_weight: Tensor, log_g_sum: Tensor, final
     corrected = refuse_overflow(log_weight + tilted - log_g_sum, log_weight, tilted, log_g_sum, lam=lam,
                                 where=FINAL, checks=checks)
     return clean(corrected)[0]
+
+
+def log_z_increment(log_w_before: Tensor, increment: Tensor) -> Tensor:
+    """log Σ_i W̄_i G_i, one factor of the SMC estimate of the normalising constant (0-dim).
+
+    W̄ are the normalised weights before the reweighting (uniform when every one is −inf, as the
+    engine then continues), G_i = exp(increment_i); −inf terms contribute nothing. Summed over
+    the steps and the final weighting it estimates log E_p[exp(λ r(x0))] for a population that is
+    properly weighted between reweightings (docs/method.md, "log Z")."""
+    base = torch.where(torch.isneginf(log_w_before).all(), torch.zeros_like(log_w_before), log_w_before)
+    normalised = torch.log_softmax(base.to(torch.float64), dim=0)
+    terms = normalised + increment.to(torch.float64)
+    return torch.logsumexp(torch.where(torch.isnan(terms), torch.full_like(terms, -math.inf), terms), dim=0)

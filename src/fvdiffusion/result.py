@@ -25,6 +25,7 @@ class StepTrace:
     reward_max: float
     nonfinite_rewards: int          # rewards that were NaN/±inf (those particles got −inf potential)
     offspring_var: float = 0.0      # mean_i (O_i − N·W_i)² of this step's selection (0 if none)
+    log_z_increment: float = 0.0    # log of this step's factor of the normalising-constant estimate
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +157,19 @@ class SampleResult:
     cost: Cost
     config: dict[str, Any]
     extras: dict[str, Any] = field(default_factory=dict)  # method-specific (e.g. DTS anytime curve)
+    # log Ẑ, the method's estimate of log E_p[exp(λ r(x0))] under the K-step base sampler p (smc,
+    # vasr, fvd; None for methods that estimate none). docs/method.md says what each one estimates.
+    log_z: float | None = None
+
+    def running_log_z(self) -> list[float] | None:
+        """log Ẑ after each step, k = K … 1 (the final weighting's factor is in ``log_z`` only)."""
+        if self.log_z is None:
+            return None
+        total, path = 0.0, []
+        for row in self.trace:
+            total += row.log_z_increment
+            path.append(total)
+        return path
 
     def distinct_lineages(self) -> int:
         """Slot count of distinct K/2 ancestors: copies inflate it; prefer :meth:`diversity`."""

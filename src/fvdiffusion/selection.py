@@ -196,6 +196,27 @@ SCHEMES: dict[str, Callable[..., Selection]] = {
 }
 
 
+def rebirth_dead(log_w: Tensor, dead: Tensor, generator: torch.Generator) -> Selection:
+    """The kill path's rule: every live particle keeps its slot; each dead slot is reborn as a copy of
+    a live particle drawn i.i.d. ∝ its weight (uniformly when every live weight is −inf).
+
+    Not a resampling scheme (a live particle always survives, so E[O_i] ≠ N·W_i): it replaces
+    particles whose denoiser output was not finite, for every method (the driver and svdd)."""
+    alive = ~dead
+    live_log_w = log_w[alive]
+    if bool(torch.isneginf(live_log_w).all()):
+        live_log_w = torch.zeros_like(live_log_w)
+    parents = torch.multinomial(torch.softmax(live_log_w, dim=0), int(dead.sum()), replacement=True,
+                                generator=generator)
+    ancestors = torch.arange(log_w.numel(), device=dead.device)
+    ancestors[dead] = torch.nonzero(alive).flatten()[parents.to(dead.device)]
+    return Selection(ancestors=ancestors, reborn=dead.clone())
+
+
+# Rules for replacing killed particles (a registry of its own: they are not resampling schemes).
+REBIRTH_RULES: dict[str, Callable[..., Selection]] = {"weighted": rebirth_dead}
+
+
 def get_scheme(name: str) -> Callable[..., Selection]:
     """The selection function registered under ``name``."""
     if name not in SCHEMES:

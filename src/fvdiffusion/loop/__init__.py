@@ -36,7 +36,7 @@ from fvdiffusion.loop.context import (
     ACCELERATOR_BUDGET_SHARE, ACTIVATION_FACTOR, CPU_MEMORY_BUDGET, DENOISER_RANGE, REWARD_RANGE, STEP_RANGE,
     RunContext, auto_batch_rows,
 )
-from fvdiffusion.loop.contracts import FinalWeighting, Finished, ParticleKernel, Sampler
+from fvdiffusion.loop.contracts import FinalWeighting, Finished, ParticleKernel, Sampler, StepResult
 from fvdiffusion.loop.driver import (
     call_fingerprint, equalise_final, make_result, particle_loop, rebirth_killed, run_kernel, select,
 )
@@ -44,7 +44,7 @@ from fvdiffusion.loop.health import RunHealth, StepEvent, distinct_count, plain_
 from fvdiffusion.schedule import StepInfo
 
 __all__ = [
-    "ParticleKernel", "Sampler", "FinalWeighting", "Finished", "RunContext", "RunHealth", "StepEvent", "StepInfo",
+    "ParticleKernel", "Sampler", "FinalWeighting", "Finished", "StepResult", "RunContext", "RunHealth", "StepEvent", "StepInfo",
     "run_kernel", "particle_loop", "select", "rebirth_killed", "equalise_final", "make_result", "call_fingerprint",
     "plain_trace", "settle_trace", "reward_stats", "distinct_count", "auto_batch_rows",
     "ACTIVATION_FACTOR", "CPU_MEMORY_BUDGET", "ACCELERATOR_BUDGET_SHARE", "STEP_RANGE", "DENOISER_RANGE", "REWARD_RANGE",

@@ -10,6 +10,7 @@ from torch import Tensor
 from fvdiffusion.population import ParticleState
 from fvdiffusion.result import StepTrace
 from fvdiffusion.schedule import StepInfo
+from fvdiffusion.selection import Selection
 
 if TYPE_CHECKING:
     from fvdiffusion.loop.context import RunContext
@@ -34,14 +35,35 @@ class FinalWeighting:
     report_ess: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
     reordered: Tensor | None = None  # slot i of ``state`` holds particle reordered[i] (e.g. a ranking)
+    # log of the normalising-constant increment of the final weighting (None: the method estimates none)
+    log_z_increment: Tensor | float | None = None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a kernel's step returns: the population, its trace row and the step's selection.
+
+    ``selection`` (ancestors, reborn slots) is None when the step selected nothing; the driver,
+    the only writer of the lineage, records it. The step's log normalising-constant increment is
+    the trace row's ``log_z_increment``.
+    """
+
+    state: ParticleState
+    trace: StepTrace
+    selection: Selection | None = None
 
 
 @dataclass(frozen=True)
 class Finished:
-    """A sampler's final population (x = samples, reward = their rewards, log_weight = weights)."""
+    """A sampler's final population (x = samples, reward = their rewards, log_weight = weights).
+
+    ``ancestry``: the (step k, ancestors) records of the search, in the order they happened; the
+    driver writes them into the lineage.
+    """
 
     state: ParticleState
     extras: dict[str, Any] = field(default_factory=dict)
+    ancestry: tuple[tuple[int, Tensor], ...] = ()
 
 
 @runtime_checkable
@@ -53,7 +75,7 @@ class ParticleKernel(Protocol):
     def init(self, ctx: "RunContext", state: ParticleState) -> ParticleState:
         """The population before the first step (e.g. the run scalars a controller needs)."""
 
-    def step(self, ctx: "RunContext", info: StepInfo, state: ParticleState) -> tuple[ParticleState, StepTrace]:
+    def step(self, ctx: "RunContext", info: StepInfo, state: ParticleState) -> StepResult:
         """Act after the denoiser call of step ``info`` (x̂0, ε̂ are in the state)."""
 
     def finish(self, ctx: "RunContext", state: ParticleState) -> FinalWeighting:

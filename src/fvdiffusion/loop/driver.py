@@ -17,7 +17,7 @@ from fvdiffusion.config import CommonConfig
 from fvdiffusion.denoisers.base import Denoiser
 from fvdiffusion.errors import ConfigError
 from fvdiffusion.loop.context import STEP_RANGE, RunContext
-from fvdiffusion.loop.contracts import FinalWeighting, Finished, ParticleKernel, Sampler
+from fvdiffusion.loop.contracts import FinalWeighting, Finished, ParticleKernel, Sampler, StepResult
 from fvdiffusion.loop.health import StepEvent, settle_trace
 from fvdiffusion.population import ParticleState, gather, initial_state
 from fvdiffusion.result import Cost, SampleResult
@@ -28,7 +28,8 @@ from fvdiffusion.schedule import Prediction, StepGrid
 def select(ctx: RunContext, state: ParticleState, log_w: Tensor, scheme: str, k: int,
            **scheme_options: Any) -> tuple[ParticleState, selection.Selection]:
     """Select on ``log_w`` with ``scheme`` (registry lookup; ``scheme_options`` such as a
-    Fleming–Viot ``parent_rule`` and ``allocation`` are passed on), copy particles, record the lineage.
+    Fleming–Viot ``parent_rule`` and ``allocation`` are passed on) and copy particles. The kernel
+    returns the selection in its :class:`StepResult`; the driver records it in the lineage.
 
     ``log_w`` must be finite or −inf with at least one finite entry (the potentials module and
     :meth:`RunContext.guard_all_dead` make it so). The new population is one out-of-place gather
@@ -39,7 +40,6 @@ def select(ctx: RunContext, state: ParticleState, log_w: Tensor, scheme: str, k:
     generator = ctx.decision_generator()
     outcome = scheme_fn(log_w, generator, checked=checked, **scheme_options)
     state = _copy_selected(ctx, state, outcome.ancestors, outcome.reborn)
-    ctx.lineage.record(k, outcome.ancestors)
     return state, outcome
 
 
@@ -49,26 +49,33 @@ def _copy_selected(ctx: RunContext, state: ParticleState, ancestors: Tensor, reb
     return gather(state, ancestors)
 
 
-def rebirth_killed(ctx: RunContext, state: ParticleState, dead: Tensor, k: int) -> ParticleState:
-    """Replace every killed particle by a copy of a survivor drawn ∝ its weight (recorded in the lineage).
+def rebirth_killed(ctx: RunContext, state: ParticleState, dead: Tensor) -> tuple[ParticleState, selection.Selection]:
+    """Replace every killed particle by a copy of a survivor drawn ∝ its weight (``selection.REBIRTH_RULES``).
 
     The copy gets the survivors' mean weight, so the weighted population still estimates what
     the survivors estimate. It is an exact copy (no rebirth noise): a fault path, not a move.
+    Returns the population and the selection, which the driver records in the lineage.
     """
     dead = dead.to(state.log_weight.device)
-    alive = ~dead
-    log_w = state.log_weight[alive]
+    outcome = selection.REBIRTH_RULES["weighted"](state.log_weight, dead, ctx.decision_generator())
+    log_w = state.log_weight[~dead]
     if bool(torch.isneginf(log_w).all()):
         log_w = torch.zeros_like(log_w)
-    parents_alive = torch.multinomial(torch.softmax(log_w, dim=0), int(dead.sum()), replacement=True,
-                                      generator=ctx.decision_generator())
-    ancestors = torch.arange(state.n, device=dead.device)
-    ancestors[dead] = torch.nonzero(alive).flatten()[parents_alive]
     mean_log_w = torch.logsumexp(log_w, dim=0) - math.log(log_w.numel())
-    state = _copy_selected(ctx, state, ancestors, dead)
-    state = replace(state, log_weight=torch.where(dead, mean_log_w, state.log_weight))
-    ctx.lineage.record(k, ancestors)
-    return state
+    state = _copy_selected(ctx, state, outcome.ancestors, dead)
+    return replace(state, log_weight=torch.where(dead, mean_log_w, state.log_weight)), outcome
+
+
+def _record(ctx: RunContext, k: int, *selections: selection.Selection | None) -> None:
+    """One lineage record for step k: the selections made there, composed in the order they happened."""
+    ancestors = None
+    for outcome in selections:
+        if outcome is None:
+            continue
+        # after a then b, slot j holds what slot b[j] held after a, i.e. particle a[b[j]]
+        ancestors = outcome.ancestors if ancestors is None else ancestors[outcome.ancestors.to(ancestors.device)]
+    if ancestors is not None:
+        ctx.lineage.record(k, ancestors)
 
 
 def equalise_final(ctx: RunContext, state: ParticleState, weighting: FinalWeighting) -> tuple[ParticleState, dict]:
@@ -82,6 +89,7 @@ def equalise_final(ctx: RunContext, state: ParticleState, weighting: FinalWeight
         dead = 0.0
     else:
         state, outcome = select(ctx, state, log_w, weighting.scheme, 0, **weighting.scheme_options)
+        _record(ctx, 0, outcome)
         dead = float(outcome.reborn.double().mean())
     extras["final_dead_fraction"] = dead
     return replace(state, log_weight=torch.zeros_like(state.log_weight)), extras
@@ -102,11 +110,17 @@ def particle_loop(ctx: RunContext, kernel: ParticleKernel) -> ParticleState:
         with record_function(STEP_RANGE):
             pred, dead = ctx.denoise(state.x, info.t, info.alpha_bar, info.k)
             state = replace(state, x0_hat=pred.x0, eps_hat=pred.eps)
+            killed = None
             if dead is not None:
                 if bool(dead.all()):
                     raise ctx.all_killed(info.k, info.t, state.n)
-                state = rebirth_killed(ctx, state, dead, info.k)
-            state, trace = kernel.step(ctx, info, state)
+                state, killed = rebirth_killed(ctx, state, dead)
+            stepped = kernel.step(ctx, info, state)
+            if not isinstance(stepped, StepResult):
+                raise TypeError(f"{type(kernel).__name__}.step must return a StepResult (state, trace, selection), "
+                                f"got {type(stepped).__name__}")
+            state, trace = stepped.state, stepped.trace
+            _record(ctx, info.k, killed, stepped.selection)  # the driver alone writes the lineage
             noise = ctx.particle_noise(sample_shape) if transition.draws_noise else None
             moved = transition.step(info, state.x, Prediction(x0=state.x0_hat, eps=state.eps_hat), state.history,
                                     noise)
@@ -143,6 +157,8 @@ def run_kernel(method: str, kernel: ParticleKernel | Sampler, denoiser: Denoiser
         with torch.no_grad(), Timer(ctx.cost, ctx.device):
             if isinstance(kernel, Sampler):
                 finished = kernel.run(ctx)
+                for k, ancestors in finished.ancestry:  # the search's selections, in order
+                    ctx.lineage.record(k, ancestors)
             else:
                 finished = _finish_particles(ctx, kernel, particle_loop(ctx, kernel))
             ctx.checks.resolve()
@@ -194,9 +210,13 @@ def _finish_particles(ctx: RunContext, kernel: ParticleKernel, state: ParticleSt
     weighting = kernel.finish(ctx, state)
     if weighting.reordered is not None:
         ctx.lineage.record(0, weighting.reordered)
+    extras = dict(weighting.extras)
+    if weighting.log_z_increment is not None:
+        steps = sum(float(row.log_z_increment) for row in settle_trace(ctx.trace))
+        extras["log_z"] = steps + float(weighting.log_z_increment)
     if weighting.log_w is None:
-        return Finished(weighting.state, dict(weighting.extras))
-    state, extras = equalise_final(ctx, weighting.state, weighting)
+        return Finished(weighting.state, extras)
+    state, extras = equalise_final(ctx, weighting.state, replace(weighting, extras=extras))
     return Finished(state, extras)
 
 
@@ -212,7 +232,10 @@ def make_result(ctx: RunContext, method: str, state: ParticleState, extras: dict
     ctx.lineage.settle()
     if ctx.shard is not None:
         extras = {**(extras or {}), "distributed": _whole_run_costs(ctx)}
+    extras = dict(extras or {})
+    log_z = extras.pop("log_z", None)
     return SampleResult(
+        log_z=log_z,
         samples=state.x,
         rewards=state.reward.detach().cpu(),
         log_weights=log_weights,
@@ -220,7 +243,7 @@ def make_result(ctx: RunContext, method: str, state: ParticleState, extras: dict
         trace=settle_trace(ctx.trace),
         cost=ctx.cost,
         config={"method": method, **ctx.config.as_dict()},
-        extras=extras or {},
+        extras=extras,
     )
 
 

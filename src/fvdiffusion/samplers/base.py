@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from fvdiffusion.config import CommonConfig, ConfigError, check_int
-from fvdiffusion.loop import FinalWeighting, RunContext, plain_trace
+from fvdiffusion.loop import FinalWeighting, RunContext, StepResult, plain_trace
 from fvdiffusion.population import ParticleState, gather
 from fvdiffusion.schedule import StepInfo
 
@@ -41,8 +41,8 @@ class BaseKernel:
     def init(self, ctx: RunContext, state: ParticleState) -> ParticleState:
         return state
 
-    def step(self, ctx: RunContext, info: StepInfo, state: ParticleState):
-        return state, plain_trace(info, state, self.config.lam)
+    def step(self, ctx: RunContext, info: StepInfo, state: ParticleState) -> StepResult:
+        return StepResult(state, plain_trace(info, state, self.config.lam))
 
     def finish(self, ctx: RunContext, state: ParticleState) -> FinalWeighting:
         return FinalWeighting(state)

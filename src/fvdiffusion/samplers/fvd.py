@@ -17,7 +17,7 @@ from fvdiffusion import potentials, selection
 from fvdiffusion.config import (
     CommonConfig, SelectionScheduleMixin, check_bool, check_choice, check_float, check_int,
 )
-from fvdiffusion.loop import FinalWeighting, RunContext, plain_trace, select
+from fvdiffusion.loop import FinalWeighting, RunContext, StepResult, plain_trace, select
 from fvdiffusion.population import ParticleState
 from fvdiffusion.schedule import StepInfo
 from fvdiffusion.transitions import is_stochastic, restart_history
@@ -182,24 +182,28 @@ class FVDKernel:
         cfg = self.config
         kappa_used = torch.exp(state.scalars["log_kappa"])
         if not cfg.is_selection_step(info.index, cfg.num_steps):
-            return state, plain_trace(info, state, cfg.lam, kappa=kappa_used)
+            return StepResult(state, plain_trace(info, state, cfg.lam, kappa=kappa_used))
         reward = ctx.evaluate_reward(state.x0_hat, info.k)
         state = replace(state, reward=reward)
         log_potential, nonfinite = self.potential(ctx, state, reward, info.k)
+        log_z = potentials.log_z_increment(state.log_weight, log_potential)
         state, outcome, dead = self.birth_death(ctx, state, log_potential, info.k)
         state = self.rebirth(ctx, state, outcome, info)
-        return state, plain_trace(info, state, cfg.lam, selected=True, ess=selection.ess_tensor(log_potential, False),
-                                  dead_fraction=dead, kappa=kappa_used, nonfinite_rewards=nonfinite,
-                                  offspring_var=selection.offspring_variance(log_potential, outcome.ancestors))
+        trace = plain_trace(info, state, cfg.lam, selected=True, ess=selection.ess_tensor(log_potential, False),
+                            dead_fraction=dead, kappa=kappa_used, nonfinite_rewards=nonfinite,
+                            offspring_var=selection.offspring_variance(log_potential, outcome.ancestors),
+                            log_z_increment=log_z)
+        return StepResult(state, trace, outcome)
 
     def finish(self, ctx: RunContext, state: ParticleState) -> FinalWeighting:
         extras = {"final_kappa": math.exp(float(state.scalars["log_kappa"]))}
-        if not self.config.final_selection:
-            return FinalWeighting(state, extras=extras)
+        if not self.config.final_selection:  # log Ẑ: the normaliser of the last selection's target
+            return FinalWeighting(state, extras=extras, log_z_increment=0.0)
         # at t = 0 a clone is an exact copy of its parent's sample (ᾱ = 1: no noise to refresh)
         log_potential, _ = self.potential(ctx, state, state.reward, 0)
         return FinalWeighting(state, log_w=log_potential, scheme=self._scheme(), scheme_options=self._scheme_options(),
-                              report_ess=True, extras=extras)
+                              report_ess=True, extras=extras,
+                              log_z_increment=potentials.log_z_increment(state.log_weight, log_potential))
 
     def rebirth(self, ctx: RunContext, state: ParticleState, outcome: selection.Selection,
                 info: StepInfo) -> ParticleState:

@@ -15,7 +15,7 @@ import torch
 
 from fvdiffusion import potentials, selection
 from fvdiffusion.config import CommonConfig, SelectionScheduleMixin, check_choice, check_float, in_window
-from fvdiffusion.loop import FinalWeighting, RunContext, plain_trace, select
+from fvdiffusion.loop import FinalWeighting, RunContext, StepResult, plain_trace, select
 from fvdiffusion.population import ParticleState
 from fvdiffusion.schedule import StepInfo
 
@@ -51,14 +51,14 @@ class SMCConfig(SelectionScheduleMixin, CommonConfig):
 
 
 def resample(ctx: RunContext, state: ParticleState, scheme: str,
-             k: int) -> tuple[ParticleState, torch.Tensor, torch.Tensor]:
+             k: int) -> tuple[ParticleState, selection.Selection, torch.Tensor]:
     """Resample by the current log-weights with ``scheme``; weights become uniform.
 
-    Returns the new state, the dead fraction and the offspring-count variance of the draw."""
+    Returns the new state, the selection and the offspring-count variance of the draw."""
     log_w = selection.normalize(ctx.guard_all_dead(state.log_weight, k), checked=False)
     state, outcome = select(ctx, state, log_w, scheme, k)
     state = replace(state, log_weight=torch.zeros_like(state.log_weight))
-    return state, outcome.reborn.double().mean(), selection.offspring_variance(log_w, outcome.ancestors)
+    return state, outcome, selection.offspring_variance(log_w, outcome.ancestors)
 
 
 class SMCKernel:
@@ -73,7 +73,7 @@ class SMCKernel:
     def step(self, ctx: RunContext, info: StepInfo, state: ParticleState):
         cfg = self.config
         if not in_window(cfg, info.index, cfg.num_steps):
-            return state, plain_trace(info, state, cfg.lam, ess=selection.ess_tensor(state.log_weight, False))
+            return StepResult(state, plain_trace(info, state, cfg.lam, ess=selection.ess_tensor(state.log_weight, False)))
         reward = ctx.evaluate_reward(state.x0_hat, info.k)
         where = potentials.at_step(info.k)
         increment = potentials.smc_increment(cfg.potential, cfg.lam, state.aux, reward, where, ctx.checks)
@@ -81,6 +81,7 @@ class SMCKernel:
         log_g_sum = state.aux.get("log_g_sum", torch.zeros_like(reward))
         log_g = potentials.add(log_g_sum, inc, cfg.lam, where, ctx.checks)
         log_w = potentials.add(state.log_weight, inc, cfg.lam, where, ctx.checks)
+        log_z = potentials.log_z_increment(state.log_weight, inc)
         state = replace(state, reward=reward, log_weight=log_w)
         state = state.with_aux(log_g_sum=log_g, **increment.carried)
         log_w_used = ctx.guard_all_dead(state.log_weight, info.k)
@@ -89,17 +90,21 @@ class SMCKernel:
             do_resample = bool(ess < cfg.ess_threshold)  # a data-dependent decision: one host read per step
         else:
             do_resample = cfg.is_selection_step(info.index, cfg.num_steps)
-        dead, spread = 0.0, 0.0
+        dead, spread, outcome = 0.0, 0.0, None
         if do_resample:
-            state, dead, spread = resample(ctx, state, cfg.scheme, info.k)
-        return state, plain_trace(info, state, cfg.lam, selected=do_resample, ess=ess,
-                                  dead_fraction=dead, nonfinite_rewards=nonfinite, offspring_var=spread)
+            state, outcome, spread = resample(ctx, state, cfg.scheme, info.k)
+            dead = outcome.reborn.double().mean()
+        return StepResult(state, plain_trace(info, state, cfg.lam, selected=do_resample, ess=ess, dead_fraction=dead,
+                                             nonfinite_rewards=nonfinite, offspring_var=spread, log_z_increment=log_z),
+                          outcome)
 
     def finish(self, ctx: RunContext, state: ParticleState) -> FinalWeighting:
         """Weights for p·exp(λ r(x0)), then (optionally) the minimal-death equalisation."""
         log_g = state.aux.get("log_g_sum", torch.zeros_like(state.reward))
         log_w = potentials.terminal_correction(self.config.lam, state.log_weight, log_g, state.reward, ctx.checks)
+        finite_before = torch.where(torch.isfinite(state.log_weight), state.log_weight, torch.zeros_like(log_w))
+        log_z = potentials.log_z_increment(state.log_weight, log_w - finite_before)
         state = replace(state, log_weight=log_w)
         if not self.config.final_selection:
-            return FinalWeighting(state)
-        return FinalWeighting(state, log_w=log_w, scheme="fleming_viot", skip_if_uniform=True)
+            return FinalWeighting(state, log_z_increment=log_z)
+        return FinalWeighting(state, log_w=log_w, scheme="fleming_viot", skip_if_uniform=True, log_z_increment=log_z)

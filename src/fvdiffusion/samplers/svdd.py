@@ -25,6 +25,7 @@ from torch import Tensor
 
 # choosing among candidates lives in the engine (no sampler imports another); these names stay
 # importable from here for compatibility
+from fvdiffusion import selection
 from fvdiffusion.candidates import choice_probabilities, draw_from, ess_fraction
 from fvdiffusion.config import CommonConfig, check_int
 from fvdiffusion.loop import Finished, RunContext, plain_trace
@@ -63,8 +64,10 @@ class SVDDSampler:
         x = ctx.initial_x()
         pred, dead = ctx.denoise(x, first.t, first.alpha_bar, config.num_steps)
         kept_reward = torch.full((n,), math.nan, dtype=torch.float64, device=ctx.device)
+        ancestry: list[tuple[int, Tensor]] = []
         if dead is not None:
-            x, pred, kept_reward, _ = _rebirth_killed(ctx, dead, x, pred, kept_reward, {}, config.num_steps, first.t)
+            x, pred, kept_reward, _ = _rebirth_killed(ctx, dead, x, pred, kept_reward, {}, ancestry,
+                                                      config.num_steps, first.t)
         transition = ctx.transition
         history = transition.initial_history(x)
         for info in ctx.grid:
@@ -99,28 +102,28 @@ class SVDDSampler:
             history = {key: h[dev_rows] for key, h in moved.history.items()}
             kept_reward = cand_reward[rows]
             if dead is not None and bool(dead.any()):
-                x, pred, kept_reward, history = _rebirth_killed(ctx, dead, x, pred, kept_reward, history, info.k,
+                x, pred, kept_reward, history = _rebirth_killed(ctx, dead, x, pred, kept_reward, history, ancestry, info.k,
                                                                 info.t_prev, "candidates")
             population = _population(x, pred, kept_reward)
             ctx.record(plain_trace(info, population, lam, selected=m > 1, ess=ess_fraction(probs),
                                    nonfinite_rewards=nonfinite), info, population)
         rewards = kept_reward if config.num_steps > 1 else ctx.evaluate_reward(x, None)
         final = _population(x, pred, rewards)
-        return Finished(final, {"n_candidates": m})
+        return Finished(final, {"n_candidates": m}, ancestry=tuple(ancestry))
 
 
 def _rebirth_killed(ctx: RunContext, dead: Tensor, x: Tensor, pred: Prediction, reward: Tensor,
-                    history: dict[str, Tensor], k: int, t: int,
+                    history: dict[str, Tensor], ancestry: list, k: int, t: int,
                     what: str = "particles") -> tuple[Tensor, Prediction, Tensor, dict[str, Tensor]]:
-    """nonfinite_denoiser="kill": each dead particle becomes a copy of a uniformly drawn live one (in the lineage)."""
+    """nonfinite_denoiser="kill": each dead particle becomes a copy of a uniformly drawn live one; the
+    selection is appended to ``ancestry`` (the driver records it in the lineage)."""
     if bool(dead.all()):
         raise ctx.all_killed(k, t, dead.numel() if what == "particles" else dead.numel() * ctx.config.n_candidates,
                              what)
-    alive = torch.nonzero(~dead).flatten()
-    ancestors = torch.arange(dead.numel(), device=dead.device)
-    ancestors[dead] = alive[torch.randint(alive.numel(), (int(dead.sum()),), generator=ctx.generator,
-                                          device=dead.device)]
-    ctx.lineage.record(k, ancestors)
+    # the engine's one kill rule; svdd's particles are unweighted, so the parent is a uniform live one
+    ancestors = selection.REBIRTH_RULES["weighted"](torch.zeros(dead.numel(), dtype=torch.float64, device=dead.device),
+                                                    dead, ctx.generator).ancestors
+    ancestry.append((k, ancestors))
     dev = ancestors.to(x.device)
     return (x[dev], Prediction(x0=pred.x0[dev], eps=pred.eps[dev]), reward[ancestors],
             {key: h[dev] for key, h in history.items()})

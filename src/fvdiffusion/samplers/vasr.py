@@ -13,7 +13,7 @@ import torch
 
 from fvdiffusion import potentials, selection
 from fvdiffusion.config import CommonConfig, SelectionScheduleMixin
-from fvdiffusion.loop import FinalWeighting, RunContext, plain_trace, select
+from fvdiffusion.loop import FinalWeighting, RunContext, StepResult, plain_trace, select
 from fvdiffusion.population import ParticleState
 from fvdiffusion.schedule import StepInfo
 
@@ -47,10 +47,11 @@ class VASRKernel:
     def step(self, ctx: RunContext, info: StepInfo, state: ParticleState):
         cfg = self.config
         if not cfg.is_selection_step(info.index, cfg.num_steps):
-            return state, plain_trace(info, state, cfg.lam, ess=selection.ess_tensor(state.log_weight, False))
+            return StepResult(state, plain_trace(info, state, cfg.lam, ess=selection.ess_tensor(state.log_weight, False)))
         reward = ctx.evaluate_reward(state.x0_hat, info.k)
         where = potentials.at_step(info.k)
         log_w, nonfinite = self._weights(ctx, state, reward, where)
+        log_z = potentials.log_z_increment(state.log_weight, log_w - _finite(state.log_weight))
         log_w = ctx.guard_all_dead(log_w, info.k)
         tilted = potentials.tilt(cfg.lam, reward, where, ctx.checks)
         log_mass = potentials.add(log_w, tilted, cfg.lam, where, ctx.checks)
@@ -63,14 +64,21 @@ class VASRKernel:
         new_log_w = carried[outcome.ancestors]
         state = replace(state, log_weight=torch.nan_to_num(new_log_w, nan=-float("inf")))
         state = state.with_aux(r_prev=state.reward.clone())
-        return state, plain_trace(info, state, cfg.lam, selected=True, ess=selection.ess_tensor(log_mass, False),
-                                  dead_fraction=outcome.reborn.double().mean(), nonfinite_rewards=nonfinite,
-                                  offspring_var=selection.offspring_variance(mass, outcome.ancestors))
+        trace = plain_trace(info, state, cfg.lam, selected=True, ess=selection.ess_tensor(log_mass, False),
+                            dead_fraction=outcome.reborn.double().mean(), nonfinite_rewards=nonfinite,
+                            offspring_var=selection.offspring_variance(mass, outcome.ancestors), log_z_increment=log_z)
+        return StepResult(state, trace, outcome)
 
     def finish(self, ctx: RunContext, state: ParticleState) -> FinalWeighting:
         log_w, _ = self._weights(ctx, state, state.reward, potentials.FINAL)
+        log_z = potentials.log_z_increment(state.log_weight, log_w - _finite(state.log_weight))
         state = replace(state, log_weight=potentials.clean(log_w)[0])
         if not self.config.final_selection:
-            return FinalWeighting(state)
+            return FinalWeighting(state, log_z_increment=log_z)
         return FinalWeighting(state, log_w=state.log_weight, scheme="fleming_viot",
-                              skip_if_uniform=True)
+                              skip_if_uniform=True, log_z_increment=log_z)
+
+
+def _finite(log_w: torch.Tensor) -> torch.Tensor:
+    """log_w with −inf read as 0, so that log_w_new − _finite(log_w) is the increment where log_w is finite."""
+    return torch.where(torch.isfinite(log_w), log_w, torch.zeros_like(log_w))

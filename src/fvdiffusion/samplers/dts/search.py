@@ -257,12 +257,12 @@ def _first_slot_with_same_node(nodes: Tensor) -> Tensor:
     return first[inverse]
 
 
-def _record_tree_lineage(ctx: RunContext, paths: list[Tensor]) -> None:
-    """Lineage of the final samples: distinct step-k ancestors = distinct depth-(K−k) tree nodes."""
+def _tree_ancestry(paths: list[Tensor]) -> tuple[tuple[int, Tensor], ...]:
+    """Lineage records of the final samples (the driver writes them): distinct step-k ancestors =
+    distinct depth-(K−k) tree nodes."""
     num_steps = len(paths)
-    for k in range(num_steps, 1, -1):
-        ctx.lineage.record(k, _first_slot_with_same_node(paths[num_steps - k]))
-    ctx.lineage.record(0, _first_slot_with_same_node(paths[-1]))
+    records = [(k, _first_slot_with_same_node(paths[num_steps - k])) for k in range(num_steps, 1, -1)]
+    return (*records, (0, _first_slot_with_same_node(paths[-1])))
 
 
 def _descent_trace(search: TreeSearch, paths: list[Tensor], ess: list[float]) -> list[StepTrace]:
@@ -308,7 +308,6 @@ class DTSSampler:
             if ctx.progress is not None:
                 ctx.progress.update(anytime[-1]["rollouts"] - ctx.progress.n)
         paths, ess = search.descend(config.n_particles)
-        _record_tree_lineage(ctx, paths)
         ctx.trace.extend(_descent_trace(search, paths, ess))
         leaves = paths[-1]
         tree = search.tree
@@ -332,4 +331,4 @@ class DTSSampler:
             "tree_bytes": tree.n_nodes * bytes_per_node, "tree_bytes_allocated": tree.capacity * bytes_per_node,
             "root_value": float(tree.value[0]), "anytime": anytime,
         }
-        return Finished(state, extras)
+        return Finished(state, extras, ancestry=_tree_ancestry(paths))
