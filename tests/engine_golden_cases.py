@@ -29,6 +29,11 @@ CASES: dict[str, tuple[str, str, dict]] = {
     # the systematic allocation of the dead (issue 19), recorded when it landed
     "fvd_systematic": ("fvd", "gmm2d-linear", {"rebirth_noise": 0.5, "nu_by_copies": True,
                                                "parent_allocation": "systematic"}),
+    # transitions other than DDIM (issue 20), recorded when they landed; log Z pinned with them
+    "fvd_dpmpp_2m": ("fvd", "gmm2d-component", {"eta": 0.0, "transition": "dpmpp_2m", "rebirth_noise": 1.0,
+                                                "nu_by_copies": True, "parent_allocation": "multinomial"}),
+    "smc_dpmpp_2m_sde": ("smc", "gmm2d-linear", {"eta": 1.0, "transition": "dpmpp_2m", "scheme": "systematic"}),
+    "smc_ddpm_clip": ("smc", "gmm2d-linear", {"transition": "ddpm", "clip_x0": 1.0}),
     "svdd": ("svdd", "gmm2d-component", {"n_candidates": 3}),
     "dts": ("dts", "gmm2d-component", {"n_rollouts": 48}),
     "dts_star": ("dts*", "gmm2d-linear", {"n_rollouts": 48}),
@@ -49,4 +54,5 @@ def run_case(name: str) -> dict[str, torch.Tensor]:
         "log_weights": res.log_weights.detach().cpu(),
         "ancestors": ancestors.to(torch.int64),
         "denoiser_calls": torch.tensor([res.cost.denoiser_calls], dtype=torch.int64),
+        **({"log_z": torch.tensor([res.log_z], dtype=torch.float64)} if res.log_z is not None else {}),
     }
