@@ -102,7 +102,7 @@ def test_toy_runner_survives_a_crash_mid_write(tmp_path, monkeypatch):
     from fvdiffusion.bench.toy.run import run_toy_bench
 
     cfg = ToyBenchConfig(problems=("gmm2d-component",), seeds=(1, 2), n_particles=16, num_steps=3, tune=False,
-                         methods=(MethodSpec("smc-multinomial", "smc"), MethodSpec("fvd", "fvd")))
+                         methods=(MethodSpec("smc-multinomial", "smc"), MethodSpec("fvd", "fvd")), solver_methods=())
     calls = []
     real = toy.run_cell
     monkeypatch.setattr(toy, "run_cell", lambda *a, **k: calls.append((a[1].label, a[2])) or real(*a, **k))

@@ -48,6 +48,8 @@ def _tiny(**overrides):
     ({"classes": (3, 10)}, "classes"),
     ({"classes": (3, 3)}, "classes"),
     ({"scaling_steps": (50,)}, "scaling_steps"),
+    ({"solver_steps": (1,)}, "solver_steps"),
+    ({"solver_steps": (20, 20)}, "solver_steps"),
     ({"samples_per_cell": 1}, "samples_per_cell"),
     ({"device": "tpu"}, "device"),
     ({"rows": ("fvd", "nope")}, "rows"),
@@ -166,7 +168,8 @@ def test_smoke_run_of_the_command_writes_results_report_and_figures(tmp_path, mn
     out = tmp_path / "bench"
     args = ["bench", "mnist", "--out", str(out), "--classes", "3", "--seeds", "1", "--samples-per-cell", "8",
             "--populations", "2", "--particles", "4", "--steps", "3", "--methods", "bon,smc-multinomial,smc-fk,fvd",
-            "--svdd-candidates", "2", "--dts-rollouts", "1", "--scaling-steps", "2", "--families", "fvd,smc-fk",
+            "--svdd-candidates", "2", "--dts-rollouts", "1", "--scaling-steps", "2", "--solver-steps", "2",
+            "--families", "fvd,smc-fk",
             "--grid-points", "2", "--tuning-classes", "3", "--tuning-samples", "8", "--bootstrap", "50",
             "--feature-spaces", "evalnet", "--no-progress"]
     result = CliRunner().invoke(app, args)
@@ -178,8 +181,12 @@ def test_smoke_run_of_the_command_writes_results_report_and_figures(tmp_path, mn
     assert {r["seed"] for r in rows} == {0, 1}
     report = (out / "results.md").read_text()
     for label in ("real (train)", "bon", "smc-multinomial", "smc-fk", "fvd", "fvd-tuned", "smc-fk-tuned", "svdd-M2",
-                  "dts-R4", "smc-multinomial-K2", "fvd-K2"):
+                  "dts-R4", "smc-multinomial-K2", "fvd-K2", "fvd-dpmpp2m-K2"):
         assert f"| {label} |" in report, label
+    assert "## A multistep solver at fewer steps" in report and "| fvd-dpmpp2m-K2 − fvd | evalnet |" in report
+    assert "--solver-steps 2 " in report
+    assert reported["fvd-dpmpp2m-K2"]["denoiser_calls"] == 2 * 4 * 2
+    assert '"transition": "dpmpp_2m"' in reported["fvd-dpmpp2m-K2"]["resolved"]
     assert "| fvd − smc-fk |" in report and "## The claim" in report and "`evalnet` space" in report
     assert "--methods 'bon,smc-multinomial,smc-fk,fvd'" in report
     # two populations of N = 4 per cell; best-of-N keeps 2 of 4, so it needs 4 populations
@@ -298,3 +305,115 @@ def test_particle_sweep_rows_and_the_per_cell_sample_cap(tmp_path):
     assert rows["fvd-N6"]["n_samples"] == 4 and rows["fvd-N6"]["populations"] == 1
     assert rows["fvd-N2"]["n_samples"] == 4 and rows["fvd-N2"]["populations"] == 2
     assert rows["fvd-N6"]["denoiser_calls"] == 6 * cfg.num_steps
+
+
+# --- the multistep-solver rows (issue 20 item 6) ---------------------------------------------
+
+def test_solver_rows_are_planned_only_when_asked_with_the_bench_eta():
+    from fvdiffusion.bench.mnist.methods import estimated_calls, populations
+
+    assert not [p for p in plan(_tiny()) if p.group == "solver"]
+    cfg = _tiny(solver_steps=(2, 5))
+    solver = [p for p in plan(cfg) if p.group == "solver"]
+    assert [(p.spec.label, p.family, p.budget) for p in solver] == [("fvd-dpmpp2m-K2", "fvd-dpmpp2m", 2),
+                                                                     ("fvd-dpmpp2m-K5", "fvd-dpmpp2m", 5)]
+    assert solver[1].spec.method == "fvd" and solver[1].spec.options == {"num_steps": 5, "transition": "dpmpp_2m"}
+    config = sampler_config(solver[1].spec, 1, cfg)
+    assert (config.num_steps, config.transition, config.eta) == (5, "dpmpp_2m", 1.0)
+    assert estimated_calls(solver[1].spec, cfg) == populations(solver[1].spec, cfg) * cfg.n_particles * 5
+    # η = 0: the ODE solver, with FVD's defaults for a deterministic sampler (as the fvd row's)
+    ode = _tiny(solver_steps=(2,), eta=0.0)
+    spec = next(p.spec for p in plan(ode) if p.group == "solver")
+    expected = sampler_config(MethodSpec("fvd", "fvd", {}), 1, ode).as_dict()
+    expected.update(num_steps=2, transition="dpmpp_2m")
+    assert sampler_config(spec, 1, ode).as_dict() == expected
+
+
+def test_solver_rows_leave_every_other_key_and_command_unchanged():
+    paper = MnistBenchConfig.preset("paper")
+    assert paper.solver_steps == (20,)
+    assert all(MnistBenchConfig.preset(name).solver_steps == () for name in ("quick", "cpu", "wall", "gpu"))
+    without = MnistBenchConfig.preset("paper", solver_steps=())
+    old = {p.spec.label: resolved(p.spec, 1, without) for p in plan(without)}
+    new = {p.spec.label: resolved(p.spec, 1, paper) for p in plan(paper)}
+    assert set(new) - set(old) == {"fvd-dpmpp2m-K20"}
+    assert all(new[label] == key for label, key in old.items())  # a results.jsonl of before resumes
+    assert "transition" not in json.loads(old["fvd"]) and '"transition": "dpmpp_2m"' in new["fvd-dpmpp2m-K20"]
+    assert reproduce_command(paper, Path("o")).startswith("fvd bench mnist --preset paper ")
+    assert "--solver-steps 20 " in reproduce_command(MnistBenchConfig.preset("paper", seeds=(1,)), Path("o"))
+    assert "--solver-steps" not in reproduce_command(_tiny(), Path("o"))
+
+
+@pytest.mark.parametrize("value, needle", [("x", "--solver-steps"), ("2000", "--solver-steps"),
+                                           ("1", "solver_steps"), ("20,20", "solver_steps")])
+def test_a_bad_solver_steps_value_is_a_one_line_error(tmp_path, value, needle):
+    from fvdiffusion.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "mnist", "--quick", "--solver-steps", value, "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+
+
+def _fake_outcome(cfg, fids):
+    """Rows and a scorer for ``plan(cfg)`` without sampling: every cell of a label gets the FID of
+    ``fids[label][space]``, with replicates that share one spread (so paired changes are tight)."""
+    from fvdiffusion.bench.mnist.run import BenchOutcome
+    from fvdiffusion.bench.mnist.scoring import CellScore
+
+    spread = 1.0 + 0.01 * torch.linspace(-1, 1, cfg.bootstrap, dtype=torch.float64)
+    planned = plan(cfg)
+    rows = []
+    for p in planned:
+        for cls in cfg.classes:
+            for seed in cfg.seeds:
+                steps = p.spec.options.get("num_steps", cfg.num_steps)
+                pops = [{"n": cfg.n_particles, "reward_mean": -0.1, "distinct_samples": 4,
+                         "distinct_midpoint_ancestors": 2, "distinct_roots": 2, "slot_lineages": 2}] * 2
+                rows.append({"label": p.spec.label, "class": cls, "seed": seed, "resolved": p.spec.label,
+                             "per_population": pops, "genealogy": None, "device": "cpu", "threads": 1,
+                             "denoiser_calls": 0 if p.group == "real" else 2 * cfg.n_particles * steps,
+                             "reward_calls": 0, "wall_seconds": 1.0})
+
+    def score(row):
+        fid = fids[row["label"]]
+        return CellScore(populations=2, accuracy=0.9, fid=dict(fid), kid={s: 0.01 for s in fid},
+                         fid_replicates={s: v * spread for s, v in fid.items()},
+                         kid_replicates={s: 0.01 * spread for s in fid})
+
+    scorer = SimpleNamespace(spaces=("ae", "evalnet"), primary="ae", unavailable={}, score=score)
+    return BenchOutcome(planned, rows, [], None), scorer
+
+
+def test_the_solver_section_compares_each_solver_row_with_fvd():
+    from fvdiffusion.bench.mnist import mnist_report
+
+    cfg = _tiny(classes=(3, 7), seeds=(1, 2), rows=("fvd",), solver_steps=(2,))
+    fids = {"real (train)": {"ae": 1.0, "evalnet": 1.0}, "fvd": {"ae": 10.0, "evalnet": 10.0},
+            "fvd-dpmpp2m-K2": {"ae": 9.5, "evalnet": 12.0}}  # lower in ae; 20% higher in evalnet
+    outcome, scorer = _fake_outcome(cfg, fids)
+    report = mnist_report(outcome, cfg, scorer)
+    section = report.split("## A multistep solver at fewer steps")[1].split("\n## ")[0]
+    assert "| fvd-dpmpp2m-K2 − fvd | ae | 9.50 " in section
+    assert "| fvd-dpmpp2m-K2 − fvd | evalnet | 12.00 " in section
+    ae, evalnet = (line for line in section.splitlines() if line.startswith("| fvd-dpmpp2m-K2 − fvd |"))
+    assert "-5.0 [" in ae and "| 4 / 0 / 0 |" in ae and ae.rstrip(" |").endswith("yes")
+    assert "| 20.0 [" in evalnet and "| 0 / 4 / 0 |" in evalnet and evalnet.rstrip(" |").endswith("no")
+    assert "| 2 | 3 | 33% |" in ae  # denoiser calls per sample: one per step, 2 vs 3 steps
+    assert "- fvd-dpmpp2m-K2 (33% fewer denoiser calls per sample) does not match fvd in: `evalnet`" in section
+    # the solver row sits in the quality tables of every space and in the diversity and cost table
+    assert report.count("| fvd-dpmpp2m-K2 |") == 3
+    # a run without solver rows has no such section
+    plain = _tiny(classes=(3, 7), seeds=(1, 2), rows=("fvd",))
+    outcome, scorer = _fake_outcome(plain, fids)
+    assert "multistep solver" not in mnist_report(outcome, plain, scorer)
+
+
+def test_solver_match_rule():
+    from fvdiffusion.bench.common.paired_stats import Interval
+    from fvdiffusion.bench.mnist.report import solver_matches
+
+    assert solver_matches(Interval(-1.0, -5.0, 10.0)) and solver_matches(Interval(0.0, -3.0, 2.0))
+    assert not solver_matches(Interval(-1.0, -5.0, 10.5))     # the data cannot rule out a >10% loss
+    assert not solver_matches(Interval(0.5, -3.0, 4.0))      # FID higher
+    assert not solver_matches(Interval(float("nan"), float("nan"), float("nan")))

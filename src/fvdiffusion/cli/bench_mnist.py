@@ -49,7 +49,8 @@ def _bootstrap_bytes_per_draw(cfg) -> int:
 def mnist_command(
     preset: Optional[str] = typer.Option(None, help="quick (minutes on a CPU, for smoke tests), cpu (the CPU-reduced "
                                          "benchmark, about 45 min with --workers 2), paper (N = 128, K = 50, every "
-                                         "class: hours on 2 CPU cores; add --eta 0 for DDIM), wall (FID against wall "
+                                         "class, and FVD on 20 DPM-Solver++(2M) steps: hours on 2 CPU cores; add "
+                                         "--eta 0 for DDIM), wall (FID against wall "
                                          "time as N grows), gpu (the full benchmark on cuda). "
                                          "Other options override the preset's values."),
     quick: bool = typer.Option(False, "--quick", help="Same as --preset quick."),
@@ -74,6 +75,10 @@ def mnist_command(
                                                help="DTS rollouts as multiples of N, comma-separated (default 1,4)."),
     scaling_steps: Optional[str] = typer.Option(None, "--scaling-steps",
                                                 help="Extra step counts for base/smc/fvd (default 25; '' = none)."),
+    solver_steps: Optional[str] = typer.Option(None, "--solver-steps",
+                                               help="Step counts of FVD with DPM-Solver++(2M) (its SDE variant at "
+                                               "eta 1), set against the fvd row at --steps, comma-separated "
+                                               "(default none; preset paper 20; '' = none)."),
     particle_sizes: Optional[str] = typer.Option(None, "--particle-sizes", help="Population sizes N of the quality-"
                                                  "against-wall-time sweep (bon, smc-systematic, vasr, fvd), comma-"
                                                  "separated (default none; preset wall 32,64,128,256)."),
@@ -126,6 +131,7 @@ def mnist_command(
         rows=_name_list(methods), svdd_candidates=_int_list(svdd_candidates, "--svdd-candidates"),
         dts_rollout_factors=_int_list(dts_rollouts, "--dts-rollouts"),
         scaling_steps=_int_list(scaling_steps, "--scaling-steps"),
+        solver_steps=_int_list(solver_steps, "--solver-steps"),
         particle_sizes=_int_list(particle_sizes, "--particle-sizes"), tune=tune, families=_name_list(families),
         tuning_classes=_int_list(tuning_classes, "--tuning-classes"), grid_points=grid_points,
         tuning_samples_per_cell=tuning_samples, feature_spaces=_name_list(feature_spaces), bootstrap=bootstrap,
@@ -137,9 +143,10 @@ def mnist_command(
         cfg = MnistBenchConfig(**{k: v for k, v in values.items() if v is not None})
     if device is None and not report_only:  # the preset's device (gpu: cuda) must exist to compute
         check_device(cfg.device, f"--device (preset {preset})")
-    for steps_value in (cfg.num_steps, *cfg.scaling_steps):
-        check_range("--steps" if steps_value == cfg.num_steps else "--scaling-steps", steps_value, 1, 1000,
-                    "the shipped DDPM has 1000 training steps")
+    step_counts = [("--steps", cfg.num_steps), *(("--scaling-steps", k) for k in cfg.scaling_steps),
+                   *(("--solver-steps", k) for k in cfg.solver_steps)]
+    for flag, steps_value in step_counts:
+        check_range(flag, steps_value, 1, 1000, "the shipped DDPM has 1000 training steps")
     check_fits("--particles", cfg.n_particles * cfg.workers, MNIST_BYTES_PER_PARTICLE, cfg.device,
                what=f"particle, {cfg.workers} worker(s) at once")
     if cfg.particle_sizes:

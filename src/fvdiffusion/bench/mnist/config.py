@@ -9,7 +9,7 @@ from typing import Any
 from fvdiffusion.bench.common.protocol import TUNING_SEED, check_reported_seeds
 from fvdiffusion.bench.mnist.methods import (
     ALL_FAMILIES, ALL_ROWS, BON_KEEP_FRACTION, MAIN_ROWS, MAX_POPULATIONS, NUM_CLASSES, method_rows,
-    sampler_config, tuning_families, tuning_points,
+    plan, sampler_config, tuning_families, tuning_points,
 )
 
 TUNING_CLASSES = (2, 5, 8)
@@ -45,7 +45,9 @@ class MnistBenchConfig:
     of :func:`method_rows`; ``families`` are tuned on seed 0 over ``tuning_classes`` with the
     first ``grid_points`` points of each grid and ``tuning_samples`` samples per cell (None:
     ``samples_per_cell``). ``eta`` is the sampler of every method: 1 = DDPM ancestral steps, 0 =
-    deterministic DDIM (FVD's defaults differ between the two). ``feature_spaces`` None means every space of
+    deterministic DDIM (FVD's defaults differ between the two). ``solver_steps``: FVD rows on
+    that many steps of DPM-Solver++(2M) (its SDE variant when ``eta`` > 0), set against the
+    K-step fvd row. ``feature_spaces`` None means every space of
     ``metrics.feature_spaces`` whose network is installed. ``workers`` > 1 runs cells in that
     many processes (one torch thread each on a CPU). ``store_images``: keep every sample in
     results.jsonl (so other feature spaces or bootstrap sizes can be scored later); without them
@@ -63,6 +65,7 @@ class MnistBenchConfig:
     svdd_candidates: tuple[int, ...] = (2, 4, 8)
     dts_rollout_factors: tuple[int, ...] = (1, 4)
     scaling_steps: tuple[int, ...] = (25,)
+    solver_steps: tuple[int, ...] = ()
     particle_sizes: tuple[int, ...] = ()
     tune: bool = True
     families: tuple[str, ...] = ALL_FAMILIES
@@ -91,6 +94,7 @@ class MnistBenchConfig:
         _check_ints("svdd_candidates", self.svdd_candidates, 1, allow_empty=True)
         _check_ints("dts_rollout_factors", self.dts_rollout_factors, 1, allow_empty=True)
         _check_ints("scaling_steps", self.scaling_steps, 2, allow_empty=True)
+        _check_ints("solver_steps", self.solver_steps, 2, allow_empty=True)
         _check_ints("particle_sizes", self.particle_sizes, 2, allow_empty=True)
         if self.num_steps in self.scaling_steps:
             raise ValueError(f"scaling_steps must not repeat num_steps={self.num_steps}: got {self.scaling_steps}")
@@ -119,6 +123,9 @@ class MnistBenchConfig:
         for row in method_rows(self.n_particles, self.num_steps):  # every option must build a valid sampler config
             if row.spec.label in self.rows:
                 sampler_config(row.spec, 1, self)
+        for planned in plan(self):  # the solver's transition must be valid with this eta
+            if planned.group == "solver":
+                sampler_config(planned.spec, 1, self)
         for point in tuning_points(self):
             sampler_config(point.spec, TUNING_SEED, self)
 
@@ -143,7 +150,9 @@ class MnistBenchConfig:
 # The paper-scale CPU benchmark of issue 19: every class, N = 128, K = 50, one population of 128
 # per cell (intervals and win counts come from the paired cells), the SMC baselines that matter and
 # FVD with its variants; tuned on seed 0 over classes 2, 5, 8 with the same 8-point budget for the
-# fvd, smc and vasr families, judged in the ae and evalnet spaces only (mlp stays held out).
+# fvd, smc and vasr families, judged in the ae and evalnet spaces only (mlp stays held out). One
+# solver row: FVD with 20 DPM-Solver++(2M) steps against the 50-step fvd row (issue 20 item 6); the
+# existing rows keep their keys, so a results.jsonl written before it resumes and runs only that row.
 PAPER_ROWS = ("bon-matched", "smc-fk", "smc-multinomial", "smc-systematic", "smc-ess-systematic", "vasr", "fvd", "fvd-nu0",
               "fvd-multinomial", "fvd-systematic")
 
@@ -166,8 +175,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Rows keep scores, not images: with images the file would be about 100 MB.
     "paper": dict(classes=tuple(range(NUM_CLASSES)), seeds=(1, 2), samples_per_cell=128, min_populations=1,
                   n_particles=128, num_steps=50, rows=PAPER_ROWS, svdd_candidates=(), dts_rollout_factors=(),
-                  scaling_steps=(), families=("fvd", "smc", "vasr"), grid_points=8, tuning_samples_per_cell=128,
-                  bootstrap=1000, workers=2),
+                  scaling_steps=(), solver_steps=(20,), families=("fvd", "smc", "vasr"), grid_points=8,
+                  tuning_samples_per_cell=128, bootstrap=1000, workers=2),
     # Quality against wall time as N grows (issue 19 item 6): best-of-N, systematic SMC, VASR and
     # FVD at N = 32 … 256 on three classes, 128 samples per cell; add --eta 0 for DDIM.
     "wall": dict(classes=(0, 5, 9), seeds=(1,), samples_per_cell=128, min_populations=1, n_particles=128,

@@ -23,6 +23,9 @@ from fvdiffusion.bench.mnist.scoring import Scorer
 
 CLAIMED_FID_CHANGE = (-20.0, -14.0)   # the method's own report, % FID against SMC
 KID_SCALE = 1e3
+# A solver row "matches" the fvd row in a space when its FID is not higher and the interval of
+# the change stays below this (%): fewer steps must not buy a loss the data cannot rule out.
+SOLVER_MATCH_UPPER = 10.0
 BASELINES = ("smc-multinomial", "smc-fk", "smc-ess", "smc-systematic", "smc-ess-systematic", "vasr",
              "smc-tuned", "smc-fk-tuned", "smc-ess-tuned", "vasr-tuned")
 DIVERSITY_FIELDS = ("distinct_samples", "distinct_midpoint_ancestors", "distinct_roots", "slot_lineages")
@@ -155,7 +158,7 @@ def _settings(cfg: MnistBenchConfig, outcome: BenchOutcome, scorer: Scorer, summ
     lines += [
         f"Task: r(x) = log p(c | x̂0) from the reward classifier, λ = 1, so the exact target is the class-c data "
         f"distribution. N = {cfg.n_particles} particles, K = {cfg.num_steps} "
-        f"{'DDPM' if cfg.eta == 1.0 else 'deterministic DDIM (η = 0)' if cfg.eta == 0.0 else f'DDIM(η = {cfg.eta:g})'} "
+        f"{sampler_name(cfg.eta)} "
         f"steps for every method. A cell (method, class, seed) "
         f"pools {'/'.join(map(str, pops))} independent populations (at least {cfg.samples_per_cell} samples); population p "
         f"of every method starts from the same seed. Classes {list(cfg.classes)}, reported seeds {list(cfg.seeds)} "
@@ -280,6 +283,64 @@ def value_based_lines(summaries: list[LabelSummary], fvd: LabelSummary | None, s
     return out
 
 
+def sampler_name(eta: float) -> str:
+    """The DDIM-family sampler a run's eta gives (what the K-step rows use)."""
+    return "DDPM" if eta == 1.0 else "deterministic DDIM (η = 0)" if eta == 0.0 else f"DDIM(η = {eta:g})"
+
+
+def solver_name(eta: float) -> str:
+    return "DPM-Solver++(2M), the ODE solver (η = 0)" if eta == 0.0 else f"SDE-DPM-Solver++(2M) (η = {eta:g})"
+
+
+def solver_matches(change: Interval) -> bool:
+    """FID not higher, and the interval's upper end at most +SOLVER_MATCH_UPPER % (NaN never matches)."""
+    return change.estimate <= 0.0 and change.high <= SOLVER_MATCH_UPPER
+
+
+def calls_saved(solver: LabelSummary, fvd: LabelSummary) -> str:
+    if not fvd.calls_per_sample:
+        return "–"
+    return f"{100 * (1 - solver.calls_per_sample / fvd.calls_per_sample):.0f}%"
+
+
+def solver_lines(summaries: list[LabelSummary], fvd: LabelSummary | None, spaces: tuple[str, ...],
+                 cfg: MnistBenchConfig) -> list[str]:
+    """Each solver row against the fvd row: paired FID change per space and the denoiser calls saved."""
+    solver = [s for s in summaries if s.group == "solver"]
+    if not solver:
+        return ["No solver row finished."]
+    if fvd is None:
+        return ["No fvd row to compare against."]
+    out = [f"FVD's defaults moved by {solver_name(cfg.eta)} on fewer steps, against the `fvd` row's "
+           f"{cfg.num_steps} {sampler_name(cfg.eta)} steps, on the same population seeds. FID change: paired, "
+           "geometric mean of the per-cell ratios minus 1, with its 95% population-bootstrap interval; wins: cells "
+           f"where the solver's FID is lower. *Matches* in a space: FID change ≤ 0 and the interval's upper end ≤ "
+           f"+{SOLVER_MATCH_UPPER:g}%.\n"]
+    header = ["method − fvd", "space", "FID", "fvd FID", "FID change % [95% CI]", "wins / losses / ties",
+              "significant W / L", "calls/sample", "fvd calls/sample", "calls saved", "matches fvd"]
+    rows, verdicts = [], []
+    for s in solver:
+        misses = []
+        for space in spaces:
+            c = compare(s, fvd, space, "fid")
+            if not solver_matches(c.change):
+                misses.append(f"`{space}` ({c.change.format(1, suffix='%')})")
+            rows.append([f"{s.label} − fvd", space, s.fid[space].format(2), _f(fvd.fid[space].estimate, 2),
+                         c.change.format(1), f"{c.wins} / {c.losses} / {c.ties}",
+                         "–" if c.significant_wins is None else f"{c.significant_wins} / {c.significant_losses}",
+                         _f(s.calls_per_sample, 0), _f(fvd.calls_per_sample, 0), calls_saved(s, fvd),
+                         "yes" if solver_matches(c.change) else "no"])
+        verdicts.append(_solver_verdict(s, fvd, spaces, misses))
+    return out + [markdown_table(header, rows)] + verdicts
+
+
+def _solver_verdict(solver: LabelSummary, fvd: LabelSummary, spaces: tuple[str, ...], misses: list[str]) -> str:
+    saved = f"{calls_saved(solver, fvd)} fewer denoiser calls per sample"
+    if not misses:
+        return f"- {solver.label} matches fvd in every feature space ({', '.join(spaces)}) with {saved}."
+    return f"- {solver.label} ({saved}) does not match fvd in: {', '.join(misses)}."
+
+
 def tuning_lines(tuning: list[TuningScore], cfg: MnistBenchConfig, spaces: tuple[str, ...]) -> list[str]:
     if not tuning:
         return ["Tuning was off."]
@@ -339,6 +400,9 @@ def mnist_report(outcome: BenchOutcome, cfg: MnistBenchConfig, scorer: Scorer, c
                  + markdown_table(["method"] + [str(c) for c in classes], per_class))
     lines.append("\n## Value-based search against FVD\n")
     lines += value_based_lines(summaries, by_label.get("fvd"), primary)
+    if cfg.solver_steps or any(s.group == "solver" for s in summaries):
+        lines.append("\n## A multistep solver at fewer steps\n")
+        lines += solver_lines(summaries, by_label.get("fvd"), scorer.spaces, cfg)
     lines.append(f"\n## Tuning (seed {TUNING_SEED})\n")
     lines += tuning_lines(outcome.tuning, cfg, scorer.spaces)
     lines.append("\n## Findings\n")
@@ -360,6 +424,8 @@ def reproduce_command(cfg: MnistBenchConfig, out_dir: Path) -> str:
              f"--particles {cfg.n_particles}", f"--steps {cfg.num_steps}", f"--methods '{','.join(cfg.rows)}'",
              f"--svdd-candidates '{ints(cfg.svdd_candidates)}'", f"--dts-rollouts '{ints(cfg.dts_rollout_factors)}'",
              f"--scaling-steps '{ints(cfg.scaling_steps)}'"]
+    if cfg.solver_steps:  # named only when set: commands of runs before the option stay as they were
+        parts.append(f"--solver-steps {ints(cfg.solver_steps)}")
     if cfg.particle_sizes:
         parts.append(f"--particle-sizes {ints(cfg.particle_sizes)}")
     if cfg.tune:

@@ -54,6 +54,29 @@ TUNING_GRIDS: dict[str, list[dict[str, Any]]] = {
 
 DEFAULT_PROBLEMS = ("gmm2d-component", "gmm8d-component", "gmm2d-linear", "gmm8d-linear")
 
+# A multistep solver at fewer steps (issue 20 item 6): base and FVD with 20 steps of DPM-Solver++(2M)
+# (η = 0, the ODE solver) against the same methods on the K-step deterministic DDIM grid, with DDIM on
+# 20 steps as the control (what fewer steps cost without the solver). A table of its own, so the
+# per-problem tables keep their rows; ddim:fvd is the same cell as the main table's.
+SOLVER_STEPS = 20
+_DDIM_FVD = next(s for s in DEFAULT_METHODS if s.label == "ddim:fvd")
+SOLVER_METHODS: tuple[MethodSpec, ...] = (
+    MethodSpec("ddim:base", "base", {"eta": 0.0}, "deterministic DDIM, K steps"),
+    MethodSpec(f"ddim:base-K{SOLVER_STEPS}", "base", {"eta": 0.0, "num_steps": SOLVER_STEPS},
+               f"deterministic DDIM, {SOLVER_STEPS} steps"),
+    MethodSpec(f"dpmpp2m:base-K{SOLVER_STEPS}", "base", {"eta": 0.0, "num_steps": SOLVER_STEPS,
+                                                         "transition": "dpmpp_2m"},
+               f"DPM-Solver++(2M), {SOLVER_STEPS} steps"),
+    _DDIM_FVD,
+    MethodSpec(f"ddim:fvd-K{SOLVER_STEPS}", "fvd", {"eta": 0.0, "num_steps": SOLVER_STEPS},
+               f"deterministic DDIM, {SOLVER_STEPS} steps"),
+    MethodSpec(f"dpmpp2m:fvd-K{SOLVER_STEPS}", "fvd", {"eta": 0.0, "num_steps": SOLVER_STEPS,
+                                                       "transition": "dpmpp_2m"},
+               f"DPM-Solver++(2M), {SOLVER_STEPS} steps"),
+)
+# each method's reference row: the K-step DDIM run the fewer-step rows are set against
+SOLVER_REFERENCES = {"base": "ddim:base", "fvd": "ddim:fvd"}
+
 
 @dataclass(frozen=True)
 class ToyBenchConfig:
@@ -63,6 +86,7 @@ class ToyBenchConfig:
     num_steps: int = 50
     tune: bool = True
     methods: tuple[MethodSpec, ...] = DEFAULT_METHODS + tuple(s for sweep in VALUE_BASED_SWEEPS.values() for s in sweep)
+    solver_methods: tuple[MethodSpec, ...] = SOLVER_METHODS
 
     def __post_init__(self) -> None:
         check_reported_seeds(self.seeds)
@@ -70,10 +94,24 @@ class ToyBenchConfig:
             toy_problem(name)  # raises with the list of valid names
         if self.n_particles < 2:
             raise ValueError(f"n_particles must be >= 2, got {self.n_particles}")
+        for spec in self.solver_methods:  # valid before any cell runs (the CLI checks ``methods`` itself)
+            if spec.method not in SOLVER_REFERENCES:
+                raise ValueError(f"solver_methods: {spec.label} runs {spec.method}; the table compares "
+                                 f"{', '.join(SOLVER_REFERENCES)} only")
+            fv.make_config(spec.method, **sampler_params(spec, 1, self))
+
+    @property
+    def solver_only(self) -> tuple[MethodSpec, ...]:
+        """The solver table's rows that the per-problem tables do not already run."""
+        main = {s.label for s in self.methods}
+        return tuple(s for s in self.solver_methods if s.label not in main)
+
+
+def sampler_params(spec: MethodSpec, seed: int, cfg: ToyBenchConfig) -> dict[str, Any]:
+    """The sampler's keyword arguments for a cell; the spec's options win (a row may set its own steps)."""
+    return {"n_particles": cfg.n_particles, "num_steps": cfg.num_steps, "seed": seed, **spec.options}
 
 
 def resolved(spec: MethodSpec, seed: int, cfg: ToyBenchConfig) -> str:
     """The method's full config as JSON: a cell reruns when a default it relies on changes."""
-    config = fv.make_config(spec.method, n_particles=cfg.n_particles, num_steps=cfg.num_steps, seed=seed,
-                            **spec.options)
-    return json.dumps(config.as_dict(), sort_keys=True)
+    return json.dumps(fv.make_config(spec.method, **sampler_params(spec, seed, cfg)).as_dict(), sort_keys=True)

@@ -9,25 +9,27 @@ include seed 0. Every finished cell is appended to a resumable results file.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
+
+from torch import Tensor
 
 import fvdiffusion as fv
 from fvdiffusion.bench.common.methods import MethodSpec
 from fvdiffusion.bench.common.protocol import TUNING_SEED
-from fvdiffusion.bench.toy.config import TUNING_GRIDS, ToyBenchConfig, resolved
+from fvdiffusion.bench.toy.config import TUNING_GRIDS, ToyBenchConfig, resolved, sampler_params
 from fvdiffusion.durable import RecordLog
 from fvdiffusion.metrics.targets import evaluate_against_target
 from fvdiffusion.schedule import VPSchedule
-from fvdiffusion.testbeds import toy_problem
+from fvdiffusion.testbeds import ToyProblem, toy_problem
 
 
 def run_cell(problem_name: str, spec: MethodSpec, seed: int, cfg: ToyBenchConfig, keep_samples: bool) -> dict[str, Any]:
     problem = toy_problem(problem_name)
     denoiser = problem.denoiser(VPSchedule.linear(1000))
     start = time.perf_counter()
-    res = fv.sample(spec.method, denoiser, problem.reward, n_particles=cfg.n_particles, num_steps=cfg.num_steps,
-                    seed=seed, lam=problem.lam, **spec.options)
+    res = fv.sample(spec.method, denoiser, problem.reward, lam=problem.lam, **sampler_params(spec, seed, cfg))
     wall = time.perf_counter() - start
     report = evaluate_against_target(res.samples, problem, seed=seed)
     row = {
@@ -36,9 +38,19 @@ def run_cell(problem_name: str, spec: MethodSpec, seed: int, cfg: ToyBenchConfig
         "distinct_lineages": res.distinct_lineages(), **res.diversity().as_dict(), "genealogy": res.lineage.genealogy_curve(),
         "denoiser_calls": res.cost.denoiser_calls, "reward_calls": res.cost.reward_calls, "wall_seconds": wall,
     }
+    if spec.method == "base":
+        row.update(data_law_error(res.samples, problem, seed))
     if keep_samples:
         row["samples"] = res.samples.tolist()
     return row
+
+
+def data_law_error(samples: Tensor, problem: ToyProblem, seed: int) -> dict[str, float]:
+    """SW2 to the untilted data law and its exact-sample floor ratio. Why: base samples the data law,
+    not π*, so a solver's error on base shows there and is lost in its distance to π*."""
+    plain = replace(problem, reward=None, target=problem.mixture, target_component=None, lam=0.0)
+    report = evaluate_against_target(samples, plain, seed=seed)
+    return {"data_sliced_w2": report.sliced_w2, "data_floor_ratio": report.floor_ratio}
 
 
 def tune(cfg: ToyBenchConfig, log: RecordLog, progress: Callable[[str], None],
@@ -73,7 +85,7 @@ def run_toy_bench(cfg: ToyBenchConfig, out_dir: Path, progress_bar: bool = True)
     out_dir = Path(out_dir)
     log = RecordLog(out_dir / "results.jsonl", ("problem", "label", "seed", "resolved"))
     n_tune = sum(len(g) for g in TUNING_GRIDS.values()) * len(cfg.problems) if cfg.tune else 0
-    n_main = (len(cfg.methods) + (2 if cfg.tune else 0)) * len(cfg.problems) * len(cfg.seeds)
+    n_main = (len(cfg.methods) + len(cfg.solver_only) + (2 if cfg.tune else 0)) * len(cfg.problems) * len(cfg.seeds)
     bar = tqdm(total=n_tune + n_main, desc="toy cells", disable=not progress_bar)
     step = lambda label: (bar.set_postfix_str(label[:40], refresh=False), bar.update(1))
     methods = list(cfg.methods)
@@ -81,6 +93,7 @@ def run_toy_bench(cfg: ToyBenchConfig, out_dir: Path, progress_bar: bool = True)
     if cfg.tune:
         tuned = tune(cfg, log, step, used)
         methods += [tuned["fvd"], tuned["smc"]]
+    methods += cfg.solver_only
     rows = []
     for problem in cfg.problems:
         for spec in methods:
