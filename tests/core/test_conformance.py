@@ -39,11 +39,15 @@ there in brackets); the module then had 190 and 233 tests:
   d. a clone reborn on the kill path keeps its parent's log-weight (loop.py [loop/driver.py]
      rebirth_killed: replace(state, log_weight=torch.where(dead, mean_log_w, ...)) dropped) -- 1 red:
      test_killed_clones_get_the_survivors_mean_weight
-  e. Lineage.record composes two records of one step in reverse (result.py:
-     parents[self.parents[-1]] for self.parents[-1][parents]) -- 6 red:
-     test_lineage_composes_two_records_of_one_step,
-     test_lineage_matches_carried_roots[smc-kill], [vasr-kill], [fvd-kill], [fvd-langevin-kill],
-     test_a_lineage_that_forgets_a_selection_is_caught[fvd-kill-step]
+  e. two selections of one step composed in reverse. Since the driver became the only lineage
+     writer (engine v3) the kill rebirth and the step's selection are composed by the driver into
+     one record (loop/driver.py _record), and Lineage.record composes only what is recorded at one
+     step in two calls (a ranking, then a final selection):
+     - in the driver (outcome.ancestors[ancestors] for ancestors[outcome.ancestors]) -- 5 red:
+       test_lineage_matches_carried_roots[smc-kill], [vasr-kill], [fvd-kill], [fvd-langevin-kill],
+       test_a_lineage_that_forgets_a_selection_is_caught[fvd-kill-step];
+     - in Lineage.record (result.py: parents[self.parents[-1]] for self.parents[-1][parents]) --
+       1 red: test_lineage_composes_two_records_of_one_step.
   f. FVD's controller step exponent 0.6 -> 1.6 (samplers/fvd.py birth_death) -- 2 red:
      test_fvd_controller_follows_robbins_monro[1] and [2]
   g. a biased (tempered), unmasked or unstable (sorted) scheme registered in selection.SCHEMES:
