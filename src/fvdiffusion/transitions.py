@@ -112,6 +112,10 @@ class _Single:
         _stochastic_check(self.name, eta)
         self.eta, self.processing = eta, processing
 
+    @property
+    def draws_noise(self) -> bool:
+        return self.eta > 0
+
     def initial_history(self, x: Tensor) -> dict[str, Tensor]:
         return {}
 
@@ -125,10 +129,6 @@ class _Single:
 class DDIM(_Single):
     name = "ddim"
 
-    @property
-    def draws_noise(self) -> bool:
-        return self.eta > 0
-
     def step(self, info: StepInfo, x: Tensor, pred: Prediction, history: dict[str, Tensor],
              noise: Tensor | None) -> Moved:
         pred = self._processed(x, pred, info.alpha_bar)
@@ -137,7 +137,7 @@ class DDIM(_Single):
 
 class DDPM(_Single):
     name = "ddpm"
-    draws_noise = True
+    draws_noise = True  # the posterior's noise, whatever η (which must be 1)
 
     def __init__(self, eta: float, processing: X0Processing) -> None:
         if eta != 1.0:
@@ -168,10 +168,6 @@ def ve_sigma(alpha_bar: float) -> float:
 
 class Euler(_Single):
     name = "euler"
-
-    @property
-    def draws_noise(self) -> bool:
-        return self.eta > 0
 
     def step(self, info: StepInfo, x: Tensor, pred: Prediction, history: dict[str, Tensor],
              noise: Tensor | None) -> Moved:

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "fixtures" / "t2i"))
 import tiny_diffusers  # noqa: E402
 from tiny_diffusers import one_thread  # noqa: E402,F401  (autouse fixture)
 from tiny_diffusers import sd  # noqa: E402,F401  (module fixture)
+from tiny_diffusers import count_calls  # noqa: E402,F401  (fixture)
 
 import diffusers  # noqa: E402
 
@@ -45,21 +46,6 @@ def no_engine(monkeypatch):
         raise AssertionError("the engine ran for a refused pipeline")
 
     monkeypatch.setattr(align_module, "sample", fail)
-
-
-@pytest.fixture
-def count_calls():
-    """count_calls(*modules): a list that grows by one on every forward of any of ``modules`` (hooks removed after)."""
-    handles = []
-
-    def count(*modules):
-        calls = []
-        handles.extend(module.register_forward_pre_hook(lambda *args: calls.append(1)) for module in modules)
-        return calls
-
-    yield count
-    for handle in handles:
-        handle.remove()
 
 
 def refused(pipe, prompt=PROMPT, **kwargs) -> str:

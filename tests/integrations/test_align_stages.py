@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "fixtures" / "t2i"))
 from tiny_diffusers import one_thread  # noqa: E402,F401  (autouse fixture)
 from tiny_diffusers import sd  # noqa: E402,F401  (module fixture)
+from tiny_diffusers import count_calls  # noqa: E402,F401  (fixture)
 
 import diffusers  # noqa: E402
 
@@ -44,21 +45,6 @@ def with_scheduler(pipe, name):
     out = copy.copy(pipe)  # the same modules, another scheduler
     out.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
     return out
-
-
-@pytest.fixture
-def forwards():
-    """forwards(*modules): a list that grows by one on every forward of any of ``modules`` (hooks removed after)."""
-    handles = []
-
-    def count(*modules):
-        calls = []
-        handles.extend(module.register_forward_pre_hook(lambda *args: calls.append(1)) for module in modules)
-        return calls
-
-    yield count
-    for handle in handles:
-        handle.remove()
 
 
 def test_align_calls_parse_plan_sample_output_in_order(sd, monkeypatch):
@@ -101,9 +87,9 @@ def test_every_supported_pipeline_kind_has_a_planner():
     assert set(PLANNERS) == set(SUPPORTED_PIPELINES.values())
 
 
-def test_plan_of_a_tiny_sd_pipeline_without_running_the_model(sd, forwards):
+def test_plan_of_a_tiny_sd_pipeline_without_running_the_model(sd, count_calls):
     pipe = with_scheduler(sd, "DPMSolverMultistepScheduler")
-    runs = forwards(pipe.unet, pipe.vae)
+    runs = count_calls(pipe.unet, pipe.vae)
     call = parsed(pipe, PROMPTS, method="fvd", num_images_per_prompt=3, num_inference_steps=4, guidance_scale=2.0,
                   generator=torch.Generator().manual_seed(7), eta=0.5)
     assert (call.kind, call.prompts, call.single, call.n, call.guidance) == ("t2i", PROMPTS, False, 3, 2.0)
@@ -129,17 +115,17 @@ def test_plan_of_a_tiny_sd_pipeline_without_running_the_model(sd, forwards):
     assert plan.seeds == torch.randint(0, SEED_MAX, (2,), generator=draws).tolist()
 
 
-def test_plan_with_a_seed_leaves_x_t_to_the_engine(sd, forwards):
-    runs = forwards(sd.unet, sd.vae)
+def test_plan_with_a_seed_leaves_x_t_to_the_engine(sd, count_calls):
+    runs = count_calls(sd.unet, sd.vae)
     plan = plan_call(sd, parsed(sd, PROMPTS[0], method="base", n_particles=2, num_inference_steps=3, seed=5))
     assert runs == [] and plan.x_inits == [None] and plan.seeds == [5]
     assert plan.method_options == {} and plan.num_steps == 3 and len(plan.grids[0]) == 3
     assert plan.adapters[0][1].keep_last  # base: its one reward call is on the images it returns
 
 
-def test_img2img_plan_runs_the_truncated_grid_from_the_noised_init_latent(sd, forwards):
+def test_img2img_plan_runs_the_truncated_grid_from_the_noised_init_latent(sd, count_calls):
     pipe = diffusers.StableDiffusionImg2ImgPipeline(**sd.components)
-    runs = forwards(pipe.unet, pipe.vae.decoder)
+    runs = count_calls(pipe.unet, pipe.vae.decoder)
     image = torch.rand(1, 3, 24, 16, generator=torch.Generator().manual_seed(1))
     plan = plan_call(pipe, parsed(pipe, PROMPTS[0], n_particles=2, num_inference_steps=4, strength=0.5, image=image,
                                   seed=3))
