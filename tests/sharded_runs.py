@@ -266,3 +266,18 @@ def collective_timing(sleep_s: float) -> dict:
     except Exception:
         raised = True
     return {"env": os.environ.get("FVD_COLLECTIVE_TIMEOUT"), "waited": time.monotonic() - start, "raised": raised}
+
+
+def leaving_order(peer_delay_s: float, grace_s: float) -> bool:
+    """Rank 1 writes a key ``peer_delay_s`` late, then leaves; rank 0 leaves at once and reports
+    whether the key was there when its ``leave_group`` returned (it waited for the peer)."""
+    from fvdiffusion.distributed import _default_store, leave_group
+
+    store = _default_store()
+    if torch.distributed.get_rank() == 1:
+        time.sleep(peer_delay_s)
+        store.set("test/peer-was-here", "1")
+        leave_group(grace_s)
+        return True
+    leave_group(grace_s)
+    return store.check(["test/peer-was-here"])

@@ -35,6 +35,7 @@ from fvdiffusion.population import SCALAR_FIELDS, ParticleState
 
 DEFAULT_TIMEOUT_S = 600.0    # longest wait in one collective before a silent rank counts as dead
 FAILURE_ACK_S = 10.0         # how long the rank hosting the store waits for the others to read a failure
+LEAVE_GRACE_S = 3.0          # how long the rank hosting the store waits for the others to leave first
 SPIN_S = 0.0002              # wait without sleeping this long first
 POLL_S = 0.0005              # then sleep this long between completion checks
 STORE_POLL_S = 0.01          # how often a waiting rank reads the store for a published failure
@@ -409,6 +410,30 @@ def _digest(value: Any) -> int:
     if " at 0x" in text:  # an object's default repr holds its address, which differs between processes
         text = type(value).__qualname__
     return zlib.crc32(text.encode())
+
+
+def leave_group(grace_s: float = LEAVE_GRACE_S) -> None:
+    """Count this rank out of the group before its process ends; rank 0, which hosts the store,
+    waits (at most ``grace_s``) for the others first.
+
+    Ctrl-C reaches every rank at nearly the same moment: had rank 0 gone first, a peer still
+    reading the store for a published failure would log c10d's native stack to the terminal.
+    """
+    group = process_group()
+    store = _default_store()
+    if group is None or store is None:
+        return
+    rank, world = group
+    key = "fvdiffusion/left"
+    try:
+        if rank != 0:
+            store.add(key, 1)
+            return
+        deadline = time.monotonic() + grace_s
+        while store.add(key, 0) < world - 1 and time.monotonic() < deadline:
+            time.sleep(STORE_POLL_S)
+    except Exception:  # the store is gone already: nothing to wait for
+        pass
 
 
 def _default_store() -> Any:

@@ -53,6 +53,13 @@ def test_fvd_collective_timeout_is_the_launched_group_s_timeout(monkeypatch):
     assert rank0["env"] == "2.0" and rank0["raised"] and rank0["waited"] < 9, rank0
 
 
+def test_the_rank_hosting_the_store_leaves_after_its_peers():
+    """Rank 0 hosts the store: leaving first, a peer still polling it logs c10d's native stack."""
+    assert launch(runs.leaving_order, (1.0, 30.0), nproc=2, timeout_s=60) is True
+    # a peer that never comes is waited for at most the grace
+    assert launch(runs.leaving_order, (6.0, 0.2), nproc=2, timeout_s=60) is False
+
+
 def test_after_a_failure_the_others_get_at_most_the_timeout_to_stop():
     start = time.monotonic()
     with pytest.raises(ShardFailedError):

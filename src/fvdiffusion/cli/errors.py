@@ -128,20 +128,47 @@ def handles_errors(command: F) -> F:
             raise
         except KeyboardInterrupt as exc:
             _interrupted_line(exc)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            _leave(EXIT_INTERRUPTED)
         except Exception as exc:
             interrupt = _interrupt_in_chain(exc)
             if interrupt is not None:
                 _interrupted_line(interrupt)
-                raise typer.Exit(EXIT_INTERRUPTED) from None
+                _leave(EXIT_INTERRUPTED)
             message = describe(exc)
             if message is None or os.environ.get("FVD_DEBUG"):
                 raise
             _print_error(message)
-            raise typer.Exit(EXIT_USAGE) from None
+            _leave(EXIT_USAGE)
 
     wrapper.__fvd_handles_errors__ = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def _leave(code: int) -> NoReturn:
+    """End a failed or interrupted command with ``code``.
+
+    A process still in a process group (torchrun) ends at once, skipping interpreter teardown:
+    stopped mid-collective, gloo's threads still wait on the peers, and destroying the group
+    then makes C++ call std::terminate ("terminate called without an active exception", exit
+    -6 instead of ``code``). Rank 0 hosts the store, so it leaves last. Everything this command
+    wrote is closed by now; stdio is flushed.
+    """
+    if _in_process_group():
+        from fvdiffusion.distributed import leave_group
+
+        leave_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise typer.Exit(code) from None
+
+
+def _in_process_group() -> bool:
+    distributed = sys.modules.get("torch.distributed")  # never import torch just to ask
+    try:
+        return bool(distributed is not None and distributed.is_available() and distributed.is_initialized())
+    except Exception:
+        return False
 
 
 def _interrupt_in_chain(exc: BaseException) -> KeyboardInterrupt | None:
