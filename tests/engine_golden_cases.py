@@ -33,6 +33,9 @@ CASES: dict[str, tuple[str, str, dict]] = {
     "fvd_dpmpp_2m": ("fvd", "gmm2d-component", {"eta": 0.0, "transition": "dpmpp_2m", "rebirth_noise": 1.0,
                                                 "nu_by_copies": True, "parent_allocation": "multinomial"}),
     "smc_dpmpp_2m_sde": ("smc", "gmm2d-linear", {"eta": 1.0, "transition": "dpmpp_2m", "scheme": "systematic"}),
+    # UniPC (recorded when it landed, after issue 20): clones carry two x̂0, the last x and the order
+    "fvd_unipc": ("fvd", "gmm2d-component", {"eta": 0.0, "transition": "unipc", "rebirth_noise": 1.0,
+                                             "nu_by_copies": True, "parent_allocation": "multinomial"}),
     "smc_ddpm_clip": ("smc", "gmm2d-linear", {"transition": "ddpm", "clip_x0": 1.0}),
     "svdd": ("svdd", "gmm2d-component", {"n_candidates": 3}),
     "dts": ("dts", "gmm2d-component", {"n_rollouts": 48}),

@@ -26,6 +26,7 @@ CASES: dict[str, tuple[str, str, dict]] = {
     # a multistep transition: each clone's solver history crosses ranks with it
     "fvd_dpmpp_2m": ("fvd", "gmm2d-component", {"transition": "dpmpp_2m", "eta": 0.0}),
     "smc_dpmpp_2m_sde": ("smc", "gmm2d-linear", {"transition": "dpmpp_2m", "eta": 1.0, "scheme": "systematic"}),
+    "fvd_unipc": ("fvd", "gmm2d-component", {"transition": "unipc", "eta": 0.0}),
     "base": ("base", "gmm2d-component", {}),
     "bon": ("bon", "gmm2d-component", {}),
 }

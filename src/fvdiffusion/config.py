@@ -64,7 +64,9 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 NONFINITE_DENOISER = ("raise", "kill")
 # How particles move between grid points (fvdiffusion.transitions): the names a config may give.
-TRANSITIONS = ("ddim", "ddpm", "euler", "dpmpp_2m")
+TRANSITIONS = ("ddim", "ddpm", "euler", "dpmpp_2m", "unipc")
+# those that keep a per-particle history of past outputs (a search tree keeps none per node)
+MULTISTEP_TRANSITIONS = ("dpmpp_2m", "unipc")
 
 
 # The transition fields at their defaults are left out of ``as_dict`` (stored results stay keyed).
@@ -124,6 +126,8 @@ class CommonConfig:
         if self.transition == "ddpm" and self.eta != 1.0:
             _fail("eta", self.eta, "1 for transition='ddpm' (its noise is the DDPM posterior's; use "
                   "transition='ddim' for another eta)")
+        if self.transition == "unipc" and self.eta != 0.0:
+            _fail("eta", self.eta, "0 for transition='unipc' (an ODE solver, with no stochastic variant)")
         if self.clip_x0 is not None:
             check_float("clip_x0", self.clip_x0, 0.0, math.inf)
         if self.dynamic_threshold is not None:

@@ -24,6 +24,12 @@ Transitions (σ = √((1−ᾱ)/ᾱ) is the variance-exploding noise level, λ =
   ``DPMSolverMultistepScheduler``, ``algorithm_type="dpmsolver++"``, order 2); η > 0 is the SDE variant
   (η = 1: ``algorithm_type="sde-dpmsolver++"``). History: the previous step's x̂0. The first step, a
   restarted particle and the last step (onto σ = 0) are first order.
+* ``unipc`` — UniPC (diffusers' ``UniPCMultistepScheduler`` at its defaults: B(h) = e^h − 1 ("bh2"),
+  order 2, data prediction, corrector on, lower order at the last step). Each step first corrects
+  x_t with the denoiser's output *at* x_t (UniC: the model is not called again), then predicts the
+  next point (UniP). History: the two previous x̂0, the previous corrected x and how many of them a
+  particle may use; a restarted particle takes no corrector and a first-order predictor; the last
+  step (onto σ = 0) lands on x̂0. An ODE solver: η must be 0.
 
 x̂0 processing (where the user's scheduler asks for it): ``clip_x0`` clamps x̂0 to [−c, c];
 ``dynamic_threshold`` (Imagen's dynamic thresholding) clamps each sample to its ``ratio``-quantile of
@@ -44,10 +50,12 @@ from fvdiffusion.config import TRANSITIONS, CommonConfig, ConfigError
 from fvdiffusion.schedule import Prediction, StepGrid, StepInfo, _as, ddim_step
 
 __all__ = ["Transition", "Moved", "make_transition", "restart_history", "TRANSITIONS", "DDIM", "DDPM", "Euler",
-           "DPMSolverPP2M", "X0Processing"]
+           "DPMSolverPP2M", "UniPC", "X0Processing"]
 
 ORDER = "order"        # history key: how many previous outputs a particle may use (0 = first order next)
 PREVIOUS_X0 = "x0_prev"
+SECOND_X0 = "x0_prev2"  # UniPC: the x̂0 of two steps back
+LAST_X = "x_last"       # UniPC: the previous step's (corrected) x, where its predictor started
 
 
 @dataclass(frozen=True)
@@ -230,6 +238,100 @@ class DPMSolverPP2M:
         return Moved(out, new_history)
 
 
+def _lambda(alpha_bar: float) -> float:
+    """λ = log(α/σ), the half log-SNR (+inf on clean data)."""
+    return math.inf if alpha_bar >= 1.0 else 0.5 * math.log(alpha_bar / (1 - alpha_bar))
+
+
+def _unipc_rhos(h: float, rk: float | None) -> tuple[float, ...]:
+    """UniC's weights for the B(h) = e^h − 1 variant: order 1 without ``rk``, order 2 with it
+    (the linear system of the UniPC paper's Algorithm, written out for two unknowns)."""
+    if rk is None:
+        return (0.5,)
+    hh = -h                      # data prediction
+    b_h = math.expm1(hh)
+    phi_1 = b_h / hh - 1         # the φ-function terms of the B(h) system, k = 1 and 2
+    phi_2 = phi_1 / hh - 0.5
+    b = (phi_1 / b_h, 2 * phi_2 / b_h)
+    # [[1, 1], [rk, 1]] · ρ = b
+    det = 1 - rk
+    return ((b[0] - b[1]) / det, (b[1] - rk * b[0]) / det)
+
+
+class UniPC:
+    """UniPC-2 with B(h) = e^h − 1, data prediction, corrector on (``UniPCMultistepScheduler``'s defaults).
+
+    The predictor's second order needs the step before; the corrector's first order the previous
+    point, its second order the one before that (per particle: ``history[ORDER]`` counts them).
+    """
+
+    name = "unipc"
+    eta = 0.0
+    draws_noise = False
+    history_keys = (PREVIOUS_X0, SECOND_X0, LAST_X, ORDER)
+
+    def __init__(self, eta: float, processing: X0Processing, grid: StepGrid) -> None:
+        if eta != 0.0:
+            raise ConfigError(f"invalid eta={eta!r} for transition 'unipc': an ODE solver (eta must be 0)")
+        self.processing, self.grid = processing, grid
+
+    def initial_history(self, x: Tensor) -> dict[str, Tensor]:
+        zeros = torch.zeros_like(x)
+        return {PREVIOUS_X0: zeros, SECOND_X0: zeros, LAST_X: zeros,
+                ORDER: torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)}
+
+    def _alpha_bar(self, index: int) -> float:
+        return self.grid[index].alpha_bar
+
+    def _corrected(self, info: StepInfo, x: Tensor, x0: Tensor, history: dict[str, Tensor]) -> Tensor:
+        """UniC: x_t recomputed from the previous point with the output at x_t (per particle: none,
+        order 1 or order 2, by how much history it has)."""
+        i, dtype = info.index, x.dtype
+        if i == 0:
+            return x
+        a_prev = self._alpha_bar(i - 1)
+        lam_t, lam_s = _lambda(info.alpha_bar), _lambda(a_prev)
+        h = lam_t - lam_s
+        alpha_t, sigma_t, sigma_s = math.sqrt(info.alpha_bar), math.sqrt(1 - info.alpha_bar), math.sqrt(1 - a_prev)
+        b_h = math.expm1(-h)
+        m0 = history[PREVIOUS_X0]
+        base = _as(sigma_t / sigma_s, dtype) * history[LAST_X] - _as(alpha_t * b_h, dtype) * m0
+        d_t = x0 - m0
+        (rho,) = _unipc_rhos(h, None)
+        out = base - _as(alpha_t * b_h * rho, dtype) * d_t
+        count = history[ORDER].reshape(-1, *([1] * (x.ndim - 1)))
+        if i >= 2:
+            rk = (_lambda(self._alpha_bar(i - 2)) - lam_s) / h
+            rho_1, rho_t = _unipc_rhos(h, rk)
+            d_1 = (history[SECOND_X0] - m0) / _as(rk, dtype)
+            second = base - _as(alpha_t * b_h, dtype) * (_as(rho_1, dtype) * d_1 + _as(rho_t, dtype) * d_t)
+            out = torch.where(count >= 2, second, out)
+        return torch.where(count >= 1, out, x)
+
+    def step(self, info: StepInfo, x: Tensor, pred: Prediction, history: dict[str, Tensor],
+             noise: Tensor | None) -> Moved:
+        x0 = self.processing(pred.x0) if self.processing.active else pred.x0
+        x = self._corrected(info, x, x0, history)
+        count = history[ORDER]
+        new_history = {PREVIOUS_X0: x0, SECOND_X0: history[PREVIOUS_X0], LAST_X: x,
+                       ORDER: torch.clamp(count + 1, max=2.0)}
+        if info.alpha_bar_prev >= 1.0:  # onto σ = 0: x' = x̂0 (first order, as diffusers' final step)
+            return Moved(x0.clone(), new_history)
+        dtype = x.dtype
+        lam_t, lam_s = _lambda(info.alpha_bar_prev), _lambda(info.alpha_bar)
+        h = lam_t - lam_s
+        alpha_t, sigma_t, sigma_s = (math.sqrt(info.alpha_bar_prev), math.sqrt(1 - info.alpha_bar_prev),
+                                     math.sqrt(1 - info.alpha_bar))
+        b_h = math.expm1(-h)
+        out = _as(sigma_t / sigma_s, dtype) * x - _as(alpha_t * b_h, dtype) * x0
+        if info.index > 0:
+            rk = (_lambda(self._alpha_bar(info.index - 1)) - lam_s) / h
+            d_1 = (history[PREVIOUS_X0] - x0) / _as(rk, dtype)
+            second = out - _as(alpha_t * b_h * 0.5, dtype) * d_1
+            out = torch.where((count >= 1).reshape(-1, *([1] * (x.ndim - 1))), second, out)
+        return Moved(out, new_history)
+
+
 def make_transition(config: CommonConfig, grid: StepGrid) -> Transition:
     """The run's transition: the one place that reads ``eta``, ``transition`` and the x̂0 processing."""
     processing = X0Processing(clip=config.clip_x0, threshold_ratio=config.dynamic_threshold,
@@ -243,6 +345,8 @@ def make_transition(config: CommonConfig, grid: StepGrid) -> Transition:
         return Euler(config.eta, processing)
     if name == "dpmpp_2m":
         return DPMSolverPP2M(config.eta, processing, grid)
+    if name == "unipc":
+        return UniPC(config.eta, processing, grid)
     raise ConfigError(f"invalid transition={name!r}: expected one of {', '.join(TRANSITIONS)}")
 
 

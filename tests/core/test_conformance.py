@@ -264,11 +264,17 @@ def _axes() -> list[Axis]:
         axes.append(Axis(m, "nonfinite_denoiser", "invariant", ("raise", "kill")))  # a healthy run
         # the transition and its x̂0 processing move every method's particles (driver, candidates, tree);
         # "ddpm" equals DDIM(1) in exact arithmetic, so it is checked as that, not as a switch
+        # "unipc" is an ODE solver (η = 0): compared with the others at η = 0 where a method allows it
         if m in ("dts", "dts*"):  # the tree keeps no per-node solver history: multistep solvers refused
             axes.append(Axis(m, "transition", "choices", ("ddim", "euler")))
             axes.append(Axis(m, "transition", "refused", ("ddim", "dpmpp_2m")))
+            axes.append(Axis(m, "transition", "refused", ("ddim", "unipc")))
         else:
-            axes.append(Axis(m, "transition", "choices", tuple(t for t in TRANSITIONS if t != "ddpm")))
+            axes.append(Axis(m, "transition", "choices", tuple(t for t in TRANSITIONS if t not in ("ddpm", "unipc"))))
+            if m == "svdd":  # candidates need a stochastic transition
+                axes.append(Axis(m, "transition", "refused", ("ddim", "unipc")))
+            else:
+                axes.append(Axis(m, "transition", "choices", ("ddim", "dpmpp_2m", "unipc"), (("eta", 0.0),)))
         axes.append(Axis(m, "clip_x0", "switch", (None, 0.5)))
         # thresholding divides by s >= 1, a no-op while every |x̂0| <= 1: at seed 0 no particle SMC
         # keeps ever gets past 1 (its x̂0 start near the mixture mean); seed 1 gives every method some

@@ -3,8 +3,8 @@
 * DDIM(η) is the engine's historical step bit for bit (the golden engine outputs cover the runs);
   DDPM's posterior form equals DDIM(1), Euler equals DDIM(0) and Euler-ancestral equals DDIM(1),
   all in exact arithmetic (float64 here), with the same noise.
-* Every transition samples the exact Gaussian-mixture law at 50 steps; DPM-Solver++(2M) does so at
-  20 steps (its point: fewer denoiser calls).
+* Every transition samples the exact Gaussian-mixture law at 50 steps; DPM-Solver++(2M) and UniPC
+  do so at 20 steps (their point: fewer denoiser calls).
 * Switch sensitivity: the transition, its η and the x̂0 processing each change a run.
 * History: a multistep solver's memory moves with clones (gather), restarts for a clone whose x_t
   was re-noised, and is kept for an exact clone.
@@ -24,7 +24,7 @@ from fvdiffusion.population import initial_state
 from fvdiffusion.samplers.fvd import FVDConfig, FVDKernel
 from fvdiffusion.schedule import Prediction, StepGrid, VPSchedule, ddim_step
 from fvdiffusion.testbeds import toy_problem
-from fvdiffusion.transitions import ORDER, PREVIOUS_X0, make_transition
+from fvdiffusion.transitions import ORDER, PREVIOUS_X0, SECOND_X0, make_transition
 
 SCHEDULE = VPSchedule.linear(1000)
 
@@ -66,7 +66,7 @@ def test_ddim_transition_is_ddim_step_bit_for_bit():
 
 @pytest.mark.parametrize("transition, eta, steps", [("ddim", 0.0, 50), ("ddim", 1.0, 50), ("ddpm", 1.0, 50),
                                                     ("euler", 0.0, 50), ("euler", 1.0, 50), ("dpmpp_2m", 0.0, 20),
-                                                    ("dpmpp_2m", 1.0, 50)])
+                                                    ("dpmpp_2m", 1.0, 50), ("unipc", 0.0, 20)])
 def test_every_transition_samples_the_exact_mixture(transition, eta, steps):
     problem = toy_problem("gmm2d-base")
     res = fv.sample("base", problem.denoiser(SCHEDULE), None, n_particles=2048, num_steps=steps, seed=4, eta=eta,
@@ -96,8 +96,9 @@ def test_dpm_solver_is_closer_to_the_ode_solution_than_ddim_for_the_same_calls()
     grid = StepGrid.from_timesteps(SCHEDULE, np.linspace(0, 999, 21).round()[::-1][:-1].astype(int).tolist())
     error = {name: float((fv.sample("base", denoiser, None, n_particles=256, num_steps=20, eta=0.0, transition=name,
                                     x_init=x_t, grid=grid).samples - reference).norm(dim=1).mean())
-             for name in ("ddim", "dpmpp_2m")}
+             for name in ("ddim", "dpmpp_2m", "unipc")}
     assert error["dpmpp_2m"] < 0.6 * error["ddim"], error
+    assert error["unipc"] < 0.6 * error["ddim"], error
 
 
 @pytest.mark.parametrize("option, baseline", [
@@ -107,6 +108,8 @@ def test_dpm_solver_is_closer_to_the_ode_solution_than_ddim_for_the_same_calls()
     (dict(eta=0.0, clip_x0=0.3), dict(eta=0.0)),
     (dict(eta=0.0, dynamic_threshold=0.5), dict(eta=0.0)),
     (dict(transition="dpmpp_2m", eta=0.0, dynamic_threshold=0.5), dict(transition="dpmpp_2m", eta=0.0)),
+    (dict(transition="unipc", eta=0.0), dict(transition="dpmpp_2m", eta=0.0)),
+    (dict(transition="unipc", eta=0.0, dynamic_threshold=0.5), dict(transition="unipc", eta=0.0)),
 ])
 @pytest.mark.parametrize("method", ["base", "smc", "fvd", "vasr"])
 def test_every_transition_option_changes_a_run(method, option, baseline):
@@ -139,9 +142,11 @@ def test_transition_fields_are_validated_in_one_line():
         CommonConfig(transition="ddpm", eta=0.5)
     with pytest.raises(ConfigError, match="dynamic_threshold"):
         CommonConfig(dynamic_threshold=1.5)
+    with pytest.raises(ConfigError, match="eta=1.0: expected 0 for transition='unipc'"):
+        CommonConfig(transition="unipc", eta=1.0)
     with pytest.raises(ConfigError, match="dts"):
         fv.make_config("dts", transition="dpmpp_2m")
-    assert set(TRANSITIONS) == {"ddim", "ddpm", "euler", "dpmpp_2m"}
+    assert set(TRANSITIONS) == {"ddim", "ddpm", "euler", "dpmpp_2m", "unipc"}
 
 
 def test_defaults_stay_out_of_the_stored_config_dict():
@@ -157,13 +162,15 @@ def _ctx(config):
     return RunContext.create(problem.denoiser(SCHEDULE), problem.reward, config)
 
 
+@pytest.mark.parametrize("transition", ["dpmpp_2m", "unipc"])
 @pytest.mark.parametrize("nu, restarted", [(1.0, True), (0.0, False)])
-def test_a_renoised_clone_restarts_its_solver_history_and_an_exact_clone_keeps_it(nu, restarted):
-    config = FVDConfig(n_particles=6, num_steps=4, eta=0.0, transition="dpmpp_2m", rebirth_noise=nu)
+def test_a_renoised_clone_restarts_its_solver_history_and_an_exact_clone_keeps_it(nu, restarted, transition):
+    config = FVDConfig(n_particles=6, num_steps=4, eta=0.0, transition=transition, rebirth_noise=nu)
     ctx = _ctx(config)
     kernel = FVDKernel(config)
     x = torch.randn(6, 2, dtype=torch.float64)
-    state = initial_state(x).with_history({PREVIOUS_X0: x * 2, ORDER: torch.ones(6, dtype=torch.float64)})
+    history = {**ctx.transition.initial_history(x), PREVIOUS_X0: x * 2, ORDER: torch.ones(6, dtype=torch.float64)}
+    state = initial_state(x).with_history(history)
     state = type(state)(**{**state.__dict__, "x0_hat": x * 0.5, "eps_hat": x * 0.1})
     ancestors = torch.tensor([0, 0, 2, 2, 4, 5])
     outcome = selection.Selection(ancestors=ancestors, reborn=ancestors != torch.arange(6))
@@ -174,9 +181,39 @@ def test_a_renoised_clone_restarts_its_solver_history_and_an_exact_clone_keeps_i
     assert order[outcome.reborn].tolist() == ([0.0, 0.0] if restarted else [1.0, 1.0])
 
 
-def test_fvd_with_a_multistep_solver_lands_on_the_exact_target():
+@pytest.mark.parametrize("transition", ["dpmpp_2m", "unipc"])
+@pytest.mark.parametrize("index", [1, 2, 5])
+def test_a_restarted_particle_steps_first_order_whatever_its_stale_history(transition, index):
+    """History is per particle: a row at order 0 ignores what its history tensors hold (a clone's
+    parent's, or zeros) and takes the first-order step, which is DDIM(0); the others do not."""
+    grid = _grid()
+    solver = make_transition(CommonConfig(num_steps=8, eta=0.0, transition=transition), grid)
+    info = grid[index]
+    x0, eps, noise = _point(index)
+    x = math.sqrt(info.alpha_bar) * x0 + math.sqrt(1 - info.alpha_bar) * eps
+    gen = torch.Generator().manual_seed(index)
+    stale = {key: 3 * torch.randn(value.shape, generator=gen, dtype=value.dtype)
+             for key, value in solver.initial_history(x).items()}
+    stale[ORDER] = torch.tensor([0.0, 2.0, 0.0, 1.0, 2.0], dtype=torch.float64)
+    moved = solver.step(info, x, Prediction(x0=x0, eps=eps), stale, None)
+    first = ddim_step(x0, eps, info.alpha_bar, info.alpha_bar_prev, 0.0, noise)
+    restarted = stale[ORDER] == 0
+    torch.testing.assert_close(moved.x[restarted], first[restarted], rtol=1e-10, atol=1e-10)
+    for row in torch.nonzero(~restarted).flatten().tolist():
+        assert not torch.allclose(moved.x[row], first[row], atol=1e-6), f"row {row} ignored its history"
+    counted = {"dpmpp_2m": [1.0] * 5, "unipc": [1.0, 2.0, 1.0, 2.0, 2.0]}[transition]  # what it may use next
+    assert moved.history[ORDER].tolist() == counted
+    if SECOND_X0 in stale:  # UniPC: only a row at order 2 (from the third step on) reads x̂0 of two steps back
+        again = solver.step(info, x, Prediction(x0=x0, eps=eps), {**stale, SECOND_X0: stale[SECOND_X0] + 1}, None).x
+        reads = (stale[ORDER] >= 2) & (index >= 2)
+        assert torch.equal(again[~reads], moved.x[~reads])
+        assert all(not torch.allclose(again[row], moved.x[row]) for row in torch.nonzero(reads).flatten().tolist())
+
+
+@pytest.mark.parametrize("transition", ["dpmpp_2m", "unipc"])
+def test_fvd_with_a_multistep_solver_lands_on_the_exact_target(transition):
     """Clones step on with their parent's history: the tilted mixture is reached as with DDIM."""
     problem = toy_problem("gmm2d-component")
     res = fv.sample("fvd", problem.denoiser(SCHEDULE), problem.reward, lam=problem.lam, n_particles=1024,
-                    num_steps=20, seed=3, eta=0.0, transition="dpmpp_2m")
+                    num_steps=20, seed=3, eta=0.0, transition=transition)
     assert evaluate_against_target(res.samples, problem, seed=3).mass_on_target >= 0.97

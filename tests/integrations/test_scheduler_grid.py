@@ -206,7 +206,8 @@ def test_a_zero_terminal_snr_scheduler_runs(sd_v):
 # ---------------------------------------------------------------- replaced schedulers
 
 REPLACED = {  # class -> extra config; all from the tiny SD pipeline's DDIM config (native ones: test_native_schedulers)
-    "UniPCMultistepScheduler": {}, "PNDMScheduler": {"skip_prk_steps": True}, "LMSDiscreteScheduler": {},
+    "UniPCMultistepScheduler": {"solver_type": "bh1"}, "PNDMScheduler": {"skip_prk_steps": True},
+    "LMSDiscreteScheduler": {},
     "HeunDiscreteScheduler": {}, "LCMScheduler": {}, "TCDScheduler": {}, "KDPM2DiscreteScheduler": {},
 }
 

@@ -16,6 +16,8 @@ Schedulers stepped natively (their x̂0 clipping / dynamic thresholding applied 
   the training schedule, final σ = 0): the ``dpmpp_2m`` transition with η = 0 / 1.
 * ``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler`` on whole training steps
   ("leading" or "trailing" spacing): the ``euler`` transition with η = 0 / 1.
+* ``UniPCMultistepScheduler`` at its solver defaults (``bh2``, order 2, data prediction, corrector
+  on, ``lower_order_final``): the ``unipc`` transition.
 
 Every other scheduler, or one of these with an option the engine does not reproduce, is *replaced*:
 its timesteps (rounded to training steps, repeats of second-order solvers dropped) stepped by
@@ -69,8 +71,8 @@ class SchedulerGrid:
                 f"{len(self.grid)} timesteps {self.scheduler}.set_timesteps chose ({self.grid[0].t} ... "
                 f"{self.grid[-1].t}): " + "; ".join(self.differences)
                 + ". Images differ from pipe(...) with this scheduler; DDIMScheduler (eta=0), DDPMScheduler (eta=1), "
-                  "DPMSolverMultistepScheduler (dpmsolver++, order 2) and Euler(Ancestral)DiscreteScheduler on whole "
-                  "training steps step exactly as diffusers does.")
+                  "DPMSolverMultistepScheduler (dpmsolver++, order 2), UniPCMultistepScheduler (bh2, order 2) and "
+                  "Euler(Ancestral)DiscreteScheduler on whole training steps step exactly as diffusers does.")
 
 
 def ddim_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "leading", steps_offset: int = 0) -> list[int]:
@@ -121,8 +123,10 @@ def _usable(raw: list[float], num_steps: int, T: int) -> list[int] | None:
 
 
 # multistep and sigma-space schedulers the engine's transitions reproduce (under the conditions of _native_gaps)
-NATIVE_SCHEDULERS = frozenset({"DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+NATIVE_SCHEDULERS = frozenset({"DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "EulerDiscreteScheduler",
                                "EulerAncestralDiscreteScheduler"})
+# the schedulers that work on x itself (the others on x/√ᾱ), with diffusers' x̂0 processing
+_DATA_SPACE = frozenset({"DPMSolverMultistepScheduler", "UniPCMultistepScheduler"})
 _SIGMA_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
                    "use_flow_sigmas")
 
@@ -155,6 +159,17 @@ def _native_gaps(name: str, option: Any, raw: list[float], num_steps: int, T: in
             gaps.append(f"variance_type={option('variance_type', None)!r}")
         if option("lambda_min_clipped", -math.inf) != -math.inf:
             gaps.append("lambda_min_clipped")
+    elif name == "UniPCMultistepScheduler":
+        for key, default in (("solver_order", 2), ("solver_type", "bh2"), ("predict_x0", True),
+                             ("lower_order_final", True)):
+            if option(key, default) != default:
+                gaps.append(f"{key}={option(key, None)!r}")
+        if list(option("disable_corrector", []) or []):
+            gaps.append(f"disable_corrector={list(option('disable_corrector', []))!r}")
+        if option("use_dynamic_shifting", False):
+            gaps.append("use_dynamic_shifting=True")
+        if option("solver_p", None) is not None:
+            gaps.append("solver_p (another scheduler as predictor)")
     else:
         if option("interpolation_type", "linear") != "linear" or option("timestep_type", "discrete") != "discrete":
             gaps.append("interpolation_type / timestep_type other than linear / discrete")
@@ -174,11 +189,13 @@ def _native(name: str, option: Any, raw: list[float], num_steps: int, schedule: 
         return None
     timesteps = _usable(raw, num_steps, T)
     grid = StepGrid.from_timesteps(schedule, timesteps)
-    options: dict[str, Any] = _x0_processing(option) if name == "DPMSolverMultistepScheduler" else {}
+    options: dict[str, Any] = _x0_processing(option) if name in _DATA_SPACE else {}
     scale = 1.0
     if name == "DPMSolverMultistepScheduler":
         options.update(transition="dpmpp_2m",
                        eta=1.0 if option("algorithm_type", "dpmsolver++") == "sde-dpmsolver++" else 0.0)
+    elif name == "UniPCMultistepScheduler":
+        options.update(transition="unipc", eta=0.0)
     else:
         options.update(transition="euler", eta=1.0 if name == "EulerAncestralDiscreteScheduler" else 0.0)
         # the pipeline starts from latents · init_noise_sigma in x/√ᾱ terms: x_T = that · √ᾱ_T

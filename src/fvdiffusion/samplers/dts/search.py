@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fvdiffusion.candidates import draw_from, ess_fraction
-from fvdiffusion.config import CommonConfig, ConfigError, check_float, check_int
+from fvdiffusion.config import MULTISTEP_TRANSITIONS, CommonConfig, ConfigError, check_float, check_int
 from fvdiffusion.errors import DenoiserError
 from fvdiffusion.loop import Finished, RunContext
 from fvdiffusion.population import ParticleState
@@ -67,9 +67,9 @@ class DTSConfig(CommonConfig):
             raise ConfigError(f"invalid greedy={self.greedy!r}: expected True or False")
         check_float("explore", self.explore, 0.0, 1.0)
         require_stochastic_transition(self, "dts")
-        if self.transition == "dpmpp_2m":
-            raise ConfigError("invalid transition='dpmpp_2m' for dts: its tree keeps no solver history per node; "
-                              "use ddim, ddpm or euler")
+        if self.transition in MULTISTEP_TRANSITIONS:
+            raise ConfigError(f"invalid transition={self.transition!r} for dts: its tree keeps no solver history "
+                              f"per node; use ddim, ddpm or euler")
 
 
 @dataclass(frozen=True)
