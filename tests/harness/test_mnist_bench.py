@@ -327,6 +327,10 @@ def test_solver_rows_are_planned_only_when_asked_with_the_bench_eta():
     expected = sampler_config(MethodSpec("fvd", "fvd", {}), 1, ode).as_dict()
     expected.update(num_steps=2, transition="dpmpp_2m")
     assert sampler_config(spec, 1, ode).as_dict() == expected
+    # UniPC, an ODE solver only, joins under η = 0 (and only then)
+    assert [p.spec.label for p in plan(ode) if p.group == "solver"] == ["fvd-dpmpp2m-K2", "fvd-unipc-K2"]
+    unipc = next(p for p in plan(ode) if p.spec.label == "fvd-unipc-K2")
+    assert unipc.family == "fvd-unipc" and sampler_config(unipc.spec, 1, ode).transition == "unipc"
 
 
 def test_solver_rows_leave_every_other_key_and_command_unchanged():

@@ -289,7 +289,9 @@ def sampler_name(eta: float) -> str:
 
 
 def solver_name(eta: float) -> str:
-    return "DPM-Solver++(2M), the ODE solver (η = 0)" if eta == 0.0 else f"SDE-DPM-Solver++(2M) (η = {eta:g})"
+    if eta == 0.0:
+        return "a multistep ODE solver (DPM-Solver++(2M) or UniPC, η = 0)"
+    return f"SDE-DPM-Solver++(2M) (η = {eta:g})"
 
 
 def solver_matches(change: Interval) -> bool:
