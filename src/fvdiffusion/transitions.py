@@ -174,6 +174,11 @@ def ve_sigma(alpha_bar: float) -> float:
     return math.sqrt(max(1 - alpha_bar, 0.0) / alpha_bar)
 
 
+def _lambda(alpha_bar: float) -> float:
+    """λ = log(α/σ), the half log-SNR (+inf on clean data)."""
+    return math.inf if alpha_bar >= 1.0 else 0.5 * math.log(alpha_bar / (1 - alpha_bar))
+
+
 class Euler(_Single):
     name = "euler"
 
@@ -216,18 +221,16 @@ class DPMSolverPP2M:
         new_history = {PREVIOUS_X0: x0, ORDER: torch.ones(x.shape[0], dtype=x.dtype, device=x.device)}
         if info.alpha_bar_prev >= 1.0:  # onto σ = 0: x' = x̂0 (first order, as diffusers' final step)
             return Moved(x0.clone(), new_history)
-        a_t, a_s = math.sqrt(info.alpha_bar_prev), math.sqrt(info.alpha_bar)
+        a_t = math.sqrt(info.alpha_bar_prev)
         sig_t, sig_s = math.sqrt(1 - info.alpha_bar_prev), math.sqrt(1 - info.alpha_bar)
-        h = math.log(a_t / sig_t) - math.log(a_s / sig_s)
+        h = _lambda(info.alpha_bar_prev) - _lambda(info.alpha_bar)
         eta_h = self.eta * h
         dtype = x.dtype
         c_x = sig_t / sig_s * math.exp(-eta_h)
         c_d = a_t * -math.expm1(-h - eta_h)
         out = _as(c_x, dtype) * x + _as(c_d, dtype) * x0
         if info.index > 0:
-            before = self.grid[info.index - 1]
-            h_last = math.log(math.sqrt(info.alpha_bar / (1 - info.alpha_bar))) - math.log(
-                math.sqrt(before.alpha_bar / (1 - before.alpha_bar)))
+            h_last = _lambda(info.alpha_bar) - _lambda(self.grid[info.index - 1].alpha_bar)
             second = _as(0.5 * c_d * h / h_last, dtype) * (x0 - history[PREVIOUS_X0])
             use = (history[ORDER] > 0).reshape(-1, *([1] * (x.ndim - 1)))
             out = torch.where(use, out + second, out)
@@ -236,11 +239,6 @@ class DPMSolverPP2M:
                 raise ValueError("transition 'dpmpp_2m' with eta > 0: noise is required")
             out = out + _as(sig_t * math.sqrt(-math.expm1(-2 * eta_h)), dtype) * noise
         return Moved(out, new_history)
-
-
-def _lambda(alpha_bar: float) -> float:
-    """λ = log(α/σ), the half log-SNR (+inf on clean data)."""
-    return math.inf if alpha_bar >= 1.0 else 0.5 * math.log(alpha_bar / (1 - alpha_bar))
 
 
 def _unipc_rhos(h: float, rk: float | None) -> tuple[float, ...]:
@@ -280,16 +278,13 @@ class UniPC:
         return {PREVIOUS_X0: zeros, SECOND_X0: zeros, LAST_X: zeros,
                 ORDER: torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)}
 
-    def _alpha_bar(self, index: int) -> float:
-        return self.grid[index].alpha_bar
-
     def _corrected(self, info: StepInfo, x: Tensor, x0: Tensor, history: dict[str, Tensor]) -> Tensor:
         """UniC: x_t recomputed from the previous point with the output at x_t (per particle: none,
         order 1 or order 2, by how much history it has)."""
         i, dtype = info.index, x.dtype
         if i == 0:
             return x
-        a_prev = self._alpha_bar(i - 1)
+        a_prev = self.grid[i - 1].alpha_bar
         lam_t, lam_s = _lambda(info.alpha_bar), _lambda(a_prev)
         h = lam_t - lam_s
         alpha_t, sigma_t, sigma_s = math.sqrt(info.alpha_bar), math.sqrt(1 - info.alpha_bar), math.sqrt(1 - a_prev)
@@ -301,7 +296,7 @@ class UniPC:
         out = base - _as(alpha_t * b_h * rho, dtype) * d_t
         count = history[ORDER].reshape(-1, *([1] * (x.ndim - 1)))
         if i >= 2:
-            rk = (_lambda(self._alpha_bar(i - 2)) - lam_s) / h
+            rk = (_lambda(self.grid[i - 2].alpha_bar) - lam_s) / h
             rho_1, rho_t = _unipc_rhos(h, rk)
             d_1 = (history[SECOND_X0] - m0) / _as(rk, dtype)
             second = base - _as(alpha_t * b_h, dtype) * (_as(rho_1, dtype) * d_1 + _as(rho_t, dtype) * d_t)
@@ -325,7 +320,7 @@ class UniPC:
         b_h = math.expm1(-h)
         out = _as(sigma_t / sigma_s, dtype) * x - _as(alpha_t * b_h, dtype) * x0
         if info.index > 0:
-            rk = (_lambda(self._alpha_bar(info.index - 1)) - lam_s) / h
+            rk = (_lambda(self.grid[info.index - 1].alpha_bar) - lam_s) / h
             d_1 = (history[PREVIOUS_X0] - x0) / _as(rk, dtype)
             second = out - _as(alpha_t * b_h * 0.5, dtype) * d_1
             out = torch.where((count >= 1).reshape(-1, *([1] * (x.ndim - 1))), second, out)

@@ -56,7 +56,7 @@ WALL_LABELS = ("bon", "smc-systematic", "vasr", "fvd")
 # to set against the K-step fvd row at equal quality (issue 20 item 6). η stays the bench's: 0 is
 # the ODE solver, 1 its SDE variant. UniPC, an ODE solver only, joins under η = 0.
 SOLVER_TRANSITION = "dpmpp_2m"
-ODE_SOLVERS = {"dpmpp_2m": ("fvd-dpmpp2m", "DPM-Solver++(2M)"), "unipc": ("fvd-unipc", "UniPC")}
+MULTISTEP_SOLVERS = {"dpmpp_2m": ("fvd-dpmpp2m", "DPM-Solver++(2M)"), "unipc": ("fvd-unipc", "UniPC")}
 # A reward call's cost relative to a denoiser call, per image, on the shipped networks (the
 # reward classifier against the UNet; measured 0.08–0.12 on one CPU thread). Best-of-N at
 # matched wall time spends FVD's N·K denoiser and N·K reward calls on P·K + P calls.
@@ -308,7 +308,7 @@ def plan(cfg: PlanSizes, tuned: dict[str, MethodSpec] | None = None) -> list[Pla
                 spec = rows[label].spec
                 out.append(PlannedMethod(MethodSpec(f"{label}-K{steps}", spec.method, {**spec.options, "num_steps": steps},
                                                     f"{label} with {steps} steps"), label, "scaling", steps))
-    transitions = tuple(ODE_SOLVERS) if cfg.eta == 0.0 else (SOLVER_TRANSITION,)
+    transitions = tuple(MULTISTEP_SOLVERS) if cfg.eta == 0.0 else (SOLVER_TRANSITION,)
     out += [solver_row(rows["fvd"].spec, steps, cfg.eta, transition)
             for transition in transitions for steps in cfg.solver_steps]
     return out
@@ -317,7 +317,7 @@ def plan(cfg: PlanSizes, tuned: dict[str, MethodSpec] | None = None) -> list[Pla
 def solver_row(fvd: MethodSpec, steps: int, eta: float, transition: str = SOLVER_TRANSITION) -> PlannedMethod:
     """FVD's defaults on ``steps`` steps of a multistep solver: its own family, so the compute figure
     draws it apart from the DDIM/DDPM step sweep. ``eta`` (the bench's) only names the variant."""
-    family, name = ODE_SOLVERS[transition]
+    family, name = MULTISTEP_SOLVERS[transition]
     variant = "the ODE solver" if eta == 0.0 else f"its SDE variant, η = {eta:g}"
     spec = MethodSpec(f"{family}-K{steps}", fvd.method, {**fvd.options, "num_steps": steps, "transition": transition},
                       f"FVD's defaults with {steps} {name} steps ({variant})")
